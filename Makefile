@@ -1,0 +1,46 @@
+# mtpeft: `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.install.stamp
+# Tests and CI never reach the Hub or wandb servers.
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_EVALUATE_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
+ARGS ?=
+STUDY ?= methods_mix3
+
+.DEFAULT_GOAL := help
+.PHONY: help install train test test-full lint format clean
+
+help: ## Show this help
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,dev]'
+	$(PY) -c "import torch, sys; sys.exit(0 if torch.version.cuda is None else 'expected a CPU build of torch, got CUDA ' + str(torch.version.cuda))"
+	touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install mtpeft with pinned dependencies (CPU torch)
+
+train: install ## Run the default training job (ARGS="method=hycam data=mix3 ..." to override)
+	WANDB_MODE=$${WANDB_MODE:-offline} TOKENIZERS_PARALLELISM=false $(PY) -m mtpeft.train $(ARGS)
+
+test: install ## Run the fast test suite (what CI runs)
+	$(OFFLINE) $(PY) -m pytest -q -p no:cacheprovider
+
+test-full: install ## Run all tests, including slow learning checks
+	$(OFFLINE) $(PY) -m pytest -q -p no:cacheprovider -m "not gpu"
+
+lint: install ## Check formatting and lint with ruff
+	$(VENV)/bin/ruff check mtpeft tests experiments
+	$(VENV)/bin/ruff format --check mtpeft tests experiments
+
+format: install ## Format and auto-fix with ruff
+	$(VENV)/bin/ruff format mtpeft tests experiments
+	$(VENV)/bin/ruff check --fix mtpeft tests experiments
+
+clean: ## Remove caches, logs and build artefacts (keeps .venv)
+	rm -rf logs outputs multirun .pytest_cache .ruff_cache *.egg-info
+	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +

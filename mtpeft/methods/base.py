@@ -1,0 +1,192 @@
+"""The contract every method satisfies: a frozen base model wrapped into an `AdaptedModel`.
+
+An adapted model
+
+* runs ``forward(input_ids, attention_mask, task_ids=..., **hf_kwargs)`` and ``generate(...)`` like the
+  Hugging Face model it wraps; task-conditioned methods (``requires_task_ids``) fail loudly when
+  ``task_ids`` is missing or out of range, task-agnostic methods ignore it;
+* exposes ``aux_losses()`` (already weighted, e.g. load balancing) and ``routing_stats()``;
+* trains only its adapter parameters (the base is frozen before the method adapts it);
+* saves and reloads its adapter state (safetensors + JSON config) to identical logits;
+* knows its trainable-parameter count from the closed-form formula of METHODS.md
+  (``expected_trainable_parameters``), which the contract tests compare with the real count.
+
+A method subclasses `AdaptedModel`, sets ``config_class`` to a dataclass, implements ``adapt`` (wrap or
+hook modules of ``self.base_model``) and ``expected_trainable_parameters``, and registers itself with
+``@register_method("name")``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mtpeft.methods.task_context import task_id_scope
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclasses.dataclass
+class MethodConfig:
+    """Base class of method configs (dataclasses; fields documented where they are declared)."""
+
+
+class AdaptedModel(nn.Module):
+    """A frozen Hugging Face causal LM plus one method's adapter (see the module docstring)."""
+
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    method_name: ClassVar[str] = ""
+    #: True when the adapter needs one task id per sequence at training and inference.
+    requires_task_ids: ClassVar[bool] = False
+    #: True when, with default init, the adapted model's logits equal the base model's.
+    identity_at_init: ClassVar[bool] = True
+
+    def __init__(self, base_model: nn.Module, config: MethodConfig, num_tasks: int) -> None:
+        super().__init__()
+        if num_tasks < 1:
+            raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
+        self.config = config
+        self.num_tasks = num_tasks
+        base_model.requires_grad_(False)
+        base_ids = {id(p) for p in base_model.parameters()}
+        self.base_model = base_model
+        self.adapt()
+        self._adapter_names = frozenset(
+            name for name, p in self.named_parameters() if id(p) not in base_ids or p.requires_grad
+        )
+
+    # -- what a method implements ---------------------------------------------------------------
+    def adapt(self) -> None:
+        """Attach the adapter to ``self.base_model`` (wrap linears, add hooks, new parameters)."""
+        raise NotImplementedError
+
+    def expected_trainable_parameters(self) -> int:
+        """Trainable-parameter count from the METHODS.md formula for this config and base shape."""
+        raise NotImplementedError
+
+    def task_conditioned_modules(self) -> Iterable[nn.Module]:
+        """Modules whose ``forward`` takes a ``task_ids`` keyword (injected per call)."""
+        return ()
+
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        """Auxiliary losses of the last forward, already multiplied by their coefficients."""
+        return {}
+
+    def routing_stats(self) -> dict[str, float]:
+        """Routing statistics of the last forward (expert/CAM usage, entropy) for logging."""
+        return {}
+
+    def parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """Optimiser parameter groups; methods may give parts their own learning rate ("lr" key)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+
+    # -- running --------------------------------------------------------------------------------
+    def check_task_ids(self, task_ids: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
+        """Validate ``task_ids`` (LongTensor[B], values in [0, num_tasks)) for task-conditioned methods."""
+        if task_ids is None:
+            if self.requires_task_ids:
+                raise ValueError(
+                    f"method {self.method_name!r} is task-conditioned and needs task_ids "
+                    "(a LongTensor with one task id per sequence) in forward() and generate()"
+                )
+            return None
+        task_ids = torch.as_tensor(task_ids, dtype=torch.long)
+        if task_ids.dim() != 1 or task_ids.shape[0] != batch_size:
+            raise ValueError(f"task_ids must have shape [{batch_size}], got {tuple(task_ids.shape)}")
+        if self.requires_task_ids and (task_ids.min() < 0 or task_ids.max() >= self.num_tasks):
+            raise ValueError(
+                f"task_ids {task_ids.tolist()} out of range for method {self.method_name!r} "
+                f"trained with {self.num_tasks} tasks (valid: 0..{self.num_tasks - 1})"
+            )
+        return task_ids
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        task_ids: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        batch = _batch_size(input_ids, kwargs)
+        task_ids = self.check_task_ids(task_ids, batch)
+        with task_id_scope(self.task_conditioned_modules(), task_ids):
+            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        task_ids: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        task_ids = self.check_task_ids(task_ids, input_ids.shape[0])
+        with task_id_scope(self.task_conditioned_modules(), task_ids):
+            return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Non-reentrant checkpointing, so aux losses stored during forward keep their gradients."""
+        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    def count_parameters(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter's state: parameters the method added plus base parameters it trains."""
+        return {n: p.detach() for n, p in self.named_parameters() if n in self._adapter_names}
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load adapter state; missing or unexpected keys are an error."""
+        missing = sorted(self._adapter_names - set(state))
+        unexpected = sorted(set(state) - self._adapter_names)
+        if missing or unexpected:
+            raise KeyError(f"adapter state mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        params = dict(self.named_parameters())
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)
+
+    def save_adapter(self, directory: str | Path) -> Path:
+        """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {n: t.contiguous().clone() for n, t in self.adapter_state_dict().items()}
+        save_file(tensors, str(directory / ADAPTER_WEIGHTS))
+        meta = {
+            "method": self.method_name,
+            "num_tasks": self.num_tasks,
+            "config": dataclasses.asdict(self.config),
+        }
+        (directory / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
+        return directory
+
+
+def load_adapter(directory: str | Path, base_model: nn.Module) -> AdaptedModel:
+    """Rebuild the adapted model saved by `AdaptedModel.save_adapter` on top of ``base_model``."""
+    from mtpeft.methods.registry import build_method
+
+    directory = Path(directory)
+    meta = json.loads((directory / ADAPTER_CONFIG).read_text())
+    model = build_method(meta["method"], meta["config"], base_model, num_tasks=meta["num_tasks"])
+    model.load_adapter_state_dict(load_file(str(directory / ADAPTER_WEIGHTS)))
+    return model
+
+
+def _batch_size(input_ids: torch.Tensor | None, kwargs: dict[str, Any]) -> int:
+    if input_ids is not None:
+        return input_ids.shape[0]
+    embeds = kwargs.get("inputs_embeds")
+    if embeds is None:
+        raise ValueError("forward() needs input_ids or inputs_embeds")
+    return embeds.shape[0]

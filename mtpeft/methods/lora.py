@@ -1,0 +1,77 @@
+"""LoRA (Hu et al., 2021) through peft: the shared low-rank baseline.
+
+::
+
+        x ──► W0 (frozen) ─────────────┐
+        │                              (+)──► y = W0 x + (alpha / r) · B A dropout(x)
+        └──► dropout ─► A (r×d_in) ─► B (d_out×r) ┘
+
+``A`` is Kaiming-uniform, ``B`` is zero, so the adapted model starts as the base model. One adapter
+is shared by all tasks (trained on the mixture); task ids are ignored. Defaults follow the multi-task
+setups of MTL-LoRA / LLM-Adapters (q,k,v,o; r=8, alpha=16) rather than peft's (q,v; alpha=8), see
+METHODS.md section 3. Trainable parameters: ``sum_layers sum_targets r (d_in + d_out)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from peft import LoraConfig, inject_adapter_in_model
+
+from mtpeft.methods.base import AdaptedModel, MethodConfig
+from mtpeft.methods.inject import find_modules
+from mtpeft.methods.registry import register_method
+from mtpeft.methods.shapes import decoder_shape
+
+ATTENTION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+@dataclass
+class LoraMethodConfig(MethodConfig):
+    r: int = 8
+    """Rank of the update (MTL-LoRA/LLM-Adapters scripts: 8)."""
+    alpha: float = 16.0
+    """Scale numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with rslora)."""
+    dropout: float = 0.05
+    """Dropout on the adapter input (MixLoRA README: 0.05)."""
+    targets: list[str] = field(default_factory=lambda: list(ATTENTION_TARGETS))
+    """Linear layers to adapt, by name (regular expressions, matched in full against the leaf name)."""
+    use_rslora: bool = False
+    """Rank-stabilised scale alpha / sqrt(r) (Kalajdzievski, 2023)."""
+    init_weights: bool = True
+    """True: B = 0 (identity at init). False: random B, for tests that need a non-identity start."""
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise ValueError(f"method.r must be a positive integer, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"method.dropout must be in [0, 1), got {self.dropout}")
+        if not self.targets:
+            raise ValueError("method.targets must name at least one linear layer, e.g. [q_proj, v_proj]")
+
+
+@register_method("lora")
+class LoRA(AdaptedModel):
+    """Shared LoRA adapter on the target linears (peft ``LoraConfig`` + ``inject_adapter_in_model``)."""
+
+    config_class = LoraMethodConfig
+
+    def adapt(self) -> None:
+        cfg = self.config
+        targets = find_modules(self.base_model, cfg.targets)
+        peft_config = LoraConfig(
+            r=cfg.r,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=targets,
+            use_rslora=cfg.use_rslora,
+            init_lora_weights=cfg.init_weights,
+            bias="none",
+        )
+        inject_adapter_in_model(peft_config, self.base_model)
+        self.peft_config = peft_config
+
+    def expected_trainable_parameters(self) -> int:
+        shape = decoder_shape(self.base_model.config)
+        per_layer = sum(self.config.r * sum(shape.linear(t)) for t in self.config.targets)
+        return shape.layers * per_layer

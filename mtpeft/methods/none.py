@@ -1,0 +1,26 @@
+"""``method=none``: the frozen base model, for the zero-shot row of every results table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mtpeft.methods.base import AdaptedModel, MethodConfig
+from mtpeft.methods.registry import register_method
+
+
+@dataclass
+class NoneConfig(MethodConfig):
+    """No options: nothing is trained."""
+
+
+@register_method("none")
+class NoAdapter(AdaptedModel):
+    """Leaves the base model untouched; zero trainable parameters, so training is skipped."""
+
+    config_class = NoneConfig
+
+    def adapt(self) -> None:
+        """Nothing to attach."""
+
+    def expected_trainable_parameters(self) -> int:
+        return 0

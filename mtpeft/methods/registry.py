@@ -1,0 +1,135 @@
+"""Method registry: one name -> one `AdaptedModel` subclass, registered once.
+
+A method module calls ``@register_method("name")`` on its class; ``build_method`` validates the
+user's config (unknown keys, wrong types) against the method's config dataclass and wraps a base model.
+Nothing outside a method's own file ever branches on a method name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from mtpeft.methods.base import AdaptedModel, MethodConfig
+
+_METHODS: dict[str, type[AdaptedModel]] = {}
+
+
+def register_method(name: str) -> Callable[[type[AdaptedModel]], type[AdaptedModel]]:
+    """Class decorator registering an `AdaptedModel` subclass under ``name``."""
+
+    def decorate(cls: type[AdaptedModel]) -> type[AdaptedModel]:
+        if not name.isidentifier():
+            raise ValueError(f"method name {name!r} must be a Python identifier")
+        if name in _METHODS and _METHODS[name] is not cls:
+            raise ValueError(f"method {name!r} is already registered by {_METHODS[name].__qualname__}")
+        if not dataclasses.is_dataclass(getattr(cls, "config_class", None)):
+            raise TypeError(f"{cls.__qualname__}.config_class must be a dataclass")
+        cls.method_name = name
+        _METHODS[name] = cls
+        return cls
+
+    return decorate
+
+
+def available_methods() -> list[str]:
+    """Names of all registered methods, sorted."""
+    _import_builtin_methods()
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> type[AdaptedModel]:
+    """The class registered under ``name``; an unknown name lists the valid ones."""
+    _import_builtin_methods()
+    if name not in _METHODS:
+        raise KeyError(f"unknown method {name!r}; valid methods: {', '.join(sorted(_METHODS))}")
+    return _METHODS[name]
+
+
+def parse_method_config(name: str, values: Mapping[str, Any]) -> MethodConfig:
+    """Build the typed config of method ``name`` from a plain mapping (e.g. a Hydra node).
+
+    Unknown keys and values of the wrong type are errors that name the key and the valid keys; each
+    config's ``__post_init__`` then checks ranges and cross-field constraints.
+    """
+    config_class = get_method(name).config_class
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"unknown key(s) {unknown} in config of method {name!r} (conf/method/{name}.yaml); "
+            f"valid keys: {', '.join(sorted(fields))}"
+        )
+    hints = typing.get_type_hints(config_class)
+    kwargs = {}
+    for key, value in values.items():
+        kwargs[key] = _coerce(value, hints[key], f"method.{key}")
+    return config_class(**kwargs)
+
+
+def build_method(name: str, values: Mapping[str, Any], base_model: nn.Module, num_tasks: int) -> AdaptedModel:
+    """Wrap ``base_model`` (frozen) with method ``name`` configured by ``values``."""
+    config = parse_method_config(name, values)
+    return get_method(name)(base_model, config, num_tasks=num_tasks)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check ``value`` against a simple type hint (int/float/bool/str/list/Literal/Optional)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Literal:
+        if value not in args:
+            raise ValueError(f"{where}={value!r} is not valid; choose one of {list(args)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, where)
+            except (TypeError, ValueError) as err:
+                errors.append(str(err))
+        raise TypeError(f"{where}={value!r} matches none of {hint}: {'; '.join(errors)}")
+    if origin in (list, tuple) or hint in (list, tuple):
+        if isinstance(value, str) or not hasattr(value, "__iter__"):
+            raise TypeError(f"{where} must be a list, got {value!r}")
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if (origin is tuple or hint is tuple) else items
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"{where} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{where} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise TypeError(f"{where} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _import_builtin_methods() -> None:
+    """Import the method modules shipped with mtpeft so that they register themselves."""
+    import importlib
+    import pkgutil
+
+    import mtpeft.methods as package
+
+    skip = {"registry", "base", "task_context", "inject", "shapes"}
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name not in skip and not info.name.startswith("_"):
+            importlib.import_module(f"mtpeft.methods.{info.name}")

@@ -1,0 +1,202 @@
+"""`MultiTaskModule`: the method-agnostic LightningModule.
+
+Training: per-sample LM loss reduced per task (``train/<task>/loss``) and overall (``train/loss``, token
+mean), plus the method's auxiliary losses (``train/aux/<name>``), which are added to the objective.
+Evaluation (val and test): LM loss per task and greedy generation with the KV cache, scored per task
+with the task's metric (``<split>/<task>/<metric>``; ``<split>/<task>/score`` is the same number under a
+uniform name) and the macro average ``<split>/avg/score``, which selects checkpoints.
+Checkpoints hold only the adapter state, not the frozen base model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+
+from mtpeft.losses import per_task_mean, token_losses
+from mtpeft.methods.base import AdaptedModel
+from mtpeft.metrics import get_metric
+
+
+class MultiTaskModule(L.LightningModule):
+    """Trains and evaluates any `AdaptedModel` on a `MultiTaskDataModule`."""
+
+    strict_loading = False  # checkpoints store adapter weights only
+
+    def __init__(
+        self,
+        model: AdaptedModel,
+        tokenizer: Any,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        warmup_ratio: float = 0.05,
+        min_lr_ratio: float = 0.1,
+        weight_decay: float | None = None,
+        max_new_tokens: int | None = None,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.optimizer_factory = optimizer
+        self.warmup_ratio = warmup_ratio
+        self.min_lr_ratio = min_lr_ratio
+        self.weight_decay = weight_decay
+        self.max_new_tokens = max_new_tokens
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.best_val: dict[str, float] = {}
+        self.last_metrics: dict[str, dict[str, float]] = {}
+        self.train_tokens = 0
+        self.train_seconds = 0.0
+        self._eval_state: dict[str, Any] = {}
+        self._step_start = 0.0
+
+    # -- helpers --------------------------------------------------------------------------------
+    @property
+    def task_names(self) -> list[str]:
+        return self.trainer.datamodule.task_names
+
+    def _lm_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = self.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], task_ids=batch["task_ids"]
+        )
+        loss, mask = token_losses(out.logits, batch["labels"])
+        task_loss, task_tokens = per_task_mean(loss, mask, batch["task_ids"], len(self.task_names))
+        return loss.sum() / mask.sum().clamp_min(1), task_loss, task_tokens
+
+    # -- training -------------------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        sampler = getattr(self.trainer.datamodule, "sampler", None)
+        if sampler is not None:
+            for task, count in sampler.realised_counts().items():
+                self.log(f"data/{task}/samples", float(count), on_step=False, on_epoch=True)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_start = time.perf_counter()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, task_loss, task_tokens = self._lm_loss(batch)
+        total = loss
+        batch_size = batch["input_ids"].shape[0]
+        for name, value in self.model.aux_losses().items():
+            total = total + value
+            self.log(f"train/aux/{name}", value, batch_size=batch_size)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        for task_id, task in enumerate(self.task_names):
+            if task_tokens[task_id] > 0:
+                self.log(f"train/{task}/loss", task_loss[task_id], batch_size=batch_size)
+        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            for key, value in self.model.routing_stats().items():
+                self.log(f"routing/{key}", value, batch_size=batch_size)
+        self.train_tokens += int(batch["attention_mask"].sum())
+        return total
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.train_seconds += time.perf_counter() - self._step_start
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        weight_decay = self.weight_decay
+        groups = self.model.parameter_groups(0.0 if weight_decay is None else weight_decay)
+        optimizer = self.optimizer_factory(groups)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(self.warmup_ratio * total)
+        floor = self.min_lr_ratio
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._reset_eval()
+
+    def on_test_epoch_start(self) -> None:
+        self._reset_eval()
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = self._finish_eval("val")
+        score = metrics["val/avg/score"]
+        if score > self.best_val.get("val/avg/score", -math.inf):
+            self.best_val = dict(metrics)
+        self.log("val/avg/score_best", self.best_val["val/avg/score"])
+
+    def on_test_epoch_end(self) -> None:
+        self._finish_eval("test")
+
+    def _reset_eval(self) -> None:
+        self._eval_state = {"loss": defaultdict(float), "tokens": defaultdict(float), "predictions": {}}
+
+    def _eval_step(self, batch: dict[str, torch.Tensor]) -> None:
+        _, task_loss, task_tokens = self._lm_loss(batch)
+        state = self._eval_state
+        for task_id in range(len(self.task_names)):
+            if task_tokens[task_id] > 0:
+                state["loss"][task_id] += float(task_loss[task_id] * task_tokens[task_id])
+                state["tokens"][task_id] += float(task_tokens[task_id])
+        for index, text in zip(batch["index"].tolist(), self._generate(batch), strict=True):
+            state["predictions"][index] = text
+
+    def _generate(self, batch: dict[str, torch.Tensor]) -> list[str]:
+        datamodule = self.trainer.datamodule
+        tasks = {self.task_names[t] for t in batch["task_ids"].tolist()}
+        max_new = self.max_new_tokens or max(datamodule.max_new_tokens_for(t) for t in tasks)
+        prompt = batch["prompt_ids"]
+        generated = self.model.generate(
+            input_ids=prompt,
+            attention_mask=batch["prompt_attention_mask"],
+            task_ids=batch["task_ids"],
+            max_new_tokens=max_new,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        return self.tokenizer.batch_decode(generated[:, prompt.shape[1] :], skip_special_tokens=True)
+
+    def _finish_eval(self, split: str) -> dict[str, float]:
+        datamodule = self.trainer.datamodule
+        records = datamodule.records(split)
+        state = self._eval_state
+        metrics: dict[str, float] = {}
+        scores = []
+        for task_id, task in enumerate(self.task_names):
+            indices = [i for i, r in enumerate(records) if r["task"] == task and i in state["predictions"]]
+            if not indices:
+                continue
+            metric_name = datamodule.metric_for(task)
+            values = get_metric(metric_name).score(
+                [state["predictions"][i] for i in indices], [records[i] for i in indices]
+            )
+            score = sum(values) / len(values)
+            metrics[f"{split}/{task}/{metric_name}"] = score
+            metrics[f"{split}/{task}/score"] = score
+            if state["tokens"][task_id]:
+                metrics[f"{split}/{task}/loss"] = state["loss"][task_id] / state["tokens"][task_id]
+            scores.append(score)
+        metrics[f"{split}/avg/score"] = sum(scores) / len(scores) if scores else 0.0
+        for key, value in metrics.items():
+            self.log(key, value, prog_bar=key.endswith("avg/score"))
+        self.last_metrics[split] = metrics
+        return metrics
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = {f"model.{name}" for name in self.model.adapter_state_dict()}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
