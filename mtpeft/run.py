@@ -77,6 +77,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
         if cfg.train and trainable > 0:
+            module.train()  # loaders return eval-mode models; Lightning keeps per-module modes
             trainer.fit(module, datamodule=datamodule)
         else:
             log.info("nothing to train (method=%s, train=%s): evaluating the model as is", name, cfg.train)

@@ -55,3 +55,62 @@ _CONFIGS_MODEL = {
 @pytest.fixture(params=ARCHS)
 def arch(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+# -- composed Hydra configs ------------------------------------------------------------------------
+from pathlib import Path  # noqa: E402
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig, open_dict  # noqa: E402
+
+from mtpeft.utils.resolvers import register_resolvers  # noqa: E402
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+#: Overrides that shrink the real default config to a few seconds of work (data, steps, eval).
+TINY_RUN = [
+    "model.pretrain.steps=20",
+    "model.pretrain.corpus_lines=500",
+    "data.tasks.qa.train=48",
+    "data.tasks.qa.val=6",
+    "data.tasks.qa.test=6",
+    "data.tasks.code.train=48",
+    "data.tasks.code.val=6",
+    "data.tasks.code.test=6",
+    "data.tasks.reasoning.train=48",
+    "data.tasks.reasoning.val=6",
+    "data.tasks.reasoning.test=6",
+    "data.batch_size=8",
+    "evaluation.batch_size=9",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+    "trainer.log_every_n_steps=1",
+    "logger=csv",
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every test run builds its tiny base models into a temporary cache (never the user's)."""
+    path = tmp_path_factory.mktemp("mtpeft_cache")
+    os.environ["MTPEFT_CACHE_DIR"] = str(path)
+    return path
+
+
+def compose_train(overrides: list[str], output_dir: Path) -> DictConfig:
+    """Compose conf/train.yaml as ``python -m mtpeft.train`` would, writing under ``output_dir``."""
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = compose(
+            config_name="train",
+            return_hydra_config=True,
+            overrides=[*overrides, f"hydra.run.dir={output_dir}", f"paths.log_dir={output_dir}/logs"],
+        )
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        del cfg.hydra
+    return cfg

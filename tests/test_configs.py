@@ -1,0 +1,68 @@
+"""Every config composes, and bad names or keys fail with a message naming them (configs tested like code)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+
+from mtpeft.methods import available_methods, parse_method_config
+from mtpeft.run import method_options
+from tests.conftest import CONF_DIR, compose_train
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def test_every_method_config_matches_a_registered_method() -> None:
+    assert sorted(_options("method")) == sorted(available_methods())
+
+
+@pytest.mark.parametrize("method", _options("method"))
+def test_method_configs_parse_into_their_dataclass(method: str, tmp_path: Path) -> None:
+    cfg = compose_train([f"method={method}"], tmp_path)
+    name, options = method_options(cfg)
+    assert name == method
+    parse_method_config(name, options)
+
+
+@pytest.mark.parametrize(
+    "group", ["model", "data", "trainer", "logger", "debug", "experiment", "hparams_search"]
+)
+def test_every_option_of_every_group_composes(group: str, tmp_path: Path) -> None:
+    for option in _options(group):
+        if group == "hparams_search" and "optuna" in option:
+            pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+        compose_train([f"{group}={option}"], tmp_path)
+
+
+@pytest.mark.parametrize("trainer", ["default", "cpu"])
+def test_trainer_configs_instantiate(trainer: str, tmp_path: Path) -> None:
+    cfg = compose_train([f"trainer={trainer}", "logger=none"], tmp_path)
+    assert instantiate(cfg.trainer, logger=False, enable_progress_bar=False).max_steps == cfg.trainer.max_steps
+
+
+def test_default_run_is_hycam_on_mix3(tmp_path: Path) -> None:
+    cfg = compose_train([], tmp_path)
+    assert cfg.data.tasks.keys() == {"qa", "code", "reasoning"}
+    assert cfg.model.kind == "tiny" and cfg.model.arch == "llama"
+    assert cfg.method.name in available_methods()
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [("method=nope", "lora"), ("model=nope", "tiny_llama"), ("data=nope", "mix3")],
+)
+def test_unknown_group_option_lists_valid_ones(override: str, expected: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigCompositionException, match=expected):
+        compose_train([override], tmp_path)
+
+
+def test_misspelled_method_key_names_key_and_valid_keys(tmp_path: Path) -> None:
+    cfg = compose_train(["method=lora", "+method.rank=4"], tmp_path)
+    name, options = method_options(cfg)
+    with pytest.raises(ValueError, match=r"unknown key.*rank.*valid keys: alpha, dropout"):
+        parse_method_config(name, options)

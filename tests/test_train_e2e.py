@@ -1,0 +1,72 @@
+"""End to end: the real entry point on shrunken real configs (one in-process run per method, one CLI
+run, one multirun), results.json contents, determinism, and clear failures for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mtpeft.methods import available_methods
+from mtpeft.run import run
+from tests.conftest import TINY_RUN, compose_train
+
+REPO = Path(__file__).resolve().parent.parent
+RESULT_KEYS = {
+    "status", "method", "config", "config_hash", "metrics", "trainable_params", "total_params",
+    "wall_time_s", "train_tokens_per_s", "peak_memory_mb", "seed", "eval_batch_size", "template", "provenance",
+}
+
+
+def _run(overrides: list[str], out: Path) -> dict:
+    cfg = compose_train([*TINY_RUN, *overrides], out)
+    return run(cfg, out)
+
+
+@pytest.mark.parametrize("method", available_methods())
+def test_each_method_trains_and_writes_results(method: str, tmp_path: Path) -> None:
+    results = _run([f"method={method}"], tmp_path)
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["status"] == "success" and RESULT_KEYS <= on_disk.keys()
+    assert on_disk["method"] == method
+    for split in ("val", "test"):
+        metrics = on_disk["metrics"][split]
+        assert 0.0 <= metrics[f"{split}/avg/score"] <= 1.0
+        assert {f"{split}/{t}/score" for t in ("qa", "code", "reasoning")} <= metrics.keys()
+    assert results["trainable_params"] == on_disk["trainable_params"]
+    if method != "none":
+        assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+        assert on_disk["trainable_params"] > 0
+
+
+def test_same_seed_same_metrics(tmp_path: Path) -> None:
+    first = _run(["method=lora", "seed=3"], tmp_path / "a")["metrics"]
+    second = _run(["method=lora", "seed=3"], tmp_path / "b")["metrics"]
+    assert first == second
+
+
+def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MTPEFT_ROOT": str(cwd)}
+    return subprocess.run(
+        [sys.executable, "-m", "mtpeft.train", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_cli_multirun_over_two_methods(tmp_path: Path) -> None:
+    proc = _cli(["-m", "method=lora,none", *TINY_RUN, "logger=none"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = sorted((tmp_path / "logs").rglob("results.json"))
+    assert len(results) == 2
+    assert {json.loads(p.read_text())["method"] for p in results} == {"lora", "none"}
+
+
+def test_cli_bad_input_fails_with_clear_message(tmp_path: Path) -> None:
+    proc = _cli(["method=lora", "+method.rnak=4", *TINY_RUN, "logger=none"], tmp_path)
+    assert proc.returncode != 0
+    assert "rnak" in proc.stderr and "valid keys" in proc.stderr
+    failed = next((tmp_path / "logs").rglob("results.json"))
+    assert json.loads(failed.read_text())["status"] == "failed"
