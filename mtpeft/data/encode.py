@@ -1,0 +1,93 @@
+"""Records -> token ids: ``prompt + target + [eos]`` with labels masked on the prompt.
+
+The template renders ``(prompt, target)``. The prompt is tokenised with the tokenizer's special
+tokens (so models that expect a BOS get it), the target without, and EOS is appended so generation
+learns to stop. Tokenising the two parts separately guarantees that the training prefix is exactly
+the prompt used for generation at evaluation. Labels are -100 on the prompt (answer-only loss, the
+LLM-Adapters / MTL-LoRA convention) unless ``loss_on_prompt`` (HyCAM's full-sequence loss).
+Sequences longer than ``max_length`` are cut on the right (``truncate``) or dropped (``skip``); the
+caller reports how many.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from mtpeft.data.records import Record
+from mtpeft.data.templates import Template
+
+IGNORE_INDEX = -100
+"""Label value the loss ignores."""
+
+OVERLENGTH_POLICIES: tuple[str, ...] = ("truncate", "skip")
+"""What happens to a sequence longer than ``max_length``."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenised record."""
+
+    input_ids: list[int]
+    """Prompt + target + EOS (possibly truncated)."""
+    labels: list[int]
+    """Same length as ``input_ids``; -100 where no loss is taken."""
+    prompt_ids: list[int]
+    """The prompt alone (for generation)."""
+    task_id: int
+    index: int
+    """Position of the record in its split's record list."""
+
+
+@dataclass(frozen=True)
+class EncodeStats:
+    """How many records of one batch were cut or dropped for length, and the longest sequence seen."""
+
+    total: int
+    truncated: int
+    skipped: int
+    longest: int
+
+
+def encode_records(
+    records: Sequence[Record],
+    task_ids: Sequence[int],
+    tokenizer: PreTrainedTokenizerBase,
+    template: Template,
+    max_length: int,
+    loss_on_prompt: bool = False,
+    overlength: str = "truncate",
+) -> tuple[list[Example], list[Record], EncodeStats]:
+    """Tokenise ``records``; returns the examples, the records kept (same order) and length stats.
+
+    ``index`` of each example is its position in the returned record list, so it stays aligned
+    when ``overlength="skip"`` drops records.
+    """
+    if overlength not in OVERLENGTH_POLICIES:
+        raise ValueError(f"overlength={overlength!r} is invalid; use one of {', '.join(OVERLENGTH_POLICIES)}")
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token; set tokenizer.eos_token so targets can end")
+    if not records:  # the tokenizer rejects an empty batch
+        return [], [], EncodeStats(0, 0, 0, 0)
+    rendered = [template(r) for r in records]
+    prompts = tokenizer([p for p, _ in rendered], add_special_tokens=True)["input_ids"]
+    targets = tokenizer([t for _, t in rendered], add_special_tokens=False)["input_ids"]
+    examples: list[Example] = []
+    kept: list[Record] = []
+    truncated = skipped = longest = 0
+    for record, task_id, prompt, target in zip(records, task_ids, prompts, targets, strict=True):
+        ids = [*prompt, *target, tokenizer.eos_token_id]
+        longest = max(longest, len(ids))
+        if len(ids) > max_length:
+            if overlength == "skip":
+                skipped += 1
+                continue
+            truncated += 1
+        labels = list(ids) if loss_on_prompt else [IGNORE_INDEX] * len(prompt) + ids[len(prompt) :]
+        examples.append(
+            Example(ids[:max_length], labels[:max_length], list(prompt[:max_length]), task_id, len(kept))
+        )
+        kept.append(record)
+    return examples, kept, EncodeStats(len(records), truncated, skipped, longest)

@@ -1,0 +1,160 @@
+"""Task registry: a task name maps to its metric, generation budget and a train/val/test builder.
+
+A ``TaskSpec`` says everything the rest of mtpeft needs to know about a task: which metric scores
+it, how many tokens to generate at evaluation, which knobs it accepts and how to build its splits.
+Built-in tasks are the procedural generators ``qa``, ``code`` and ``reasoning`` (DATA.md 4); file- or
+hub-backed tasks register the same way with their own split builder.
+
+Splits of generator tasks are disjoint: each split comes from its own derived seed, and val (then
+test) drops every record whose ``instruction`` already appears in an earlier split, generating more
+until the requested size is met.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from mtpeft.data.records import Record
+from mtpeft.data.seeding import derive_seed
+from mtpeft.data.synthetic import code, qa, reasoning
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+"""Split names in build (and de-duplication) order."""
+
+MAX_REFILL_ATTEMPTS = 50
+"""Generator calls per eval split before giving up on finding enough unseen instructions."""
+
+SplitBuilder = Callable[[Mapping[str, int], int, Mapping[str, Any]], dict[str, list[Record]]]
+"""``(sizes, seed, knobs) -> {split: records}``."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Everything mtpeft needs to know about one task."""
+
+    name: str
+    """Registry name; also every record's ``task`` field."""
+    metric: str
+    """Name of the metric in ``mtpeft.metrics`` that scores generations."""
+    max_new_tokens: int
+    """Generation budget at evaluation (tokens), enough for the longest target plus EOS."""
+    build: SplitBuilder
+    """Builds the splits; see ``build_splits``."""
+    knobs: tuple[str, ...] = ()
+    """Keyword knobs ``build`` accepts (e.g. ``n_facts``, ``conflict``)."""
+    description: str = ""
+    """One line for listings and docs."""
+
+
+_REGISTRY: dict[str, TaskSpec] = {}
+
+
+def register_task(spec: TaskSpec) -> TaskSpec:
+    """Add a task to the registry; registering a name twice is an error (pick another name)."""
+    if spec.name in _REGISTRY:
+        raise ValueError(f"task {spec.name!r} is already registered; choose another name")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def available_tasks() -> list[str]:
+    """Registered task names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_task(name: str) -> TaskSpec:
+    """Look up a task; an unknown name raises ValueError listing the registered ones."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown task {name!r}; registered tasks: {', '.join(available_tasks())}")
+    return _REGISTRY[name]
+
+
+def build_splits(name: str, sizes: Mapping[str, int], seed: int, **knobs: Any) -> dict[str, list[Record]]:
+    """Build the ``train``/``val``/``test`` records of task ``name``.
+
+    ``sizes`` maps split names to record counts (a missing split gets 0 records); ``knobs`` are the
+    task's generator knobs. Raises ValueError naming an unknown split, a bad size or an unknown knob.
+    """
+    spec = get_task(name)
+    for split, n in sizes.items():
+        if split not in SPLITS:
+            raise ValueError(f"task {name!r}: unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"task {name!r}: size of split {split!r} must be an int >= 0, got {n!r}")
+    unknown = sorted(set(knobs) - set(spec.knobs))
+    if unknown:
+        raise ValueError(
+            f"task {name!r} has no knob {unknown[0]!r}; valid knobs: {', '.join(spec.knobs) or 'none'}"
+        )
+    return spec.build(sizes, seed, knobs)
+
+
+def generator_task(
+    name: str,
+    generate: Callable[[int, int, Any], list[Record]],
+    config_cls: type,
+    metric: str,
+    max_new_tokens: int,
+    description: str = "",
+) -> TaskSpec:
+    """A ``TaskSpec`` for a procedural generator ``generate(n, seed, cfg)`` with dataclass config ``config_cls``."""
+    knobs = tuple(f.name for f in dataclasses.fields(config_cls))
+
+    def build(sizes: Mapping[str, int], seed: int, kw: Mapping[str, Any]) -> dict[str, list[Record]]:
+        cfg = config_cls(**kw)
+        seen: set[str] = set()
+        splits: dict[str, list[Record]] = {}
+        for split in SPLITS:
+            n = sizes.get(split, 0)
+            if split == "train":
+                records = generate(n, derive_seed(seed, name, split, 0), cfg)
+            else:
+                records = _unseen(name, split, n, seed, seen, lambda k, s: generate(k, s, cfg))
+            seen.update(r["instruction"] for r in records)
+            splits[split] = records
+        return splits
+
+    return TaskSpec(name, metric, max_new_tokens, build, knobs, description)
+
+
+def _unseen(
+    name: str, split: str, n: int, seed: int, seen: set[str], draw: Callable[[int, int], list[Record]]
+) -> list[Record]:
+    """``n`` records whose instruction is not in ``seen``, drawn in batches from derived seeds."""
+    out: list[Record] = []
+    for attempt in range(MAX_REFILL_ATTEMPTS):
+        if len(out) >= n:
+            break
+        missing = n - len(out)
+        batch = draw(missing + missing // 2 + 8, derive_seed(seed, name, split, attempt))
+        out.extend(r for r in batch if r["instruction"] not in seen)
+    if len(out) < n:
+        raise ValueError(
+            f"task {name!r}: found only {len(out)} of {n} {split} records unseen in earlier splits after "
+            f"{MAX_REFILL_ATTEMPTS} attempts; the generator's item space is too small for the requested sizes: "
+            "reduce the split sizes or make the task harder (more steps/facts)"
+        )
+    return out[:n]
+
+
+register_task(
+    generator_task("qa", qa.generate, qa.QAConfig, "exact_match", 8, "extractive QA over generated facts")
+)
+register_task(
+    generator_task(
+        "code", code.generate, code.CodeConfig, "pass@1", 32, "one-line function body from a chain spec"
+    )
+)
+register_task(
+    generator_task(
+        "reasoning",
+        reasoning.generate,
+        reasoning.ReasoningConfig,
+        "numeric_match",
+        40,
+        "multi-step word problem with CoT ending in #### N",
+    )
+)

@@ -1,0 +1,245 @@
+"""MultiTaskDataModule: tokenisation, label masking, task ids, eval prompts and index alignment."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from mtpeft.data.datamodule import MultiTaskDataModule
+from mtpeft.data.encode import IGNORE_INDEX
+from mtpeft.data.synthetic.primitives import tokenizer_corpus
+from mtpeft.data.templates import get_template
+
+TASKS = {
+    "reasoning": {"train": 30, "val": 7, "test": 9, "conflict": 0.5},
+    "qa": {"train": 20, "val": 5, "test": 6, "n_facts": 3},
+    "code": {"train": 10, "val": 6, "test": 4},
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    """A small byte-level BPE tokenizer trained on ``tokenizer_corpus``; pad (0) != bos (1) != eos (2)."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(tokenizer_corpus(0), trainer=trainer)
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def _dm(tokenizer: PreTrainedTokenizerFast, **kwargs) -> MultiTaskDataModule:
+    dm = MultiTaskDataModule(TASKS, tokenizer, **{"batch_size": 8, "eval_batch_size": 5, **kwargs})
+    dm.setup("fit")
+    return dm
+
+
+@pytest.fixture(scope="module")
+def dm(tokenizer: PreTrainedTokenizerFast) -> MultiTaskDataModule:
+    return _dm(tokenizer)
+
+
+def test_task_ids_metrics_and_records(dm: MultiTaskDataModule) -> None:
+    assert dm.task_names == ["code", "qa", "reasoning"]
+    assert [dm.task_id(t) for t in dm.task_names] == [0, 1, 2]
+    with pytest.raises(ValueError, match="tasks: code, qa, reasoning"):
+        dm.task_id("math")
+    assert dm.metric_for("code") == "pass@1" and dm.max_new_tokens_for("qa") > 0
+    test = dm.records("test")
+    assert [r["task"] for r in test] == ["code"] * 4 + ["qa"] * 6 + ["reasoning"] * 9
+    with pytest.raises(ValueError, match="valid splits"):
+        dm.records("dev")
+
+
+def test_train_batches_follow_the_sampler(
+    dm: MultiTaskDataModule, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    examples = dm.examples("train")
+    order = list(dm.sampler)
+    seen = []
+    for batch in dm.train_dataloader():
+        assert set(batch) == {"input_ids", "attention_mask", "labels", "task_ids"}
+        assert batch["task_ids"].dtype == torch.long
+        for row in range(batch["input_ids"].shape[0]):
+            example = examples[order[len(seen)]]
+            length = int(batch["attention_mask"][row].sum())
+            assert batch["input_ids"][row, :length].tolist() == example.input_ids  # right padding
+            assert (batch["input_ids"][row, length:] == tokenizer.pad_token_id).all()
+            assert (batch["labels"][row, length:] == IGNORE_INDEX).all()
+            assert int(batch["task_ids"][row]) == example.task_id
+            seen.append(example.task_id)
+    assert len(seen) == 60
+    assert {dm.task_names[t]: seen.count(t) for t in range(3)} == dm.sampler.realised_counts()
+
+
+def test_answer_only_labels(dm: MultiTaskDataModule, tokenizer: PreTrainedTokenizerFast) -> None:
+    plain = get_template("plain")
+    for example, record in zip(dm.examples("train"), dm.records("train"), strict=True):
+        prompt, target = plain(record)
+        n_prompt = len(example.prompt_ids)
+        assert example.input_ids[:n_prompt] == example.prompt_ids
+        assert example.prompt_ids[0] == tokenizer.bos_token_id
+        assert example.labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
+        assert example.labels[n_prompt:] == example.input_ids[n_prompt:]
+        assert example.input_ids[-1] == tokenizer.eos_token_id
+        assert tokenizer.decode(example.labels[n_prompt:], skip_special_tokens=True) == target
+        assert tokenizer.decode(example.input_ids, skip_special_tokens=True) == prompt + target
+
+
+def test_loss_on_prompt_labels(tokenizer: PreTrainedTokenizerFast) -> None:
+    dm = _dm(tokenizer, loss_on_prompt=True)
+    batch = next(iter(dm.train_dataloader()))
+    mask = batch["attention_mask"].bool()
+    assert torch.equal(batch["labels"][mask], batch["input_ids"][mask])
+    assert (batch["labels"][~mask] == IGNORE_INDEX).all()
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_eval_batches_carry_left_padded_prompts_and_index(
+    dm: MultiTaskDataModule, tokenizer: PreTrainedTokenizerFast, split: str
+) -> None:
+    records = dm.records(split)
+    indices = []
+    for batch in getattr(dm, f"{split}_dataloader")():
+        prompts = batch["prompt_ids"]
+        mask = batch["prompt_attention_mask"]
+        assert (mask[:, -1] == 1).all()  # left padding: every prompt ends at the last column
+        assert (prompts[mask == 0] == tokenizer.pad_token_id).all()
+        decoded = tokenizer.batch_decode(prompts, skip_special_tokens=True)
+        for row, index in enumerate(batch["index"].tolist()):
+            record = records[index]
+            assert decoded[row] == record["instruction"]
+            assert dm.task_names[int(batch["task_ids"][row])] == record["task"]
+        indices += batch["index"].tolist()
+    assert indices == list(range(len(records)))
+
+
+def test_deterministic_given_seed(tokenizer: PreTrainedTokenizerFast, dm: MultiTaskDataModule) -> None:
+    again = _dm(tokenizer)
+    assert again.records("val") == dm.records("val")
+    assert list(again.sampler) == list(dm.sampler)
+    other = _dm(tokenizer, seed=1)
+    assert other.records("val") != dm.records("val")
+
+
+def test_train_dataloader_follows_the_trainer_epoch(tokenizer: PreTrainedTokenizerFast) -> None:
+    dm = _dm(tokenizer)
+    first = list(dm.sampler)
+    dm.trainer = SimpleNamespace(current_epoch=3)
+    dm.train_dataloader()
+    assert dm.sampler.epoch == 3 and list(dm.sampler) != first
+
+
+def test_state_dict_restores_the_sampler(tokenizer: PreTrainedTokenizerFast) -> None:
+    dm = _dm(tokenizer, temperature=2.0, samples_per_epoch=40)
+    dm.sampler.set_epoch(2)
+    iterator = iter(dm.sampler)
+    head = [next(iterator) for _ in range(10)]
+    state = dm.state_dict()
+    resumed = MultiTaskDataModule(TASKS, tokenizer, temperature=2.0, samples_per_epoch=40)
+    resumed.load_state_dict(state)  # Lightning restores before or after setup: both work
+    resumed.setup("fit")
+    dm.sampler.set_epoch(2)
+    assert head + list(resumed.sampler) == list(dm.sampler)
+
+
+def test_overlength_truncate_and_skip(
+    tokenizer: PreTrainedTokenizerFast, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="mtpeft.data.datamodule"):
+        dm = _dm(tokenizer, max_length=34)
+    assert "truncated" in caplog.text and "max_length=34" in caplog.text
+    assert all(len(e.input_ids) <= 34 for e in dm.examples("train"))
+    skipping = _dm(tokenizer, max_length=34, overlength="skip")
+    for split in ("train", "test"):
+        records, examples = skipping.records(split), skipping.examples(split)
+        assert len(records) == len(examples) < len(dm.records(split))
+        assert [e.index for e in examples] == list(range(len(records)))
+        assert all(len(e.input_ids) <= 34 for e in examples)
+
+
+def test_alpaca_template(tokenizer: PreTrainedTokenizerFast) -> None:
+    dm = _dm(tokenizer, template="alpaca", max_length=256)
+    record, example = dm.records("val")[0], dm.examples("val")[0]
+    decoded = tokenizer.decode(example.prompt_ids, skip_special_tokens=True)
+    assert decoded.endswith(f"### Instruction:\n{record['instruction']}\n\n### Response:")
+    target = tokenizer.decode(example.input_ids[len(example.prompt_ids) :], skip_special_tokens=True)
+    assert target == record["output"]
+
+
+def test_config_errors(tokenizer: PreTrainedTokenizerFast) -> None:
+    with pytest.raises(ValueError, match="registered tasks"):
+        MultiTaskDataModule({"squad": {"train": 1}}, tokenizer)
+    with pytest.raises(ValueError, match="no knob 'n_fact'"):
+        MultiTaskDataModule({"qa": {"train": 1, "n_fact": 2}}, tokenizer).setup()
+    with pytest.raises(ValueError, match="overlength='drop'"):
+        MultiTaskDataModule(TASKS, tokenizer, overlength="drop")
+    with pytest.raises(RuntimeError, match="call setup"):
+        MultiTaskDataModule(TASKS, tokenizer).records("val")
+    with pytest.raises(ValueError, match="no task has training records"):
+        only_eval = MultiTaskDataModule({"qa": {"val": 2}}, tokenizer)
+        only_eval.setup()
+        only_eval.train_dataloader()
+
+
+def test_accepts_omegaconf_task_tables(tokenizer: PreTrainedTokenizerFast) -> None:
+    omegaconf = pytest.importorskip("omegaconf")
+    table = omegaconf.OmegaConf.create({"code": {"train": 4, "val": 2, "ops": ["add", "mul"]}})
+    dm = MultiTaskDataModule(table, tokenizer)
+    dm.setup()
+    assert len(dm.records("train")) == 4 and len(dm.records("val")) == 2
+
+
+def test_lightning_reseeds_each_epoch_and_checkpoints_the_sampler(
+    tokenizer: PreTrainedTokenizerFast, tmp_path
+) -> None:
+    import lightning
+
+    class Probe(lightning.LightningModule):
+        """Records which sampler epoch each training batch came from."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+            self.epochs: list[tuple[int, int]] = []
+
+        def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+            self.epochs.append((self.current_epoch, self.trainer.datamodule.sampler.epoch))
+            return (self.weight**2).sum()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    dm = MultiTaskDataModule(TASKS, tokenizer, batch_size=16)
+    probe = Probe()
+    trainer = lightning.Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(probe, datamodule=dm)
+    assert sorted(set(probe.epochs)) == [(0, 0), (1, 1)]
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["MultiTaskDataModule"]["sampler"]
+    assert saved["epoch"] == 1 and saved["position"] == 60

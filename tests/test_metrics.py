@@ -1,0 +1,128 @@
+"""Metrics against hand-computed values: exact match, numeric answer after ####, pass@1 by execution."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from mtpeft.data.records import Record, make_record
+from mtpeft.metrics import available_metrics, get_metric
+from mtpeft.metrics.code_exec import PassAtOne, build_program
+from mtpeft.metrics.numeric import extract_answer, parse_number
+
+
+def _qa(answer: str) -> Record:
+    return make_record("qa", "context : ... answer :", answer, answer)
+
+
+def _math(answer: str) -> Record:
+    return make_record("reasoning", "problem : ... answer :", f"#### {answer}", answer)
+
+
+def _code(tests: list, args: tuple[str, ...] = ("x", "y")) -> Record:
+    return make_record("code", "def f ( x , y ) : # ... ; return :", "", "", args=list(args), tests=tests)
+
+
+ADD3_TIMES_X = _code([[[2, 1], 8], [[0, 5], 0], [[-1, -3], 0], [[3, 4], 21]])  # ( y + 3 ) * x
+FAST = PassAtOne(timeout=0.5, grace=1.0)  # short limits keep the hang tests fast
+
+
+def test_registry() -> None:
+    assert available_metrics() == ["exact_match", "numeric_match", "pass@1"]
+    for name in available_metrics():
+        assert get_metric(name).name == name
+    with pytest.raises(ValueError, match="valid metrics: exact_match, numeric_match, pass@1"):
+        get_metric("bleu")
+
+
+def test_length_mismatch_is_an_error() -> None:
+    with pytest.raises(ValueError, match="2 predictions for 1 records"):
+        get_metric("exact_match").score(["a", "b"], [_qa("a")])
+
+
+def test_exact_match() -> None:
+    predictions = ["owl", "  owl \n", "owl .", "Owl", "", "19"]
+    records = [_qa("owl")] * 5 + [_qa("19")]
+    assert get_metric("exact_match").score(predictions, records) == [1.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+
+
+def test_numeric_parsing_helpers() -> None:
+    assert extract_answer("3 + 4 = 7 . #### 7") == "7"
+    assert extract_answer("#### 1 #### 2 ") == "2"
+    assert extract_answer("7") is None
+    assert parse_number("1,234") == 1234 and parse_number("-5") == -5 and parse_number("20.0") == 20
+    assert parse_number("seven") is None and parse_number("") is None and parse_number("nan") is None
+
+
+@pytest.mark.parametrize(
+    ("prediction", "gold", "expected"),
+    [
+        ("18 + 5 = 23 . 23 - 3 = 20 . #### 20", "20", 1.0),
+        ("18 + 5 = 23 . #### 23", "20", 0.0),
+        ("20", "20", 0.0),  # no #### -> wrong
+        ("#### 1,234", "1234", 1.0),
+        ("#### -5", "-5", 1.0),
+        ("#### 5", "-5", 0.0),
+        ("#### 3 . #### 4", "4", 1.0),  # the last marker counts
+        ("#### 4 #### 3", "4", 0.0),
+        ("####20.0", "20", 1.0),
+        ("#### twenty", "20", 0.0),
+        ("#### ", "20", 0.0),
+        ("  #### 7  ", "7", 1.0),
+    ],
+)
+def test_numeric_match(prediction: str, gold: str, expected: float) -> None:
+    assert get_metric("numeric_match").score([prediction], [_math(gold)]) == [expected]
+
+
+def test_build_program() -> None:
+    program = build_program("return ( y + 3 ) * x", ADD3_TIMES_X)
+    assert program.splitlines()[:3] == ["def f(x, y):", "    return ( y + 3 ) * x", "assert f(*[2, 1]) == 8"]
+    assert build_program("x = 1", ADD3_TIMES_X) is None
+    with pytest.raises(ValueError, match=r"meta\['args'\] and meta\['tests'\]"):
+        build_program("return 1", _qa("1"))
+
+
+def test_pass_at_one_scores_right_wrong_and_invalid() -> None:
+    predictions = [
+        "return ( y + 3 ) * x",
+        "  return x * ( 3 + y )  ",  # equivalent body, surrounding whitespace stripped
+        "return ( y + 3 ) + x",  # wrong
+        "( y + 3 ) * x",  # must start with return
+        "return ( y + 3",  # syntax error
+        "return z",  # NameError
+        "return print('x 0 1') or ( y + 3 ) * x",  # output cannot fake a report
+    ]
+    scores = FAST.score(predictions, [ADD3_TIMES_X] * len(predictions))
+    assert scores == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+
+
+def test_pass_at_one_survives_loops_hangs_and_crashes() -> None:
+    good = "return ( y + 3 ) * x"
+    predictions = [
+        good,
+        "return next(v for v in iter(int, 1) if v)",  # Python-level infinite loop: per-candidate alarm
+        good,
+        "return sum(iter(int, 1))",  # C-level infinite loop: the batch hangs, parent kills it
+        good,
+        "return __import__('os')._exit(0)",  # kills the batch process
+        good,
+        "return len([0] * 10**10)",  # memory limit
+        good,
+    ]
+    scores = FAST.score(predictions, [ADD3_TIMES_X] * len(predictions))
+    assert scores == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+
+
+def test_pass_at_one_never_runs_in_the_parent() -> None:
+    record = _code([[[], True]], args=())
+    same_process = f"return __import__('os').getpid() == {os.getpid()}"
+    other_process = f"return __import__('os').getpid() != {os.getpid()}"
+    assert FAST.score([same_process, other_process], [record, record]) == [0.0, 1.0]
+
+
+def test_a_sandbox_that_cannot_start_is_an_error() -> None:
+    broken = PassAtOne(python="/bin/false", startup_timeout=5.0)
+    with pytest.raises(RuntimeError, match="did not start"):
+        broken.score(["return 1"], [_code([[[], 1]], args=())])
