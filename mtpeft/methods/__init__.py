@@ -5,6 +5,7 @@ from mtpeft.methods.registry import (
     available_methods,
     build_method,
     get_method,
+    parse_dataclass,
     parse_method_config,
     register_method,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "build_method",
     "get_method",
     "load_adapter",
+    "parse_dataclass",
     "parse_method_config",
     "register_method",
 ]

@@ -17,11 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
 
 from mtpeft.methods.base import AdaptedModel, MethodConfig
 from mtpeft.methods.inject import find_modules
 from mtpeft.methods.registry import register_method
-from mtpeft.methods.shapes import decoder_shape
+from mtpeft.methods.shapes import DecoderShape, decoder_shape
 
 ATTENTION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -50,6 +51,26 @@ class LoraMethodConfig(MethodConfig):
             raise ValueError("method.targets must name at least one linear layer, e.g. [q_proj, v_proj]")
 
 
+def inject_lora(model: nn.Module, cfg: LoraMethodConfig) -> LoraConfig:
+    """Add peft LoRA layers to the linears of ``model`` matching ``cfg.targets``; return peft's config."""
+    peft_config = LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=find_modules(model, cfg.targets),
+        use_rslora=cfg.use_rslora,
+        init_lora_weights=cfg.init_weights,
+        bias="none",
+    )
+    inject_adapter_in_model(peft_config, model)
+    return peft_config
+
+
+def lora_parameter_count(shape: DecoderShape, cfg: LoraMethodConfig) -> int:
+    """METHODS.md 3(h): ``sum_layers sum_targets r (d_in + d_out)``."""
+    return shape.layers * sum(cfg.r * sum(shape.linear(t)) for t in cfg.targets)
+
+
 @register_method("lora")
 class LoRA(AdaptedModel):
     """Shared LoRA adapter on the target linears (peft ``LoraConfig`` + ``inject_adapter_in_model``)."""
@@ -57,21 +78,7 @@ class LoRA(AdaptedModel):
     config_class = LoraMethodConfig
 
     def adapt(self) -> None:
-        cfg = self.config
-        targets = find_modules(self.base_model, cfg.targets)
-        peft_config = LoraConfig(
-            r=cfg.r,
-            lora_alpha=cfg.alpha,
-            lora_dropout=cfg.dropout,
-            target_modules=targets,
-            use_rslora=cfg.use_rslora,
-            init_lora_weights=cfg.init_weights,
-            bias="none",
-        )
-        inject_adapter_in_model(peft_config, self.base_model)
-        self.peft_config = peft_config
+        self.peft_config = inject_lora(self.base_model, self.config)
 
     def expected_trainable_parameters(self) -> int:
-        shape = decoder_shape(self.base_model.config)
-        per_layer = sum(self.config.r * sum(shape.linear(t)) for t in self.config.targets)
-        return shape.layers * per_layer
+        return lora_parameter_count(decoder_shape(self.base_model.config), self.config)

@@ -58,19 +58,35 @@ def parse_method_config(name: str, values: Mapping[str, Any]) -> MethodConfig:
     Unknown keys and values of the wrong type are errors that name the key and the valid keys; each
     config's ``__post_init__`` then checks ranges and cross-field constraints.
     """
-    config_class = get_method(name).config_class
-    fields = {f.name: f for f in dataclasses.fields(config_class)}
-    unknown = sorted(set(values) - set(fields))
+    return parse_dataclass(get_method(name).config_class, values, "method", f"conf/method/{name}.yaml")
+
+
+def parse_dataclass(cls: type, values: Any, where: str, source: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping; nested dataclass fields are parsed recursively.
+
+    Errors name the dotted key (``method.prompt.encoder.hidden``) and list the valid keys.
+    """
+    if isinstance(values, cls):
+        return values
+    if not isinstance(values, Mapping):
+        raise TypeError(f"{where} must be a mapping of options, got {values!r}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
     if unknown:
+        place = f" ({source})" if source else ""
         raise ValueError(
-            f"unknown key(s) {unknown} in config of method {name!r} (conf/method/{name}.yaml); "
-            f"valid keys: {', '.join(sorted(fields))}"
+            f"unknown key(s) {unknown} in {where}{place}; valid keys: {', '.join(sorted(fields))}"
         )
-    hints = typing.get_type_hints(config_class)
-    kwargs = {}
-    for key, value in values.items():
-        kwargs[key] = _coerce(value, hints[key], f"method.{key}")
-    return config_class(**kwargs)
+    hints = typing.get_type_hints(cls)
+    kwargs = {key: _coerce(value, hints[key], f"{where}.{key}") for key, value in values.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        message = str(err)
+        if where == "method" or not message.startswith("method.") or message.startswith(where):
+            raise
+        # a reused top-level config (e.g. LoraMethodConfig nested as method.lora) names "method.<key>"
+        raise type(err)(where + message[len("method") :]) from err
 
 
 def build_method(name: str, values: Mapping[str, Any], base_model: nn.Module, num_tasks: int) -> AdaptedModel:
@@ -81,6 +97,8 @@ def build_method(name: str, values: Mapping[str, Any], base_model: nn.Module, nu
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     """Check ``value`` against a simple type hint (int/float/bool/str/list/Literal/Optional)."""
+    if dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
+        return parse_dataclass(hint, value, where)
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin is typing.Literal:
