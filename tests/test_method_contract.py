@@ -191,6 +191,27 @@ def test_aux_loss_gradients_survive_gradient_checkpointing(name: str) -> None:
     assert grads and any(g.abs().sum() > 0 for g in grads), "aux loss produced no gradient"
 
 
+@pytest.mark.parametrize("name", METHODS)
+def test_gradient_checkpointing_gives_the_same_gradients(name: str) -> None:
+    """Recomputed layers must see the same task ids (and everything else) as the original forward."""
+    grads = []
+    for checkpointing in (False, True):
+        model, _ = _build(name)
+        if not any(p.requires_grad for p in model.parameters()):
+            pytest.skip(f"{name} has nothing to train")
+        _train_steps(model, steps=1)  # move off the identity init so every parameter gets a gradient
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.eval()  # no dropout / routing noise: both passes compute the same function
+        ids, mask, task_ids = _inputs()
+        out = model(input_ids=ids, attention_mask=mask, task_ids=task_ids, labels=ids)
+        out.loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for key in grads[0]:
+        torch.testing.assert_close(grads[1][key], grads[0][key], rtol=1e-4, atol=1e-6)
+
+
 def test_unknown_method_and_key_errors_name_the_problem() -> None:
     base = make_tiny_base()
     with pytest.raises(KeyError, match="valid methods"):

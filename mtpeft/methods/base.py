@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -55,6 +56,7 @@ class AdaptedModel(nn.Module):
             raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
         self.config = config
         self.num_tasks = num_tasks
+        self._scoped_task_ids: torch.Tensor | None = None
         base_model.requires_grad_(False)
         base_ids = {id(p) for p in base_model.parameters()}
         self.base_model = base_model
@@ -117,7 +119,7 @@ class AdaptedModel(nn.Module):
     ) -> Any:
         batch = _batch_size(input_ids, kwargs)
         task_ids = self.check_task_ids(task_ids, batch)
-        with task_id_scope(self.task_conditioned_modules(), task_ids):
+        with self.task_scope(task_ids):
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     @torch.no_grad()
@@ -129,12 +131,35 @@ class AdaptedModel(nn.Module):
         **kwargs: Any,
     ) -> torch.Tensor:
         task_ids = self.check_task_ids(task_ids, input_ids.shape[0])
-        with task_id_scope(self.task_conditioned_modules(), task_ids):
+        with self.task_scope(task_ids):
             return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
+    @contextmanager
+    def task_scope(self, task_ids: torch.Tensor | None) -> Iterator[None]:
+        """Inject ``task_ids`` into the task-conditioned modules for one forward/generate call.
+
+        The ids are also kept on the model while the call runs, so that activation checkpointing can
+        re-open the same scope when it recomputes a layer during backward (see
+        ``gradient_checkpointing_enable``).
+        """
+        previous, self._scoped_task_ids = self._scoped_task_ids, task_ids
+        try:
+            with task_id_scope(self.task_conditioned_modules(), task_ids):
+                yield
+        finally:
+            self._scoped_task_ids = previous
+
+    def _checkpoint_contexts(self) -> tuple[AbstractContextManager, AbstractContextManager]:
+        """(forward, recompute) contexts for ``torch.utils.checkpoint``: the recomputation of a layer
+        during backward runs after ``task_scope`` closed, so it re-injects the ids of its own forward."""
+        return nullcontext(), task_id_scope(self.task_conditioned_modules(), self._scoped_task_ids)
+
     def gradient_checkpointing_enable(self) -> None:
-        """Non-reentrant checkpointing, so aux losses stored during forward keep their gradients."""
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        """Non-reentrant checkpointing, so aux losses stored during forward keep their gradients and
+        task-conditioned layers see their task ids again when recomputed."""
+        self.base_model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": self._checkpoint_contexts}
+        )
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def count_parameters(self) -> tuple[int, int]:

@@ -1,0 +1,112 @@
+"""Poly (Ponti et al., 2022) and MHR (Caccia et al., 2022) through peft's ``PolyConfig``.
+
+Every adapted linear holds an inventory of K LoRA "skills" (A_k, B_k) and, per task, logits over them.
+A task's adapter is the *parameter average* of the skills it selects; with ``n_splits = H > 1`` (MHR)
+the features are cut into H heads and every head has its own allocation::
+
+        x ──► W0 (frozen) ──────────────────────────────────────┐
+        │                                                       (+)──► y = W0 x + (1/r) · x A_t B_t
+        └──► A_t (d_in×r) ──► B_t (r×d_out) ────────────────────┘
+               ▲                 ▲
+               └── Σ_k w_{t,h,k} A_{h,k}, Σ_k w_{t,h,k} B_{h,k}   (concatenated over the H heads)
+
+    ẑ_t = RelaxedBernoulli(τ=1, logits=Z[t]).rsample()  (training)  |  sigmoid(Z[t])  (eval)
+    w_{t,h,k} = ẑ_{t,h,k} / (Σ_k ẑ_{t,h,k} + 1e-12)                  Z ∈ R^{T × H·K} per adapted linear
+
+A and B are mixed separately, so the adapter contains cross terms A_i B_j (METHODS.md 6.1). ``A`` is
+Kaiming-uniform, ``B`` zero (``init_weights=False``: Kaiming too), the logits U(-1e-3, 1e-3), so the model
+starts as the base model. The layers are peft's own (``inject_adapter_in_model``); their ``forward``
+reads ``task_ids`` from its keywords, which our task-id scope injects (and repeats for expanded
+generation batches, which peft's own ``PolyModel`` does not). Task ids are required at training and
+inference. Trainable parameters per adapted linear: ``K·r·(d_in + d_out) + T·H·K`` (METHODS.md 6.1h).
+Source: huggingface/peft ``src/peft/tuners/poly/{config,router,layer,model}.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from peft import PolyConfig, inject_adapter_in_model
+from peft.tuners.poly.layer import Linear as PeftPolyLinear
+from torch import nn
+
+from mtpeft.methods.base import AdaptedModel, MethodConfig
+from mtpeft.methods.inject import find_modules
+from mtpeft.methods.lowrank import target_shapes
+from mtpeft.methods.registry import register_method
+
+ATTENTION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+@dataclass
+class PolyMethodConfig(MethodConfig):
+    r: int = 8
+    """Rank of every skill (peft ``PolyConfig.r`` default 8)."""
+    n_skills: int = 4
+    """K, the skills (LoRAs) in each adapted linear (peft default 4)."""
+    n_splits: int = 1
+    """H, heads of Multi-Head Routing; 1 is Poly, > 1 is MHR. Must divide d_in and d_out of every target
+    (peft default 1)."""
+    poly_type: Literal["poly"] = "poly"
+    """Router variant; peft implements only ``poly`` (Gumbel-sigmoid allocation per task)."""
+    targets: list[str] = field(default_factory=lambda: list(ATTENTION_TARGETS))
+    """Linear layers to adapt (regular expressions matched in full against the leaf name). q,k,v,o as the
+    LoRA baseline and C-Poly, so the comparison is like for like (peft's Llama default is q,v)."""
+    init_weights: bool = True
+    """True: B = 0, identity at init (peft default). False: B Kaiming-uniform, a non-identity start."""
+
+    def __post_init__(self) -> None:
+        for name in ("r", "n_skills", "n_splits"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"method.{name} must be a positive integer, got {value!r}")
+        if not self.targets:
+            raise ValueError("method.targets must name at least one linear layer, e.g. [q_proj, v_proj]")
+
+
+def check_splits(model: nn.Module, names: Sequence[str], n_splits: int) -> None:
+    """Raise unless ``n_splits`` divides the input and output features of every adapted linear."""
+    for name in names:
+        linear = model.get_submodule(name)
+        d_in, d_out = linear.in_features, linear.out_features
+        if d_in % n_splits or d_out % n_splits:
+            raise ValueError(
+                f"method.n_splits={n_splits} must divide the input and output features of every target; "
+                f"{name} has d_in={d_in}, d_out={d_out}"
+            )
+
+
+@register_method("poly")
+class Poly(AdaptedModel):
+    """peft's Poly/MHR layers on the target linears; every forward/generate needs ``task_ids``."""
+
+    config_class = PolyMethodConfig
+    requires_task_ids = True
+
+    def adapt(self) -> None:
+        cfg = self.config
+        self.target_names = find_modules(self.base_model, cfg.targets)
+        check_splits(self.base_model, self.target_names, cfg.n_splits)
+        self.peft_config = PolyConfig(
+            r=cfg.r,
+            target_modules=self.target_names,
+            init_weights=cfg.init_weights,
+            poly_type=cfg.poly_type,
+            n_tasks=self.num_tasks,
+            n_skills=cfg.n_skills,
+            n_splits=cfg.n_splits,
+        )
+        inject_adapter_in_model(self.peft_config, self.base_model)
+        self._poly_layers = [m for m in self.base_model.modules() if isinstance(m, PeftPolyLinear)]
+
+    def task_conditioned_modules(self) -> list[nn.Module]:
+        return self._poly_layers
+
+    def expected_trainable_parameters(self) -> int:
+        cfg, t = self.config, self.num_tasks
+        return sum(
+            cfg.n_skills * cfg.r * (d_in + d_out) + t * cfg.n_splits * cfg.n_skills
+            for d_in, d_out in target_shapes(self.base_model.config, self.target_names)
+        )
