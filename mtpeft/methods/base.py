@@ -157,8 +157,8 @@ class AdaptedModel(nn.Module):
     def gradient_checkpointing_enable(self) -> None:
         """Non-reentrant checkpointing, so aux losses stored during forward keep their gradients and
         task-conditioned layers see their task ids again when recomputed."""
-        self.base_model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": self._checkpoint_contexts}
+        self.base_model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": self._checkpoint_contexts}
         )
 
     # -- bookkeeping ----------------------------------------------------------------------------

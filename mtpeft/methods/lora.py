@@ -14,6 +14,7 @@ METHODS.md section 3. Trainable parameters: ``sum_layers sum_targets r (d_in + d
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from peft import LoraConfig, inject_adapter_in_model
@@ -66,9 +67,14 @@ def inject_lora(model: nn.Module, cfg: LoraMethodConfig) -> LoraConfig:
     return peft_config
 
 
-def lora_parameter_count(shape: DecoderShape, cfg: LoraMethodConfig) -> int:
-    """METHODS.md 3(h): ``sum_layers sum_targets r (d_in + d_out)``."""
-    return shape.layers * sum(cfg.r * sum(shape.linear(t)) for t in cfg.targets)
+def lora_parameter_count(shape: DecoderShape, r: int, target_names: Iterable[str]) -> int:
+    """METHODS.md 3(h): ``sum_layers sum_targets r (d_in + d_out)`` over projection names like ``q_proj``."""
+    return shape.layers * sum(r * sum(shape.linear(t)) for t in target_names)
+
+
+def adapted_names(peft_config: LoraConfig) -> set[str]:
+    """Leaf names (``q_proj``...) of the linears a LoRA config adapted (targets may be regexes)."""
+    return {name.rsplit(".", 1)[-1] for name in peft_config.target_modules}
 
 
 @register_method("lora")
@@ -81,4 +87,5 @@ class LoRA(AdaptedModel):
         self.peft_config = inject_lora(self.base_model, self.config)
 
     def expected_trainable_parameters(self) -> int:
-        return lora_parameter_count(decoder_shape(self.base_model.config), self.config)
+        shape = decoder_shape(self.base_model.config)
+        return lora_parameter_count(shape, self.config.r, adapted_names(self.peft_config))

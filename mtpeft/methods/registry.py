@@ -147,7 +147,7 @@ def _import_builtin_methods() -> None:
 
     import mtpeft.methods as package
 
-    skip = {"registry", "base", "task_context", "inject", "shapes"}
+    skip = {"registry", "base", "task_context", "inject", "shapes", "lowrank"}
     for info in pkgutil.iter_modules(package.__path__):
         if info.name not in skip and not info.name.startswith("_"):
             importlib.import_module(f"mtpeft.methods.{info.name}")

@@ -10,8 +10,7 @@ each other's ids. During beam search or ``num_return_sequences > 1`` the batch i
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -36,21 +35,30 @@ def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return None
 
 
-@contextmanager
-def task_id_scope(modules: Iterable[nn.Module], task_ids: torch.Tensor | None) -> Iterator[None]:
-    """Inject ``task_ids`` as a keyword into each module's forward while the context is open."""
+class task_id_scope:  # noqa: N801 - used like a function-style context manager
+    """Inject ``task_ids`` as a keyword into each module's forward while the context is open.
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        ids = task_ids
+    A class rather than a generator so that the same object can be entered again: activation
+    checkpointing enters the recompute context once per backward pass through a layer.
+    """
+
+    def __init__(self, modules: Iterable[nn.Module], task_ids: torch.Tensor | None) -> None:
+        self.modules = list(modules)
+        self.task_ids = task_ids
+        self._handles: list = []
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        ids = self.task_ids
         x = _first_tensor(args, kwargs)
         if ids is not None and x is not None and x.dim() > 0:
             ids = expand_task_ids(ids, x.shape[0])
         kwargs["task_ids"] = ids
         return args, kwargs
 
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
-    try:
-        yield
-    finally:
-        for handle in handles:
+    def __enter__(self) -> None:
+        self._handles = [m.register_forward_pre_hook(self._hook, with_kwargs=True) for m in self.modules]
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
             handle.remove()
+        self._handles = []

@@ -296,5 +296,5 @@ def expected_parameters(cfg: PemlConfig, hf: Any, num_tasks: int) -> int:
         "transformer": n * (4 * e * e + 2 * e * h + 9 * e + h) + head,
         "residual_mlp": n * (2 * e * h + h + e) + head,
     }[cfg.prompt.encoder.type]
-    lora = lora_parameter_count(shape, cfg.lora)
+    lora = lora_parameter_count(shape, cfg.lora.r, cfg.lora.targets)
     return seeds + encoder + lora

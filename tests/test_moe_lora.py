@@ -1,0 +1,245 @@
+"""MoE-LoRA specifics: routing and dispatch vs a dense reference, the reduction to LoRA, the load-balancing
+loss (padding, gradient under checkpointing), the task gate, routing stats, parameter counts, configs.
+
+The generic contract (identity at init, only adapter params change, save/load, generation) is in the
+contract suite.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtpeft.methods import build_method
+from tests.conftest import ARCHS, make_tiny_base
+
+T = 3  # tasks
+K0 = "model.layers.0.self_attn.k_proj"
+
+
+def moe(arch: str = "llama", **cfg) -> torch.nn.Module:
+    return build_method("moe_lora", {"dropout": 0.0, **cfg}, make_tiny_base(arch), num_tasks=T).eval()
+
+
+def randomize(model: torch.nn.Module, std: float = 0.3) -> None:
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def dense_reference(layer, x: torch.Tensor, probs: torch.Tensor, k: int, scale: float) -> torch.Tensor:
+    """W0 x + s Σ_{i∈top-k} g_i B_i A_i x, every expert run on every token and masked by the gate."""
+    flat = x.reshape(-1, layer.in_features)
+    top, idx = probs.topk(k, dim=-1)
+    gates = torch.zeros_like(probs).scatter(1, idx, top / top.sum(-1, keepdim=True))
+    experts = torch.stack([flat @ layer.lora_A[e].T @ layer.lora_B[e].T for e in range(probs.shape[1])], 1)
+    out = layer.base_layer(flat) + scale * (gates[..., None] * experts).sum(1)
+    return out.reshape(*x.shape[:-1], -1)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"num_experts": 4, "top_k": 2},
+        {"num_experts": 8, "top_k": 2, "expert_rank": "r/E"},
+        {"num_experts": 3, "top_k": 1, "r": 4},
+        {"num_experts": 4, "top_k": 4},  # dense, LoRAMoE-style
+    ],
+)
+def test_token_routing_matches_dense_masked_reference(cfg):
+    model = moe(**cfg)
+    randomize(model)
+    layer = model.base_model.get_submodule(K0)
+    x = torch.randn(3, 7, layer.in_features)
+    probs = F.softmax(x.reshape(-1, layer.in_features) @ layer.router.weight.T, dim=-1)
+    assert probs.argmax(-1).unique().numel() > 1  # the routing is not trivial
+    torch.testing.assert_close(
+        layer(x), dense_reference(layer, x, probs, cfg["top_k"], 16.0 / cfg.get("r", 8)), rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("top_k", [2, 4])
+def test_task_gate_matches_reference(top_k):
+    model = moe(gate_input="task", top_k=top_k, expert_rank="r/E")
+    randomize(model)
+    layer = model.base_model.get_submodule(K0)
+    x = torch.randn(3, 5, layer.in_features)
+    task_ids = torch.tensor([2, 0, 2])
+    gate = F.softmax(model.task_gate.embedding.weight @ model.task_gate.proj.weight.T, dim=-1)  # [T, E]
+    probs = gate[task_ids].repeat_interleave(5, 0)
+    want = dense_reference(layer, x, probs, top_k, 16.0 / 8)  # alpha / total rank, also for r/E (MOELoRA)
+    torch.testing.assert_close(layer(x, task_ids=task_ids), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_one_expert_top_one_is_lora(arch):
+    model = moe(arch, num_experts=1, top_k=1, init_weights=False)
+    lora = build_method(
+        "lora", {"r": 8, "alpha": 16.0, "dropout": 0.0}, make_tiny_base(arch), num_tasks=T
+    ).eval()
+    with torch.no_grad():
+        for name, layer in model.adapted.items():
+            peft_layer = lora.base_model.get_submodule(name)
+            peft_layer.lora_A["default"].weight.copy_(layer.lora_A[0])
+            peft_layer.lora_B["default"].weight.copy_(layer.lora_B[0])
+    ids = torch.randint(0, 128, (2, 6))
+    torch.testing.assert_close(model(ids).logits, lora(ids).logits)
+
+
+def test_task_ids_needed_only_with_task_gate():
+    ids = torch.randint(0, 128, (2, 4))
+    token = moe()
+    assert not token.requires_task_ids and not type(token).requires_task_ids
+    token(ids)  # no task ids needed
+    task = moe(gate_input="task")
+    assert task.requires_task_ids
+    for task_ids, match in [(None, "needs task_ids"), (torch.tensor([0, T]), "out of range")]:
+        with pytest.raises(ValueError, match=match):
+            task(ids, task_ids=task_ids)
+
+
+def test_task_gate_mixed_batch_gives_each_row_its_task():
+    model = moe(gate_input="task", init_weights=False)
+    randomize(model)
+    ids = torch.randint(0, 128, (3, 6))
+    task_ids = torch.tensor([1, 0, 2])
+    mixed = model(ids, task_ids=task_ids).logits
+    for b in range(3):
+        torch.testing.assert_close(
+            mixed[b : b + 1], model(ids[b : b + 1], task_ids=task_ids[b : b + 1]).logits
+        )
+    assert not torch.allclose(mixed, model(ids, task_ids=torch.tensor([0, 0, 0])).logits)
+
+
+def manual_balance(model, mask: torch.Tensor) -> torch.Tensor:
+    """E Σ_i f_i P_i over the concatenated non-padding tokens of all routers (Mixtral form)."""
+    e = model.config.num_experts
+    logits = torch.cat([layer.last_logits[mask.reshape(-1).bool()] for layer in model.adapted.values()])
+    selected = torch.cat([layer.last_selected[mask.reshape(-1).bool()] for layer in model.adapted.values()])
+    f = F.one_hot(selected, e).float().mean(0).sum(0)  # slots counted separately, summed over slots
+    return e * (f * logits.softmax(-1).mean(0)).sum()
+
+
+def test_balance_loss_ignores_padding():
+    model = moe(init_weights=False)
+    randomize(model)
+    ids = torch.randint(0, 128, (3, 8))
+    mask = torch.ones(3, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    mask[2, 3:] = 0  # right padding: real tokens never see the padding (causal)
+    model(ids, attention_mask=mask)
+    loss = model.aux_losses()["load_balance"]
+    torch.testing.assert_close(loss, 0.01 * manual_balance(model, mask))
+    other = torch.where(mask.bool(), ids, torch.randint(0, 128, ids.shape))
+    model(other, attention_mask=mask)
+    torch.testing.assert_close(model.aux_losses()["load_balance"], loss)
+    model(ids)  # without the mask the padding counts, and the loss changes
+    assert not torch.allclose(model.aux_losses()["load_balance"], loss)
+
+
+def test_balance_loss_scopes_and_z_loss():
+    model = moe(balance_scope="router", router_z_loss_coef=0.5, balance_loss_coef=1.0)
+    randomize(model)
+    ids = torch.randint(0, 128, (2, 6))
+    model(ids)
+    losses = model.aux_losses()
+    per_router, z = [], []
+    for layer in model.adapted.values():
+        f = F.one_hot(layer.last_selected, 4).float().mean(0).sum(0)
+        per_router.append(4 * (f * layer.last_logits.softmax(-1).mean(0)).sum())
+        z.append(torch.logsumexp(layer.last_logits, -1).square().mean())
+    torch.testing.assert_close(losses["load_balance"], torch.stack(per_router).mean())
+    torch.testing.assert_close(losses["router_z"], 0.5 * torch.stack(z).mean())
+    # a uniform router gives k at any balance (P_i = 1/E): the Mixtral normalisation
+    with torch.no_grad():
+        for layer in model.adapted.values():
+            layer.router.weight.zero_()
+    model(ids)
+    torch.testing.assert_close(model.aux_losses()["load_balance"], torch.tensor(2.0))
+    assert moe(gate_input="task").aux_losses() == {}
+
+
+@pytest.mark.parametrize("gate_input", ["token", "task"])
+def test_gradients_survive_gradient_checkpointing(gate_input):
+    """Token routers: the aux-loss gradient reaches them; task gate: the recompute sees the task ids."""
+    grads = []
+    for checkpointing in (False, True):
+        model = moe(gate_input=gate_input, init_weights=False).train()
+        randomize(model)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(3))
+        out = model(ids, task_ids=torch.tensor([2, 0]), labels=ids)
+        (out.loss + sum(model.aux_losses().values())).backward()
+        if gate_input == "token":
+            router = model.base_model.get_submodule(K0).router.weight
+            assert router.grad is not None and router.grad.abs().sum() > 0
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_experts_without_tokens_get_zero_gradient():
+    model = moe(num_experts=8, top_k=1, init_weights=False).train()
+    randomize(model)
+    ids = torch.randint(0, 128, (1, 2))
+    model(ids, labels=ids).loss.backward()
+    layer = model.base_model.get_submodule(K0)
+    assert layer.last_selected.unique().numel() < 8  # some experts saw no token
+    assert layer.lora_A.grad is not None and layer.lora_B.grad is not None
+
+
+def test_routing_stats():
+    model = moe(num_experts=4, top_k=2)
+    randomize(model)
+    model(torch.randint(0, 128, (2, 6)))
+    stats = model.routing_stats()
+    for layer in ("layer0", "layer1"):
+        assert math.isclose(sum(stats[f"{layer}/expert{i}_load"] for i in range(4)), 1.0, rel_tol=1e-5)
+        assert 0 <= stats[f"{layer}/entropy"] <= math.log(4)
+    task = moe(gate_input="task").routing_stats()
+    assert math.isclose(sum(task[f"task2/expert{i}_weight"] for i in range(4)), 1.0, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "arch, cfg",
+    [
+        ("llama", {}),
+        ("qwen2", {"num_experts": 8, "top_k": 2, "expert_rank": "r/E"}),
+        ("mistral", {"gate_input": "task", "num_experts": 2, "top_k": 2, "task_embedding_dim": 16}),
+        ("llama", {"num_experts": 1, "top_k": 1, "targets": ["q_proj", "gate_proj", "up_proj", "down_proj"]}),
+    ],
+)
+def test_parameter_count_matches_formula(arch, cfg):
+    model = moe(arch, **cfg)
+    assert model.count_parameters()[0] == model.expected_trainable_parameters()
+
+
+def test_parameter_count_worked_example():
+    # METHODS.md 7h per linear: E·r·(d_in + d_out) + E·d_in; task gate: r·(d_in + d_out) + T·64 + 64·E
+    shapes = [(32, 32), (32, 16), (32, 16), (32, 32)]
+    assert moe().expected_trainable_parameters() == 2 * sum(4 * 8 * (i + o) + 4 * i for i, o in shapes)
+    task = moe(gate_input="task", expert_rank="r/E")
+    assert task.expected_trainable_parameters() == 2 * sum(8 * (i + o) for i, o in shapes) + T * 64 + 64 * 4
+
+
+@pytest.mark.parametrize(
+    "cfg, field",
+    [
+        ({"top_k": 5}, "method.top_k"),
+        ({"top_k": 0}, "method.top_k"),
+        ({"num_experts": 0, "top_k": 0}, "method.num_experts"),
+        ({"r": 6, "expert_rank": "r/E"}, "method.expert_rank"),
+        ({"expert_rank": "r*E"}, "method.expert_rank"),
+        ({"gate_input": "sample"}, "method.gate_input"),
+        ({"balance_loss_coef": -0.1}, "method.balance_loss_coef"),
+        ({"task_embedding_dim": 0}, "method.task_embedding_dim"),
+    ],
+)
+def test_bad_config_names_the_field(cfg, field):
+    with pytest.raises(ValueError, match=field):
+        build_method("moe_lora", cfg, make_tiny_base(), num_tasks=T)
