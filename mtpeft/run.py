@@ -15,6 +15,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from mtpeft.methods import build_method
@@ -44,9 +45,11 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
     return [instantiate(node) for node in nodes.values() if node is not None and "_target_" in node]
 
 
-def build_callbacks(cfg: DictConfig) -> list[Any]:
+def build_callbacks(cfg: DictConfig, has_logger: bool) -> list[Any]:
+    """Callbacks from ``cfg.callbacks``; the learning-rate monitor only when something logs."""
     nodes = cfg.get("callbacks") or {}
-    return [instantiate(node) for node in nodes.values() if node is not None and "_target_" in node]
+    callbacks = [instantiate(node) for node in nodes.values() if node is not None and "_target_" in node]
+    return [c for c in callbacks if has_logger or not isinstance(c, LearningRateMonitor)]
 
 
 def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
@@ -72,7 +75,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         gradient_checkpointing=cfg.gradient_checkpointing,
     )
     loggers = build_loggers(cfg)
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=build_callbacks(cfg))
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=build_callbacks(cfg, bool(loggers)))
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:

@@ -10,6 +10,8 @@ for _key, _value in {
     "HF_EVALUATE_OFFLINE": "1",
     "WANDB_MODE": "offline",
     "TOKENIZERS_PARALLELISM": "false",
+    # tiny models: one thread is faster than two fighting over 2 cores (and subprocesses inherit it)
+    "OMP_NUM_THREADS": "1",
 }.items():
     os.environ.setdefault(_key, _value)
 
