@@ -10,7 +10,7 @@ ARGS ?=
 STUDY ?= methods_mix3
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-full lint format clean
+.PHONY: help install train test test-full bench lint format clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -32,6 +32,9 @@ test: install ## Run the fast test suite (what CI runs)
 
 test-full: install ## Run all tests, including slow learning checks
 	$(OFFLINE) $(PY) -m pytest -q -p no:cacheprovider -m "not gpu"
+
+bench: install ## Step time / memory of every method vs LoRA (writes experiments/bench/results.md)
+	$(OFFLINE) $(PY) -m mtpeft.bench --out experiments/bench/results.md $(ARGS)
 
 lint: install ## Check formatting and lint with ruff
 	$(VENV)/bin/ruff check mtpeft tests experiments
