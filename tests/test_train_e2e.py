@@ -70,3 +70,10 @@ def test_cli_bad_input_fails_with_clear_message(tmp_path: Path) -> None:
     assert "rnak" in proc.stderr and "valid keys" in proc.stderr
     failed = next((tmp_path / "logs").rglob("results.json"))
     assert json.loads(failed.read_text())["status"] == "failed"
+
+
+def test_wandb_logger_runs_offline(tmp_path: Path) -> None:
+    results = _run(["method=lora", "logger=wandb"], tmp_path)
+    assert results["status"] == "success"
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, "wandb should write one offline run (sync later with `wandb sync`)"
