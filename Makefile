@@ -10,7 +10,7 @@ ARGS ?=
 STUDY ?= methods_mix3
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-full bench lint format clean
+.PHONY: help install train test test-full bench results lint format clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -35,6 +35,9 @@ test-full: install ## Run all tests, including slow learning checks
 
 bench: install ## Step time / memory of every method vs LoRA (writes experiments/bench/results.md)
 	$(OFFLINE) $(PY) -m mtpeft.bench --out experiments/bench/results.md $(ARGS)
+
+results: install ## Tables + plots of a study: logs/$(STUDY)/ -> experiments/$(STUDY)/ (STUDY=methods_mix3)
+	$(PY) -m mtpeft.results $(STUDY)
 
 lint: install ## Check formatting and lint with ruff
 	$(VENV)/bin/ruff check mtpeft tests experiments

@@ -56,6 +56,8 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     """Train and evaluate one configuration; return the results dict also written to ``results.json``."""
     output_dir = Path(output_dir)
     started = time.perf_counter()
+    if cfg.get("cpu_threads"):
+        torch.set_num_threads(cfg.cpu_threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     base_model, tokenizer = load_base_model(cfg.model)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)

@@ -1,0 +1,155 @@
+"""`mtpeft.results` on hand-written results.json files (no training): grouping, mean ± std, failures, files."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mtpeft.results import aggregate, load_runs, main, pareto_front
+from mtpeft.utils.confighash import config_hash
+
+TASKS = ["qa", "code"]
+
+
+def _config(method: str, seed: int, **method_options) -> dict:
+    return {
+        "task_name": "study",
+        "seed": seed,
+        "method": {"name": method, **method_options},
+        "model": {"kind": "tiny", "arch": "llama", "cache_dir": "/tmp/x"},
+        "data": {"tasks": {t: {"train": 10} for t in TASKS}, "temperature": 1.0, "seed": seed},
+        "trainer": {"max_steps": 10, "default_root_dir": f"/runs/{method}/{seed}"},
+        "paths": {"output_dir": f"/runs/{method}/{seed}"},
+    }
+
+
+def _write(
+    root: Path,
+    name: str,
+    method: str,
+    seed: int,
+    scores: dict | None = None,
+    status: str = "success",
+    params: int = 100,
+    **method_options,
+) -> dict:
+    config = _config(method, seed, **method_options)
+    data = {
+        "status": status,
+        "method": method,
+        "seed": seed,
+        "tasks": TASKS,
+        "config": config,
+        "config_hash": config_hash(config),
+    }
+    if status == "success":
+        scores = scores or {}
+        test = {f"test/{t}/score": v for t, v in scores.items()}
+        test["test/avg/score"] = sum(scores.values()) / len(scores)
+        data.update(
+            metrics={"val": {"val/avg/score": 0.5}, "test": test},
+            trainable_params=params,
+            total_params=10_000,
+            trainable_percent=params / 100,
+            wall_time_s=10.0 + seed,
+            peak_memory_mb={"cpu_peak_rss_mb": 500.0},
+        )
+    else:
+        data["error"] = "ValueError: method.r must be a positive integer, got 0"
+    (root / name).mkdir(parents=True)
+    (root / name / "results.json").write_text(json.dumps(data))
+    return data
+
+
+@pytest.fixture
+def study(tmp_path: Path) -> Path:
+    _write(tmp_path, "0", "lora", 0, {"qa": 0.5, "code": 0.25}, r=8)
+    _write(tmp_path, "1", "lora", 1, {"qa": 0.7, "code": 0.35}, r=8)
+    _write(tmp_path, "2", "lora", 2, {"qa": 0.6, "code": 0.30}, r=8)
+    _write(tmp_path, "3", "none", 0, {"qa": 0.1, "code": 0.0}, params=0)
+    _write(tmp_path, "4", "hycam", 0, {"qa": 0.8, "code": 0.2}, params=50, apply_to="residual_sum")
+    _write(tmp_path, "5", "hycam", 0, {"qa": 0.9, "code": 0.1}, params=50, apply_to="attn_output")
+    _write(tmp_path, "6", "mtl_lora", 0, status="failed")
+    return tmp_path
+
+
+def _row(table: pd.DataFrame, method: str, variant: str = "") -> pd.Series:
+    rows = table[(table["method"] == method) & (table["variant"] == variant)]
+    assert len(rows) == 1, table[["method", "variant"]]
+    return rows.iloc[0]
+
+
+def test_mean_std_and_seed_count(study: Path) -> None:
+    table, failed, columns = aggregate(load_runs([study]))
+    assert columns == ["qa", "code", "avg"]
+    lora = _row(table, "lora")
+    assert lora["n"] == 3 and lora["seeds"] == "0 1 2"
+    assert lora["qa_mean"] == pytest.approx(statistics.mean([0.5, 0.7, 0.6]))
+    assert lora["qa_std"] == pytest.approx(statistics.stdev([0.5, 0.7, 0.6]))
+    assert lora["avg_mean"] == pytest.approx(statistics.mean([0.375, 0.525, 0.45]))
+    assert lora["wall_time_s"] == pytest.approx(11.0) and lora["peak_memory_mb"] == 500.0
+    assert pd.isna(_row(table, "none")["qa_std"])  # one seed: no std
+
+
+def test_variants_only_where_configs_of_one_method_differ(study: Path) -> None:
+    table, _, _ = aggregate(load_runs([study]))
+    assert set(zip(table["method"], table["variant"], strict=True)) == {
+        ("lora", ""),
+        ("none", ""),
+        ("hycam", "apply_to=residual_sum"),
+        ("hycam", "apply_to=attn_output"),
+    }
+
+
+def test_failed_runs_listed_apart_and_dropped_once_redone(study: Path) -> None:
+    table, failed, _ = aggregate(load_runs([study]))
+    assert list(failed["method"]) == ["mtl_lora"] and "mtl_lora" not in set(table["method"])
+    _write(study, "7", "lora", 3, status="failed", r=8)
+    _write(study, "8", "lora", 0, status="failed", r=8)  # same config as run 0, which succeeded
+    table, failed, _ = aggregate(load_runs([study]))
+    assert sorted(zip(failed["method"], failed["seed"], strict=True)) == [("lora", 3), ("mtl_lora", 0)]
+    assert _row(table, "lora")["n"] == 3  # failures never averaged in
+
+
+def test_same_seed_twice_counts_once(study: Path) -> None:
+    _write(study, "9", "lora", 0, {"qa": 0.5, "code": 0.25}, r=8)  # e.g. a copy under experiments/
+    table, _, _ = aggregate(load_runs([study]))
+    assert _row(table, "lora")["n"] == 3
+
+
+def test_pareto_front() -> None:
+    points = [(10, 0.5), (20, 0.4), (30, 0.7), (5, 0.2), (30, 0.6)]
+    assert pareto_front(points) == [3, 0, 2]
+
+
+def test_writes_tables_and_plots_with_best_marked(study: Path) -> None:
+    out = main([str(study)])
+    assert out == study
+    md = (study / "results.md").read_text()
+    assert "| hycam (apply_to=attn_output) | 1 | **90.0** | 10.0 | **50.0** |" in md  # best qa, tied best avg
+    assert "| lora | 3 | 60.0 ± 10.0 | **30.0 ± 5.0** | 45.0 ± 7.5 | 100 (1.00%) |" in md
+    assert "Failed runs (1" in md and "method.r must be a positive integer" in md
+    assert "model: tiny_llama" in md and "mixture: code+qa" in md
+    csv = pd.read_csv(study / "results.csv")
+    assert {"qa_mean", "qa_std", "qa_n", "avg_mean", "trainable_params", "peak_memory_mb"} <= set(csv.columns)
+    tex = (study / "results.tex").read_text()
+    assert r"\textbf{" in tex and r"$\pm$" in tex and r"\begin{tabular}" in tex
+    for name in ("per_task", "pareto"):
+        for ext in ("png", "pdf"):
+            assert (study / "plots" / f"{name}.{ext}").stat().st_size > 0
+
+
+def test_study_name_reads_logs_and_writes_experiments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _write(tmp_path / "logs" / "mystudy" / "multiruns" / "a", "0", "lora", 0, {"qa": 0.5, "code": 0.5})
+    monkeypatch.setenv("MTPEFT_ROOT", str(tmp_path))
+    out = main(["mystudy", "--no-plots"])
+    assert out == tmp_path / "experiments" / "mystudy"
+    assert (out / "results.md").exists() and not (out / "plots").exists()
+    with pytest.raises(SystemExit, match="no results"):
+        main(["nostudy"])
