@@ -1,0 +1,277 @@
+"""Base-model loading: the single entry the training script calls with the Hydra ``model`` node.
+
+Two kinds:
+
+* ``tiny``: the local default. A byte-level BPE tokenizer trained on ``tokenizer_corpus`` and a tiny
+  Llama/Qwen2/Mistral model pre-trained on ``primitives_corpus`` (``pretrain.steps`` steps; 0 = random
+  init), both built once and then loaded from the cache (``mtpeft.models.cache``) in about a second.
+* ``hub``: ``name_or_path`` is a local directory or a hub id. Hub ids are looked up in the local HF cache
+  first; a missing one fails at once with how to fetch it (no 20-40 s retry loop without network).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
+
+from mtpeft.models.cache import fingerprint, get_or_build
+from mtpeft.models.pretrain import PretrainConfig, pretrain
+from mtpeft.models.tiny import TinyModelConfig, build_tiny_model, count_parameters
+from mtpeft.models.tokenizer import DEFAULT_WHOLE_WORDS, train_tokenizer
+
+log = logging.getLogger(__name__)
+
+_TINY_MODEL_KEYS = {f.name for f in fields(TinyModelConfig)} - {"vocab_size"}
+TINY_KEYS = frozenset(_TINY_MODEL_KEYS | {"kind", "vocab_size", "pretrain", "cache_dir"})
+HUB_KEYS = frozenset(
+    {
+        "kind",
+        "name_or_path",
+        "dtype",
+        "attn_implementation",
+        "trust_remote_code",
+        "revision",
+        "allow_download",
+    }
+)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+class ModelNotAvailableError(FileNotFoundError):
+    """A hub model/tokenizer is neither a local directory nor in the local HF cache, and may not be fetched."""
+
+
+@dataclass(frozen=True)
+class TinyArtifacts:
+    """A loaded tiny base model with its cache entry and build metadata (pre-training losses, wall time)."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerFast
+    entry: Path
+    meta: dict[str, Any]
+
+
+def load_base_model(cfg: Mapping[str, Any]) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Load the base model and tokenizer described by the Hydra ``model`` node (``cfg.kind``: tiny | hub)."""
+    plain = _to_dict(cfg)
+    kind = plain.get("kind")
+    if kind == "tiny":
+        art = load_tiny(plain)
+        return art.model, art.tokenizer
+    if kind == "hub":
+        return load_hub(plain)
+    raise ValueError(f"Unknown model.kind={kind!r}: valid kinds are ['hub', 'tiny'] (see conf/model/).")
+
+
+# ----------------------------------------------------------------------------------------------- tiny
+
+
+def load_tiny(cfg: Mapping[str, Any]) -> TinyArtifacts:
+    """Load (building and caching on first use) the tiny tokenizer + model described by ``cfg``."""
+    cfg = _to_dict(cfg)
+    _check_keys(cfg, TINY_KEYS, "tiny")
+    tiny = TinyModelConfig(**{k: v for k, v in cfg.items() if k in _TINY_MODEL_KEYS})
+    pre = _pretrain_config(cfg.get("pretrain") or {})
+    cache_dir = cfg.get("cache_dir")
+    tok_entry = _cached_tokenizer(int(cfg.get("vocab_size") or 1024), cache_dir)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_entry)
+    lines = _corpus(pre)
+    parts = {
+        "model": tiny.to_dict(),
+        "pretrain": pre.to_dict() if pre.steps else {"steps": 0},
+        "corpus": fingerprint(lines),
+        "tokenizer": tok_entry.name,
+        "vocab_size": len(tokenizer),
+    }
+
+    def build(tmp: Path) -> dict[str, Any]:
+        return _build_tiny(tmp, tiny, pre, tokenizer, lines)
+
+    entry, meta = get_or_build(f"tiny-{tiny.arch}", parts, build, cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(
+        entry, dtype=torch.float32, attn_implementation=tiny.attn_implementation
+    )
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(entry)
+    tokenizer.model_max_length = tiny.max_position_embeddings
+    return TinyArtifacts(model, tokenizer, entry, meta)
+
+
+def _pretrain_config(raw: Mapping[str, Any]) -> PretrainConfig:
+    """``PretrainConfig`` from the ``pretrain`` node, naming unknown keys."""
+    _check_keys(raw, frozenset(f.name for f in fields(PretrainConfig)), "tiny", prefix="model.pretrain.")
+    return PretrainConfig(**raw)
+
+
+def _corpus(pre: PretrainConfig) -> list[str]:
+    """The pre-training lines (empty when nothing is pre-trained)."""
+    if not pre.steps:
+        return []
+    from mtpeft.data.synthetic.primitives import primitives_corpus
+
+    return primitives_corpus(pre.corpus_lines, pre.seed)
+
+
+def _cached_tokenizer(vocab_size: int, cache_dir: str | None) -> Path:
+    """Cache entry of the tokenizer trained on ``tokenizer_corpus()`` (shared by all tiny archs)."""
+    from mtpeft.data.synthetic.primitives import tokenizer_corpus
+
+    texts = tokenizer_corpus()
+    parts = {"vocab_size": vocab_size, "corpus": fingerprint(texts), "whole_words": list(DEFAULT_WHOLE_WORDS)}
+
+    def build(tmp: Path) -> dict[str, Any]:
+        tokenizer = train_tokenizer(texts, vocab_size)
+        tokenizer.save_pretrained(tmp)
+        return {"len": len(tokenizer)}
+
+    entry, _ = get_or_build("tokenizer", parts, build, cache_dir)
+    return entry
+
+
+def _build_tiny(
+    tmp: Path,
+    tiny: TinyModelConfig,
+    pre: PretrainConfig,
+    tokenizer: PreTrainedTokenizerFast,
+    lines: list[str],
+) -> dict[str, Any]:
+    """Build (and pre-train) the tiny model into ``tmp``; return metadata for the manifest."""
+    model = build_tiny_model(tiny, tokenizer)
+    meta: dict[str, Any] = {"params": count_parameters(model)}
+    if pre.steps:
+        log.info("pre-training tiny-%s for %d steps (first use; cached afterwards)", tiny.arch, pre.steps)
+        result = pretrain(model, tokenizer, lines, pre)
+        log.info("pre-training done: %s", result)
+        meta["pretrain"] = result.to_dict()
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    return meta
+
+
+# ------------------------------------------------------------------------------------------------ hub
+
+
+def load_hub(cfg: Mapping[str, Any]) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Load a local directory or a cached hub id with ``AutoTokenizer`` / ``AutoModelForCausalLM``."""
+    cfg = _to_dict(cfg)
+    _check_keys(cfg, HUB_KEYS, "hub")
+    name = cfg.get("name_or_path")
+    if not name or name == "???":
+        raise ValueError(
+            "model.name_or_path is not set: pass model.name_or_path=/path/to/model_dir (or a hub id)."
+        )
+    name, revision = str(name), cfg.get("revision")
+    local_only = _resolve_source(name, revision, bool(cfg.get("allow_download", False)))
+    common = {"trust_remote_code": bool(cfg.get("trust_remote_code", False)), "local_files_only": local_only}
+    if revision:
+        common["revision"] = revision
+    tokenizer = AutoTokenizer.from_pretrained(name, **common)
+    model = AutoModelForCausalLM.from_pretrained(
+        name,
+        dtype=_dtype(cfg.get("dtype", "float32")),
+        attn_implementation=cfg.get("attn_implementation"),
+        **common,
+    )
+    ensure_pad_token(tokenizer, model)
+    return model, tokenizer
+
+
+def _resolve_source(name: str, revision: str | None, allow_download: bool) -> bool:
+    """Check that ``name`` can be loaded; return whether to load with ``local_files_only``."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotAvailableError(f"model.name_or_path={name!r} is a directory without config.json.")
+        return True
+    if name.startswith(("/", "./", "../", "~")):
+        raise ModelNotAvailableError(f"model.name_or_path={name!r}: directory not found.")
+    if _in_hf_cache(name, revision):
+        return True
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if allow_download and not offline:
+        return False
+    why = "HF_HUB_OFFLINE is set" if offline else "model.allow_download is false"
+    raise ModelNotAvailableError(
+        f"Hub model {name!r} is not in the local Hugging Face cache and {why}. Fetch it on a machine with "
+        f"network (`huggingface-cli download {name}`, then copy ~/.cache/huggingface/hub), set "
+        "model.name_or_path to a local directory holding it, or set model.allow_download=true with network."
+    )
+
+
+def _in_hf_cache(repo_id: str, revision: str | None) -> bool:
+    """Whether ``config.json`` of ``repo_id`` is in the local HF cache (no network access)."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        hit = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except HFValidationError as err:
+        raise ValueError(
+            f"model.name_or_path={repo_id!r} is neither a directory nor a valid hub id: {err}"
+        ) from err
+    return isinstance(hit, str)
+
+
+def _dtype(name: str) -> torch.dtype | str:
+    """torch dtype from its config name."""
+    if name not in DTYPES:
+        raise ValueError(f"model.dtype={name!r} is invalid: use one of {sorted(DTYPES)}.")
+    return DTYPES[name]
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerFast, model: PreTrainedModel) -> None:
+    """Give the tokenizer (and model config) a pad token, falling back to eos with a warning."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer of {model.name_or_path!r} has neither a pad nor an eos token.")
+        log.warning(
+            "tokenizer of %r has no pad token; using eos %r as pad", model.name_or_path, tokenizer.eos_token
+        )
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def describe_model(model: PreTrainedModel) -> dict[str, Any]:
+    """Shapes and size of a causal LM (for the parameter table and results.json)."""
+    config = model.config.get_text_config()
+    heads = getattr(config, "num_attention_heads", None)
+    return {
+        "arch": config.model_type,
+        "hidden_size": getattr(config, "hidden_size", None),
+        "num_layers": getattr(config, "num_hidden_layers", None),
+        "num_heads": heads,
+        "num_kv_heads": getattr(config, "num_key_value_heads", None) or heads,
+        "intermediate_size": getattr(config, "intermediate_size", None),
+        "vocab_size": getattr(config, "vocab_size", None),
+        "total_params": count_parameters(model),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    }
+
+
+def _check_keys(cfg: Mapping[str, Any], valid: frozenset[str], kind: str, prefix: str = "model.") -> None:
+    """Reject unknown keys, naming them and listing the valid ones."""
+    unknown = sorted(set(cfg) - valid)
+    if unknown:
+        names = ", ".join(prefix + k for k in unknown)
+        raise ValueError(f"Unknown key(s) {names} for model.kind={kind!r}: valid keys are {sorted(valid)}.")
+
+
+def _to_dict(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Plain nested dict from a dict or an OmegaConf ``DictConfig`` (interpolations resolved)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)  # type: ignore[return-value]
+    return {k: _to_dict(v) if isinstance(v, Mapping) else v for k, v in cfg.items()}

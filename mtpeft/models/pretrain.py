@@ -1,0 +1,297 @@
+"""Plain-PyTorch causal-LM pre-training of the tiny model on the primitives corpus.
+
+PEFT methods need a base that already "speaks" the task surface (facts, equations, Python lines, narrative),
+and copy/induction behaviour from repeated facts (DATA.md section 4.1). This loop is deliberately bare
+(no Lightning): it runs once per cache key, and its cost is what the default budget is sized on.
+
+Data: every corpus line becomes ``<s> line </s>``; lines are concatenated into one token stream; each step
+draws ``batch_size`` random windows of ``seq_len`` tokens that start at a line's ``<s>`` (so the first line
+of a window is whole, and position 0 is ``<s>`` as in fine-tuning), from a seeded generator (reproducible).
+The last ``eval_fraction`` of the lines is held out to report the loss before and after training.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+#: Fewest held-out lines (so that tiny test corpora still give a full evaluation window).
+_MIN_EVAL_LINES = 8
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Pre-training budget and optimiser (defaults: ours, sized to finish in ~3 min on 2 free CPU cores)."""
+
+    steps: int = 3000
+    """Optimiser steps; 0 keeps the random initialisation. Copying (induction) appears after ~2000-2500."""
+    batch_size: int = 16
+    """Windows per step (16 x 64 = 1024 tokens); induction forms after a number of *steps*, so small batches
+    reach it sooner in wall time."""
+    seq_len: int = 64
+    """Window length in tokens; a corpus line is <= 62 tokens and the offline tasks need <= 64."""
+    lr: float = 3e-3
+    """Peak AdamW learning rate; tiny models tolerate (and need, at this budget) a high rate."""
+    warmup: int = 50
+    """Linear warm-up steps before the cosine decay."""
+    seed: int = 0
+    """Seed of window sampling (and of the corpus, via the loader)."""
+    corpus_lines: int = 20000
+    """Lines of ``primitives_corpus`` (~0.55 M tokens); the default run sees each line about 3 times."""
+    repeat_prob: float = 0.5
+    """Share of windows whose first line is shown twice (``<s> L </s> <s> L </s> ...``). Copying pays off
+    there, which makes induction (copy of repeated facts) appear within the budget; with 0 it had not
+    appeared after 1000 steps of 32 windows."""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay on matrices (not norms or biases)."""
+    grad_clip: float = 1.0
+    """Max global gradient norm."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of ``lr`` (cosine floor)."""
+    eval_fraction: float = 0.02
+    """Share of the corpus lines held out for the start/end loss."""
+
+    def __post_init__(self) -> None:
+        """Reject budgets that cannot run."""
+        for name in ("steps", "warmup", "corpus_lines"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"pretrain.{name}={getattr(self, name)} must be >= 0.")
+        for name in ("batch_size", "seq_len", "lr"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"pretrain.{name}={getattr(self, name)} must be > 0.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (for hashing and metadata)."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    """What a pre-training run reports (stored in the cache manifest)."""
+
+    final_loss: float
+    """Mean training loss over the last 10% of steps."""
+    first_loss: float
+    """Training loss of the first step."""
+    eval_loss_start: float
+    """Held-out loss before training."""
+    eval_loss_end: float
+    """Held-out loss after training."""
+    copy_loss_start: float
+    """Held-out loss on the second copy of a doubled line before training (see ``eval_copy_loss``)."""
+    copy_loss_end: float
+    """The same after training: near 0 means the model copies (induction)."""
+    wall_s: float
+    """Wall time of the optimisation loop."""
+    tokens: int
+    """Training tokens processed (steps x batch_size x seq_len)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (for metadata)."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Fixed-length windows of a token stream that begin at a line start (``<s>``), as fine-tuning inputs do."""
+
+    stream: torch.Tensor
+    """The packed token stream."""
+    starts: torch.Tensor
+    """Line starts that leave room for a full window."""
+    ends: torch.Tensor
+    """End (exclusive) of the line beginning at each start."""
+    seq_len: int
+
+    def window(self, i: int, repeat: bool = False) -> torch.Tensor:
+        """Window ``i``; with ``repeat`` its first line is shown twice (``<s> L </s> <s> L </s> ...``)."""
+        start = int(self.starts[i])
+        window = self.stream[start : start + self.seq_len]
+        if not repeat:
+            return window
+        return torch.cat([self.stream[start : int(self.ends[i])], window])[: self.seq_len]
+
+    def batch(self, idx: torch.Tensor, repeat: torch.Tensor | None = None) -> torch.Tensor:
+        """Stack windows ``idx`` (``repeat``: bool mask of windows whose first line is doubled)."""
+        flags = repeat.tolist() if repeat is not None else [False] * len(idx)
+        return torch.stack([self.window(i, r) for i, r in zip(idx.tolist(), flags, strict=True)])
+
+    def sample(self, batch_size: int, gen: torch.Generator, repeat_prob: float = 0.0) -> torch.Tensor:
+        """A batch of random windows (with replacement); a ``repeat_prob`` share has its first line doubled."""
+        idx = torch.randint(0, len(self.starts), (batch_size,), generator=gen)
+        return self.batch(idx, torch.rand(batch_size, generator=gen) < repeat_prob)
+
+
+def pack_lines(tokenizer: PreTrainedTokenizerFast, lines: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token stream ``<s> line </s> <s> line </s> ...`` (1-D LongTensor) and the offset of each ``<s>``."""
+    ids = tokenizer(lines, add_special_tokens=False)["input_ids"]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    lengths = [len(x) + 2 for x in ids]
+    offsets = torch.tensor([0, *itertools.accumulate(lengths)][:-1], dtype=torch.long)
+    stream = torch.tensor([t for line in ids for t in (bos, *line, eos)], dtype=torch.long)
+    return stream, offsets
+
+
+def make_windows(lines: list[str], tokenizer: PreTrainedTokenizerFast, seq_len: int) -> Windows:
+    """Pack ``lines`` and keep the line starts that leave room for a full window."""
+    stream, offsets = pack_lines(tokenizer, lines)
+    ends = torch.cat([offsets[1:], torch.tensor([len(stream)])])
+    room = offsets + seq_len <= len(stream)
+    if not room.any():
+        raise ValueError(
+            f"{len(lines)} corpus lines ({len(stream)} tokens) are too few for seq_len={seq_len}: "
+            "raise pretrain.corpus_lines."
+        )
+    return Windows(stream, offsets[room], ends[room], seq_len)
+
+
+def _split_lines(lines: list[str], cfg: PretrainConfig) -> tuple[list[str], list[str]]:
+    """Hold out the last ``eval_fraction`` of the lines (at least ``_MIN_EVAL_LINES``, at most half)."""
+    if len(lines) < 2 * _MIN_EVAL_LINES:
+        raise ValueError(
+            f"pre-training needs at least {2 * _MIN_EVAL_LINES} corpus lines, got {len(lines)}: "
+            "raise pretrain.corpus_lines."
+        )
+    n_eval = min(max(_MIN_EVAL_LINES, int(len(lines) * cfg.eval_fraction)), len(lines) // 2)
+    return lines[:-n_eval], lines[-n_eval:]
+
+
+def _lr_lambda(cfg: PretrainConfig):
+    """Linear warm-up to 1, then cosine decay to ``min_lr_ratio`` at ``steps``."""
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def _optimizer(model: PreTrainedModel, cfg: PretrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+
+
+@torch.no_grad()
+def eval_loss(model: PreTrainedModel, windows: Windows, batch_size: int, max_batches: int = 8) -> float:
+    """Mean LM loss over up to ``max_batches`` evenly spread windows (deterministic)."""
+    was_training = model.training
+    model.eval()
+    idx = _spread(len(windows.starts), max_batches * batch_size)
+    losses = [
+        model(input_ids=b, labels=b).loss.item() for b in (windows.batch(i) for i in idx.split(batch_size))
+    ]
+    model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+@torch.no_grad()
+def eval_copy_loss(model: PreTrainedModel, windows: Windows, batch_size: int, max_batches: int = 4) -> float:
+    """Loss on the second copy of a doubled line (``<s> L </s> <s> L </s>``): ~0 once the model can copy.
+
+    A direct measure of induction: the second copy is fully predictable from the first.
+    """
+    was_training = model.training
+    model.eval()
+    idx = _spread(len(windows.starts), max_batches * batch_size)
+    total, count = 0.0, 0
+    for chunk in idx.split(batch_size):
+        inputs = windows.batch(chunk, torch.ones(len(chunk), dtype=torch.bool))
+        labels = torch.full_like(inputs, -100)
+        for row, i in enumerate(chunk.tolist()):
+            n = int(windows.ends[i] - windows.starts[i])
+            labels[row, n + 1 : 2 * n] = inputs[row, n + 1 : 2 * n]
+        logits = model(input_ids=inputs).logits[:, :-1]
+        total += F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], reduction="sum").item()
+        count += int((labels[:, 1:] != -100).sum())
+    model.train(was_training)
+    return total / count if count else float("nan")
+
+
+def _spread(n: int, k: int) -> torch.Tensor:
+    """Up to ``k`` indices spread evenly over ``range(n)`` (deterministic evaluation sample)."""
+    return torch.arange(0, n, max(1, n // k))[:k]
+
+
+def _progress(enabled: bool) -> Progress:
+    """Rich progress bar with step, loss, elapsed time and ETA."""
+    return Progress(
+        TextColumn("[bold]pre-training"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        disable=not enabled,
+    )
+
+
+def pretrain(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
+    lines: list[str],
+    cfg: PretrainConfig,
+    progress: bool = True,
+) -> PretrainResult:
+    """Pre-train ``model`` in place on ``lines`` for ``cfg.steps`` steps; leaves it in eval mode.
+
+    ``torch.set_num_threads`` is not touched: the caller (or ``OMP_NUM_THREADS``) decides.
+    """
+    train_lines, eval_lines = _split_lines(lines, cfg)
+    train = make_windows(train_lines, tokenizer, cfg.seq_len)
+    held_out = make_windows(eval_lines, tokenizer, cfg.seq_len)
+    start_eval = eval_loss(model, held_out, cfg.batch_size)
+    start_copy = eval_copy_loss(model, held_out, cfg.batch_size)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = _optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    losses: list[float] = []
+    model.train()
+    t0 = time.perf_counter()
+    with _progress(progress) as bar:
+        task = bar.add_task("pretrain", total=cfg.steps, loss=float("nan"))
+        for _ in range(cfg.steps):
+            batch = train.sample(cfg.batch_size, gen, cfg.repeat_prob)
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            bar.update(task, advance=1, loss=loss.item())
+    wall = time.perf_counter() - t0
+    model.eval()
+    tail = losses[-max(1, len(losses) // 10) :] if losses else [start_eval]
+    return PretrainResult(
+        final_loss=sum(tail) / len(tail),
+        first_loss=losses[0] if losses else start_eval,
+        eval_loss_start=start_eval,
+        eval_loss_end=eval_loss(model, held_out, cfg.batch_size),
+        copy_loss_start=start_copy,
+        copy_loss_end=eval_copy_loss(model, held_out, cfg.batch_size),
+        wall_s=wall,
+        tokens=cfg.steps * cfg.batch_size * cfg.seq_len,
+    )

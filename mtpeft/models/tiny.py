@@ -1,0 +1,129 @@
+"""Tiny decoder-only models (Llama / Qwen2 / Mistral) built locally from transformers configs.
+
+The tiny model is the offline default base model: ~0.9 M parameters with the default shapes, small enough
+to pre-train in a few minutes on 2 CPU cores (DATA.md section 4.1: ~100 GFLOP/s, 0.5-1 M parameters
+recommended), yet built from the real transformers classes so that every PEFT method is exercised on the
+same module names (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, ``gate_proj``, ``up_proj``,
+``down_proj``) and code paths (GQA, RoPE, KV cache) as on hub models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+#: arch name -> (config class, model class). Qwen2 differs by q/k/v biases, Mistral by its sliding window.
+ARCHITECTURES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+}
+
+
+@dataclass(frozen=True)
+class TinyModelConfig:
+    """Shapes of the tiny model (defaults: ours, sized for the 2-core CPU budget)."""
+
+    arch: str = "llama"
+    """One of ``llama``, ``qwen2``, ``mistral``."""
+    hidden_size: int = 128
+    """Model width; 128 keeps the model near 0.9 M parameters (DATA.md 4.1)."""
+    num_layers: int = 4
+    """Decoder layers; 4 gives per-layer methods (routers, CAMs) several layers to differ across."""
+    num_heads: int = 4
+    """Attention heads (head_dim 32)."""
+    num_kv_heads: int = 2
+    """Key/value heads; fewer than ``num_heads`` so grouped-query attention is covered."""
+    intermediate_size: int = 344
+    """SwiGLU width, about 8/3 * hidden_size as in Llama."""
+    max_position_embeddings: int = 256
+    """Longest sequence; the offline tasks need <= 64 tokens, pre-training uses 128."""
+    tie_word_embeddings: bool = True
+    """Share input and output embeddings (saves vocab_size * hidden_size parameters)."""
+    vocab_size: int | None = None
+    """Model vocabulary; ``None`` = ``len(tokenizer)``."""
+    rope_theta: float = 10000.0
+    """RoPE base; the classic value is plenty for 256 positions."""
+    seed: int = 0
+    """Seed of the random initialisation."""
+    attn_implementation: str = "sdpa"
+    """``sdpa`` (fastest on CPU at these sizes, see report) or ``eager``."""
+
+    def __post_init__(self) -> None:
+        """Reject unknown architectures and head counts that do not divide."""
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"Unknown tiny arch {self.arch!r}: use one of {sorted(ARCHITECTURES)}.")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}."
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads}."
+            )
+        if self.attn_implementation not in ("sdpa", "eager"):
+            raise ValueError(f"attn_implementation={self.attn_implementation!r}: use 'sdpa' or 'eager'.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (for hashing and metadata)."""
+        return asdict(self)
+
+
+def _hf_config(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerFast) -> PretrainedConfig:
+    """Translate ``cfg`` into the transformers config of its architecture, with the tokenizer's ids."""
+    config_cls, _ = ARCHITECTURES[cfg.arch]
+    kwargs: dict[str, Any] = {
+        "vocab_size": cfg.vocab_size or len(tokenizer),
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    if cfg.arch == "mistral":
+        kwargs["sliding_window"] = cfg.max_position_embeddings  # present (code path covered) but inert
+    config = config_cls(**kwargs)
+    config._attn_implementation = cfg.attn_implementation
+    return config
+
+
+def build_tiny_model(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
+    """Build a randomly initialised tiny causal LM of ``cfg.arch`` (reproducible from ``cfg.seed``).
+
+    The global torch RNG is left untouched (the seed is applied inside ``torch.random.fork_rng``).
+    """
+    if cfg.vocab_size is not None and cfg.vocab_size < len(tokenizer):
+        raise ValueError(f"vocab_size={cfg.vocab_size} < len(tokenizer)={len(tokenizer)}: use null or more.")
+    config = _hf_config(cfg, tokenizer)
+    _, model_cls = ARCHITECTURES[cfg.arch]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = model_cls(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Number of distinct parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in model.parameters())
