@@ -77,3 +77,10 @@ def test_wandb_logger_runs_offline(tmp_path: Path) -> None:
     assert results["status"] == "success"
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, "wandb should write one offline run (sync later with `wandb sync`)"
+
+
+@pytest.mark.parametrize("debug", ["fdr", "limit"])
+def test_debug_presets_run(debug: str, tmp_path: Path) -> None:
+    results = _run(["method=lora", f"debug={debug}"], tmp_path)
+    assert results["status"] == "success"
+    assert "test/avg/score" in results["metrics"]["test"]
