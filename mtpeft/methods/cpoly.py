@@ -43,8 +43,8 @@ from torch.distributions.relaxed_bernoulli import RelaxedBernoulli
 
 from mtpeft.methods.base import AdaptedModel, MethodConfig
 from mtpeft.methods.inject import find_modules, wrap_modules
-from mtpeft.methods.lowrank import LowRankLinear, require_task_ids, target_shapes
-from mtpeft.methods.poly import ATTENTION_TARGETS, check_splits
+from mtpeft.methods.lowrank import ATTENTION_TARGETS, LowRankLinear, require_task_ids, target_shapes
+from mtpeft.methods.poly import check_splits
 from mtpeft.methods.registry import register_method
 
 EPS = 1e-12  # peft PolyRouter

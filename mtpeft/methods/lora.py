@@ -15,41 +15,24 @@ METHODS.md section 3. Trainable parameters: ``sum_layers sum_targets r (d_in + d
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
-from mtpeft.methods.base import AdaptedModel, MethodConfig
+from mtpeft.methods.base import AdaptedModel
 from mtpeft.methods.inject import find_modules
+from mtpeft.methods.lowrank import LowRankConfig
 from mtpeft.methods.registry import register_method
 from mtpeft.methods.shapes import DecoderShape, decoder_shape
 
-ATTENTION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-
 
 @dataclass
-class LoraMethodConfig(MethodConfig):
-    r: int = 8
-    """Rank of the update (MTL-LoRA/LLM-Adapters scripts: 8)."""
-    alpha: float = 16.0
-    """Scale numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with rslora)."""
-    dropout: float = 0.05
-    """Dropout on the adapter input (MixLoRA README: 0.05)."""
-    targets: list[str] = field(default_factory=lambda: list(ATTENTION_TARGETS))
-    """Linear layers to adapt, by name (regular expressions, matched in full against the leaf name)."""
+class LoraMethodConfig(LowRankConfig):
+    """r, alpha, dropout, targets and init_weights as every low-rank method (`LowRankConfig`), plus:"""
+
     use_rslora: bool = False
     """Rank-stabilised scale alpha / sqrt(r) (Kalajdzievski, 2023)."""
-    init_weights: bool = True
-    """True: B = 0 (identity at init). False: random B, for tests that need a non-identity start."""
-
-    def __post_init__(self) -> None:
-        if self.r <= 0:
-            raise ValueError(f"method.r must be a positive integer, got {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"method.dropout must be in [0, 1), got {self.dropout}")
-        if not self.targets:
-            raise ValueError("method.targets must name at least one linear layer, e.g. [q_proj, v_proj]")
 
 
 def inject_lora(model: nn.Module, cfg: LoraMethodConfig) -> LoraConfig:

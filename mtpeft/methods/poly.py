@@ -34,10 +34,8 @@ from torch import nn
 
 from mtpeft.methods.base import AdaptedModel, MethodConfig
 from mtpeft.methods.inject import find_modules
-from mtpeft.methods.lowrank import target_shapes
+from mtpeft.methods.lowrank import ATTENTION_TARGETS, target_shapes
 from mtpeft.methods.registry import register_method
-
-ATTENTION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 @dataclass
