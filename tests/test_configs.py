@@ -42,7 +42,9 @@ def test_every_option_of_every_group_composes(group: str, tmp_path: Path) -> Non
 @pytest.mark.parametrize("trainer", ["default", "cpu"])
 def test_trainer_configs_instantiate(trainer: str, tmp_path: Path) -> None:
     cfg = compose_train([f"trainer={trainer}", "logger=none"], tmp_path)
-    assert instantiate(cfg.trainer, logger=False, enable_progress_bar=False).max_steps == cfg.trainer.max_steps
+    assert (
+        instantiate(cfg.trainer, logger=False, enable_progress_bar=False).max_steps == cfg.trainer.max_steps
+    )
 
 
 def test_default_run_is_hycam_on_mix3(tmp_path: Path) -> None:
@@ -66,3 +68,26 @@ def test_misspelled_method_key_names_key_and_valid_keys(tmp_path: Path) -> None:
     name, options = method_options(cfg)
     with pytest.raises(ValueError, match=r"unknown key.*rank.*valid keys: alpha, dropout"):
         parse_method_config(name, options)
+
+
+@pytest.mark.parametrize("variant", _options("matched"))
+def test_param_matched_variants_within_ten_percent_of_lora_r16(variant: str, tmp_path: Path) -> None:
+    from mtpeft.bench import base_model
+    from mtpeft.methods import build_method
+
+    reference = build_method("lora", {"r": 16}, base_model(), num_tasks=3).count_parameters()[0]
+    name, options = method_options(compose_train([f"matched={variant}"], tmp_path))
+    count = build_method(name, options, base_model(), num_tasks=3).count_parameters()[0]
+    assert abs(count - reference) <= 0.1 * reference, f"{variant}: {count} vs LoRA r=16 {reference}"
+
+
+def test_param_matched_study_covers_every_trainable_method() -> None:
+    import yaml
+
+    study = yaml.safe_load((CONF_DIR / "experiment" / "methods_param_matched.yaml").read_text())
+    swept = study["hydra"]["sweeper"]["params"]["matched"].split(",")
+    methods = {
+        yaml.safe_load((CONF_DIR / "matched" / f"{v}.yaml").read_text())["defaults"][0]["override /method"]
+        for v in swept
+    }
+    assert methods == set(available_methods()) - {"none"}
