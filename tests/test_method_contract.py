@@ -45,7 +45,9 @@ def _build(name: str, arch: str = "llama", seed: int = 0, **extra):
     return build_method(name, options, base, num_tasks=NUM_TASKS), base
 
 
-def _inputs(batch: int = 4, length: int = 9, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _inputs(
+    batch: int = 4, length: int = 9, seed: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 128, (batch, length), generator=gen)
     mask = torch.ones_like(ids)
@@ -111,7 +113,9 @@ def test_only_adapter_parameters_train_and_change(name: str) -> None:
     model, _ = _build(name)
     adapter = set(model.adapter_state_dict())
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable <= adapter, f"trainable parameters outside the adapter: {sorted(trainable - adapter)[:5]}"
+    assert trainable <= adapter, (
+        f"trainable parameters outside the adapter: {sorted(trainable - adapter)[:5]}"
+    )
     assert model.count_parameters()[0] == sum(p.numel() for p in model.parameters() if p.requires_grad)
     if not trainable:
         return

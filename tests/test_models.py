@@ -141,6 +141,11 @@ def test_tiny_model_builds(tokenizer, arch):
     out = model(**ids, labels=ids["input_ids"])
     assert out.logits.shape[-1] == len(tokenizer) and torch.isfinite(out.loss)
     assert model.config.pad_token_id == tokenizer.pad_token_id != model.config.eos_token_id
+    tokenizer.padding_side = "left"
+    prompts = tokenizer(["bob owns a", "18 + 5 ="], padding=True, return_tensors="pt")
+    tokenizer.padding_side = "right"
+    generated = model.generate(**prompts, max_new_tokens=4, do_sample=False)
+    assert generated.shape == (2, prompts["input_ids"].shape[1] + 4)
 
 
 def test_tiny_model_is_seeded(tokenizer):

@@ -84,7 +84,7 @@ def load_tiny(cfg: Mapping[str, Any]) -> TinyArtifacts:
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_entry)
     lines = _corpus(pre)
     parts = {
-        "model": tiny.to_dict(),
+        "model": {k: v for k, v in tiny.to_dict().items() if k != "attn_implementation"},  # load-time choice
         "pretrain": pre.to_dict() if pre.steps else {"steps": 0},
         "corpus": fingerprint(lines),
         "tokenizer": tok_entry.name,
@@ -199,7 +199,8 @@ def _resolve_source(name: str, revision: str | None, allow_download: bool) -> bo
     why = "HF_HUB_OFFLINE is set" if offline else "model.allow_download is false"
     raise ModelNotAvailableError(
         f"Hub model {name!r} is not in the local Hugging Face cache and {why}. Fetch it on a machine with "
-        f"network (`huggingface-cli download {name}`, then copy ~/.cache/huggingface/hub), set "
+        f"network (`hf download {name}`, or `huggingface-cli download {name}` with older huggingface_hub; then "
+        "copy ~/.cache/huggingface/hub over), set "
         "model.name_or_path to a local directory holding it, or set model.allow_download=true with network."
     )
 

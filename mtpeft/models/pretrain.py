@@ -13,6 +13,7 @@ The last ``eval_fraction`` of the lines is held out to report the loss before an
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -29,6 +30,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+log = logging.getLogger(__name__)
 
 #: Fewest held-out lines (so that tiny test corpora still give a full evaluation window).
 _MIN_EVAL_LINES = 8
@@ -234,6 +237,22 @@ def _spread(n: int, k: int) -> torch.Tensor:
     return torch.arange(0, n, max(1, n // k))[:k]
 
 
+def _log_progress(step: int, steps: int, losses: list[float], t0: float) -> None:
+    """Log every 10% of the run (the Rich bar is invisible in non-terminal logs, e.g. batch jobs)."""
+    if step % max(1, steps // 10) == 0 or step == steps:
+        elapsed = time.perf_counter() - t0
+        recent = losses[-max(1, steps // 10) :]
+        eta = elapsed / step * (steps - step)
+        log.info(
+            "pre-training step %d/%d loss %.3f (%.0f s, ETA %.0f s)",
+            step,
+            steps,
+            sum(recent) / len(recent),
+            elapsed,
+            eta,
+        )
+
+
 def _progress(enabled: bool) -> Progress:
     """Rich progress bar with step, loss, elapsed time and ETA."""
     return Progress(
@@ -282,6 +301,7 @@ def pretrain(
             opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
             bar.update(task, advance=1, loss=loss.item())
+            _log_progress(len(losses), cfg.steps, losses, t0)
     wall = time.perf_counter() - t0
     model.eval()
     tail = losses[-max(1, len(losses) // 10) :] if losses else [start_eval]

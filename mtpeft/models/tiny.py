@@ -18,7 +18,7 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
-    PretrainedConfig,
+    PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
@@ -26,7 +26,7 @@ from transformers import (
 )
 
 #: arch name -> (config class, model class). Qwen2 differs by q/k/v biases, Mistral by its sliding window.
-ARCHITECTURES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
+ARCHITECTURES: dict[str, tuple[type[PreTrainedConfig], type[PreTrainedModel]]] = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
@@ -82,7 +82,7 @@ class TinyModelConfig:
         return asdict(self)
 
 
-def _hf_config(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerFast) -> PretrainedConfig:
+def _hf_config(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerFast) -> PreTrainedConfig:
     """Translate ``cfg`` into the transformers config of its architecture, with the tokenizer's ids."""
     config_cls, _ = ARCHITECTURES[cfg.arch]
     kwargs: dict[str, Any] = {
@@ -98,12 +98,11 @@ def _hf_config(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerFast) -> Pret
         "pad_token_id": tokenizer.pad_token_id,
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
+        "attn_implementation": cfg.attn_implementation,
     }
     if cfg.arch == "mistral":
         kwargs["sliding_window"] = cfg.max_position_embeddings  # present (code path covered) but inert
-    config = config_cls(**kwargs)
-    config._attn_implementation = cfg.attn_implementation
-    return config
+    return config_cls(**kwargs)
 
 
 def build_tiny_model(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
