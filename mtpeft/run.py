@@ -92,6 +92,8 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
             trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=False)
         if cfg.save_adapter and trainable > 0:
             model.save_adapter(output_dir / "adapter")
+        for split, metrics in module.last_metrics.items():
+            log_task_table(loggers, split, metrics)
     finally:
         for logger in loggers:
             _finish_logger(logger)
@@ -100,6 +102,24 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     split = "test" if cfg.test else "val"
     print_table(results_table(results["metrics"][split], split, f"{name}: {split} results"))
     return results
+
+
+def task_rows(metrics: dict[str, float], split: str) -> list[list[Any]]:
+    """``[task, metric, score]`` rows of one split's metrics (``<split>/<task>/<metric>`` keys)."""
+    rows = []
+    for key, value in sorted(metrics.items()):
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] == split and parts[2] not in ("score", "loss"):
+            rows.append([parts[1], parts[2], value])
+    return rows
+
+
+def log_task_table(loggers: list[Any], split: str, metrics: dict[str, float]) -> None:
+    """Log the per-task results of ``split`` as a table to every logger that supports tables (wandb)."""
+    rows = task_rows(metrics, split)
+    for logger in loggers:
+        if hasattr(logger, "log_table") and rows:
+            logger.log_table(key=f"{split}/results", columns=["task", "metric", "score"], data=rows)
 
 
 def _best_checkpoint(trainer: L.Trainer) -> str | None:

@@ -101,3 +101,19 @@ def test_debug_presets_run(debug: str, tmp_path: Path) -> None:
     results = _run(["method=lora", f"debug={debug}"], tmp_path)
     assert results["status"] == "success"
     assert "test/avg/score" in results["metrics"]["test"]
+
+
+def test_per_task_table_goes_to_table_loggers() -> None:
+    from mtpeft.run import log_task_table
+
+    class TableLogger:
+        def __init__(self) -> None:
+            self.tables: list[tuple] = []
+
+        def log_table(self, key, columns, data) -> None:
+            self.tables.append((key, columns, data))
+
+    logger = TableLogger()
+    metrics = {"test/qa/exact_match": 0.5, "test/qa/score": 0.5, "test/qa/loss": 1.0, "test/avg/score": 0.5}
+    log_task_table([logger, object()], "test", metrics)
+    assert logger.tables == [("test/results", ["task", "metric", "score"], [["qa", "exact_match", 0.5]])]
