@@ -25,7 +25,8 @@ Failed runs are listed separately and never averaged in; a failed run whose conf
 left out. ``results.csv`` holds the unformatted numbers (``<task>_mean``, ``<task>_std``, ...), ``failed.csv``
 the failures.
 
-Plots (PNG + PDF) in ``<out>/plots/``: ``per_task`` (grouped bars with error bars) and ``pareto`` (average
+Plots (PNG + PDF) in ``<out>/plots/``: ``per_task`` (grouped bars with error bars), ``val_curves`` (per-task
+validation score vs step from each run's metrics CSV, mean over seeds) and ``pareto`` (average
 score vs trainable parameters, log scale, with the Pareto front; the frozen base model is a dashed line).
 """
 
@@ -422,6 +423,57 @@ def resolve_target(target: str) -> tuple[list[Path], Path, str]:
     return sources, root / "experiments" / target, target
 
 
+CURVE_FILES = ("csv/metrics.csv", "metrics.csv")
+"""Where a run keeps its logged metrics (CSV logger in the run dir, or a copy next to results.json)."""
+
+
+def validation_curves(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """Long table ``label, seed, step, task, score`` of ``val/<task>/score`` from each run's metrics CSV."""
+    frames = []
+    for record in records:
+        if record["status"] != "success":
+            continue
+        path = next(
+            (Path(record["path"]) / f for f in CURVE_FILES if (Path(record["path"]) / f).exists()), None
+        )
+        if path is None:
+            continue
+        logged = pd.read_csv(path)
+        label = f"{record['method']} ({record['variant']})" if record.get("variant") else record["method"]
+        for task in [*record["tasks"], "avg"]:
+            column = f"val/{task}/score"
+            if column in logged and "step" in logged:
+                points = logged[["step", column]].dropna().rename(columns={column: "score"})
+                frames.append(points.assign(label=label, seed=record["seed"], task=task))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def plot_curves(curves: pd.DataFrame, out: Path) -> list[Path]:
+    """plots/val_curves.{png,pdf}: per-task validation score vs step, mean over seeds, one line per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(curves["task"]))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.2), sharey=True, squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        mean = curves[curves["task"] == task].groupby(["label", "step"])["score"].mean().reset_index()
+        for label, line in mean.groupby("label"):
+            ax.plot(line["step"], 100 * line["score"], marker="o", markersize=3, label=label)
+        ax.set_title(task)
+        ax.set_xlabel("step")
+    axes[0][0].set_ylabel("validation score (%)")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for ext in ("png", "pdf"):
+        fig.savefig(out / f"val_curves.{ext}", bbox_inches="tight", dpi=150)
+        written.append(out / f"val_curves.{ext}")
+    plt.close(fig)
+    return written
+
+
 def summarise(
     sources: Sequence[Path], out: Path, title: str, split: str = "test", plots: bool = True
 ) -> dict:
@@ -438,6 +490,9 @@ def summarise(
     files = [out / name for name in ("results.md", "results.csv", "results.tex", "failed.csv")]
     if plots and len(table):
         files += plot(table, columns, out / "plots")
+        curves = validation_curves(records)
+        if len(curves):
+            files += plot_curves(curves, out / "plots")
     log.info("%d runs (%d rows, %d failed) -> %s", len(records), len(table), len(failed), out)
     return {"table": table, "failed": failed, "columns": columns, "files": files}
 

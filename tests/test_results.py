@@ -153,3 +153,26 @@ def test_study_name_reads_logs_and_writes_experiments(
     assert (out / "results.md").exists() and not (out / "plots").exists()
     with pytest.raises(SystemExit, match="no results"):
         main(["nostudy"])
+
+
+def test_validation_curves_average_seeds_and_are_plotted(tmp_path: Path) -> None:
+    from mtpeft.results import assign_variants, validation_curves
+
+    for seed, scores in ((0, (0.2, 0.4)), (1, (0.4, 0.8))):
+        _write(tmp_path, f"lora{seed}", "lora", seed, {"qa": 0.5, "code": 0.5})
+        (tmp_path / f"lora{seed}" / "csv").mkdir()
+        pd.DataFrame(
+            {
+                "step": [10, 20],
+                "val/qa/score": list(scores),
+                "val/code/score": [0.1, 0.1],
+                "val/avg/score": [0, 0],
+            }
+        ).to_csv(tmp_path / f"lora{seed}" / "csv" / "metrics.csv", index=False)
+    records = load_runs([tmp_path])
+    assign_variants(records)
+    curves = validation_curves(records)
+    qa = curves[curves["task"] == "qa"].groupby("step")["score"].mean()
+    assert qa.to_dict() == pytest.approx({10: 0.3, 20: 0.6})
+    main([str(tmp_path)])
+    assert (tmp_path / "plots" / "val_curves.png").exists()
