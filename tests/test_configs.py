@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from mtpeft.methods import available_methods, parse_method_config
 from mtpeft.run import method_options
@@ -91,3 +92,30 @@ def test_param_matched_study_covers_every_trainable_method() -> None:
         for v in swept
     }
     assert methods == set(available_methods()) - {"none"}
+
+
+@pytest.mark.parametrize("search", [o for o in _options("hparams_search") if o.endswith("_optuna")])
+def test_optuna_search_spaces_name_real_keys_and_valid_values(search: str, tmp_path: Path) -> None:
+    """Every swept key exists, and every choice (or interval end) of a method key builds a valid config."""
+    import yaml
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    spec = yaml.safe_load((CONF_DIR / "hparams_search" / f"{search}.yaml").read_text())
+    method = next(d["override /method"] for d in spec["defaults"] if "override /method" in d)
+    assert spec["optimized_metric"] == "val/avg/score"
+    cfg = compose_train([f"method={method}"], tmp_path)
+    parser = OverridesParser.create()
+    for key, sweep in spec["hydra"]["sweeper"]["params"].items():
+        assert OmegaConf.select(cfg, key, default="<missing>") != "<missing>", f"{search}: no key {key}"
+        value = parser.parse_overrides([f"{key}={sweep}"])[0].value()
+        candidates = getattr(value, "list", None) or [value.start, value.end]
+        if not key.startswith("method."):
+            continue
+        for candidate in candidates:
+            name, options = method_options(cfg)
+            node = options
+            *parents, leaf = key.split(".")[1:]
+            for part in parents:
+                node = node[part]
+            node[leaf] = candidate
+            parse_method_config(name, options)
