@@ -26,7 +26,8 @@ left out. ``results.csv`` holds the unformatted numbers (``<task>_mean``, ``<tas
 the failures.
 
 Plots (PNG + PDF) in ``<out>/plots/``: ``per_task`` (grouped bars with error bars), ``val_curves`` (per-task
-validation score vs step from each run's metrics CSV, mean over seeds) and ``pareto`` (average
+validation score vs step from each run's metrics CSV, mean over seeds), ``temperature`` (per-task score vs
+the sampling temperature, when runs differ in ``data.temperature``) and ``pareto`` (average
 score vs trainable parameters, log scale, with the Pareto front; the frozen base model is a dashed line).
 """
 
@@ -474,6 +475,53 @@ def plot_curves(curves: pd.DataFrame, out: Path) -> list[Path]:
     return written
 
 
+def temperature_scores(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """Long table ``method, temperature, task, score`` of successful runs (empty unless T varies)."""
+    rows = [
+        {
+            "method": r["method"],
+            "temperature": r["flat"].get("data.temperature"),
+            "task": task,
+            "score": score,
+        }
+        for r in records
+        if r["status"] == "success"
+        for task, score in r["scores"].items()
+        if score is not None
+    ]
+    table = pd.DataFrame(rows)
+    if table.empty or table["temperature"].nunique() < 2:
+        return pd.DataFrame()
+    return table
+
+
+def plot_temperature(scores: pd.DataFrame, out: Path) -> list[Path]:
+    """plots/temperature.{png,pdf}: per-task score (mean over seeds) vs sampling temperature T, per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(scores["task"]))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.2), sharey=True, squeeze=False)
+    mean = scores.groupby(["method", "task", "temperature"])["score"].mean().reset_index()
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for method, line in mean[mean["task"] == task].groupby("method"):
+            ax.plot(line["temperature"], 100 * line["score"], marker="o", label=method)
+        ax.set_xscale("log")
+        ax.set_title(task)
+        ax.set_xlabel("temperature T")
+    axes[0][0].set_ylabel("score (%)")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for ext in ("png", "pdf"):
+        fig.savefig(out / f"temperature.{ext}", bbox_inches="tight", dpi=150)
+        written.append(out / f"temperature.{ext}")
+    plt.close(fig)
+    return written
+
+
 def summarise(
     sources: Sequence[Path], out: Path, title: str, split: str = "test", plots: bool = True
 ) -> dict:
@@ -493,6 +541,9 @@ def summarise(
         curves = validation_curves(records)
         if len(curves):
             files += plot_curves(curves, out / "plots")
+        by_temperature = temperature_scores(records)
+        if len(by_temperature):
+            files += plot_temperature(by_temperature, out / "plots")
     log.info("%d runs (%d rows, %d failed) -> %s", len(records), len(table), len(failed), out)
     return {"table": table, "failed": failed, "columns": columns, "files": files}
 

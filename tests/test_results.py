@@ -176,3 +176,28 @@ def test_validation_curves_average_seeds_and_are_plotted(tmp_path: Path) -> None
     assert qa.to_dict() == pytest.approx({10: 0.3, 20: 0.6})
     main([str(tmp_path)])
     assert (tmp_path / "plots" / "val_curves.png").exists()
+
+
+def test_temperature_plot_when_runs_differ_in_temperature(tmp_path: Path) -> None:
+    from mtpeft.results import temperature_scores
+
+    for temperature, qa in ((1.0, 0.2), (5.0, 0.6)):
+        name = f"lora_t{temperature}"
+        _write(tmp_path, name, "lora", 0, {"qa": qa, "code": 0.5})
+        path = tmp_path / name / "results.json"
+        data = json.loads(path.read_text())
+        data["config"]["data"]["temperature"] = temperature
+        path.write_text(json.dumps(data))
+    scores = temperature_scores(load_runs([tmp_path]))
+    qa = scores[scores["task"] == "qa"].set_index("temperature")["score"].to_dict()
+    assert qa == pytest.approx({1.0: 0.2, 5.0: 0.6})
+    main([str(tmp_path)])
+    assert (tmp_path / "plots" / "temperature.png").exists()
+
+
+def test_no_temperature_plot_when_temperature_is_fixed(tmp_path: Path) -> None:
+    from mtpeft.results import temperature_scores
+
+    _write(tmp_path, "a", "lora", 0, {"qa": 0.2, "code": 0.5})
+    _write(tmp_path, "b", "lora", 1, {"qa": 0.4, "code": 0.5})
+    assert temperature_scores(load_runs([tmp_path])).empty
