@@ -449,30 +449,39 @@ def validation_curves(records: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def plot_curves(curves: pd.DataFrame, out: Path) -> list[Path]:
-    """plots/val_curves.{png,pdf}: per-task validation score vs step, mean over seeds, one line per row."""
+def plot_task_lines(
+    data: pd.DataFrame, x: str, series: str, out: Path, name: str, ylabel: str, logx: bool = False
+) -> list[Path]:
+    """``plots/<name>.{png,pdf}``: one panel per task, score (mean over seeds) vs ``x``, a line per ``series``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = list(dict.fromkeys(curves["task"]))
+    tasks = list(dict.fromkeys(data["task"]))
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.2), sharey=True, squeeze=False)
+    mean = data.groupby([series, "task", x])["score"].mean().reset_index()
     for ax, task in zip(axes[0], tasks, strict=True):
-        mean = curves[curves["task"] == task].groupby(["label", "step"])["score"].mean().reset_index()
-        for label, line in mean.groupby("label"):
-            ax.plot(line["step"], 100 * line["score"], marker="o", markersize=3, label=label)
+        for label, line in mean[mean["task"] == task].groupby(series):
+            ax.plot(line[x], 100 * line["score"], marker="o", markersize=3, label=label)
+        if logx:
+            ax.set_xscale("log")
         ax.set_title(task)
-        ax.set_xlabel("step")
-    axes[0][0].set_ylabel("validation score (%)")
+        ax.set_xlabel(x)
+    axes[0][0].set_ylabel(ylabel)
     axes[0][-1].legend(fontsize=7, loc="best")
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for ext in ("png", "pdf"):
-        fig.savefig(out / f"val_curves.{ext}", bbox_inches="tight", dpi=150)
-        written.append(out / f"val_curves.{ext}")
+        fig.savefig(out / f"{name}.{ext}", bbox_inches="tight", dpi=150)
+        written.append(out / f"{name}.{ext}")
     plt.close(fig)
     return written
+
+
+def plot_curves(curves: pd.DataFrame, out: Path) -> list[Path]:
+    """plots/val_curves.{png,pdf}: per-task validation score vs step, mean over seeds, one line per row."""
+    return plot_task_lines(curves, "step", "label", out, "val_curves", "validation score (%)")
 
 
 def temperature_scores(records: list[dict[str, Any]]) -> pd.DataFrame:
@@ -497,29 +506,7 @@ def temperature_scores(records: list[dict[str, Any]]) -> pd.DataFrame:
 
 def plot_temperature(scores: pd.DataFrame, out: Path) -> list[Path]:
     """plots/temperature.{png,pdf}: per-task score (mean over seeds) vs sampling temperature T, per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = list(dict.fromkeys(scores["task"]))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.2), sharey=True, squeeze=False)
-    mean = scores.groupby(["method", "task", "temperature"])["score"].mean().reset_index()
-    for ax, task in zip(axes[0], tasks, strict=True):
-        for method, line in mean[mean["task"] == task].groupby("method"):
-            ax.plot(line["temperature"], 100 * line["score"], marker="o", label=method)
-        ax.set_xscale("log")
-        ax.set_title(task)
-        ax.set_xlabel("temperature T")
-    axes[0][0].set_ylabel("score (%)")
-    axes[0][-1].legend(fontsize=7, loc="best")
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for ext in ("png", "pdf"):
-        fig.savefig(out / f"temperature.{ext}", bbox_inches="tight", dpi=150)
-        written.append(out / f"temperature.{ext}")
-    plt.close(fig)
-    return written
+    return plot_task_lines(scores, "temperature", "method", out, "temperature", "score (%)", logx=True)
 
 
 def summarise(
