@@ -116,3 +116,38 @@ def compose_train(overrides: list[str], output_dir: Path) -> DictConfig:
         cfg.paths.output_dir = str(output_dir)
         del cfg.hydra
     return cfg
+
+
+# -- shared builders for method-specific tests -----------------------------------------------------
+def lora_twin(adapted: dict, arch: str, num_tasks: int, a_index: int | None = 0, b_index: int = 0):
+    """A ``method=lora`` model (r=8, alpha=16, no dropout) whose A/B are copied from ``adapted`` layers.
+
+    ``adapted`` maps module names to layers with stacked ``lora_A`` / ``lora_B`` tensors; ``a_index=None``
+    takes ``lora_A`` as is (a single shared A). Used by the reduction-to-LoRA tests.
+    """
+    from mtpeft.methods import build_method
+
+    lora = build_method(
+        "lora", {"r": 8, "alpha": 16.0, "dropout": 0.0}, make_tiny_base(arch), num_tasks=num_tasks
+    ).eval()
+    with torch.no_grad():
+        for name, layer in adapted.items():
+            peft_layer = lora.base_model.get_submodule(name)
+            a = layer.lora_A if a_index is None else layer.lora_A[a_index]
+            peft_layer.lora_A["default"].weight.copy_(a)
+            peft_layer.lora_B["default"].weight.copy_(layer.lora_B[b_index])
+    return lora
+
+
+def qwen2_5_0_5b_shape_on_meta() -> transformers.PreTrainedModel:
+    """A Qwen2.5-0.5B-shaped model on the meta device (shapes only), for METHODS.md section 11 counts."""
+    config = transformers.Qwen2Config(
+        vocab_size=1024,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+    )
+    with torch.device("meta"):
+        return transformers.Qwen2ForCausalLM(config)

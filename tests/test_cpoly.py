@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 from omegaconf import OmegaConf
 from torch import nn
 
 from mtpeft.methods import build_method, parse_method_config
 from mtpeft.methods.cpoly import CPolyConfig, CPolyLinear
-from tests.conftest import make_tiny_base
+from tests.conftest import make_tiny_base, qwen2_5_0_5b_shape_on_meta
 
 NUM_TASKS = 3
 CONF = Path(__file__).resolve().parents[1] / "conf" / "method"
@@ -194,16 +193,7 @@ def test_parameter_count_matches_formula(options: dict, num_tasks: int) -> None:
 
 def test_methods_md_worked_count_qwen_shape() -> None:
     """METHODS.md section 11: masked C-Poly (K=4, B=1), r=8, T=8, q,k,v,o, Qwen2.5-0.5B shape: 12.98 M."""
-    config = transformers.Qwen2Config(
-        vocab_size=1024,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-    )
-    with torch.device("meta"):
-        base = transformers.Qwen2ForCausalLM(config)
+    base = qwen2_5_0_5b_shape_on_meta()
     model = build_method("cpoly", {"specific_weight": "fixed"}, base, num_tasks=8)
     assert model.count_parameters()[0] == model.expected_trainable_parameters() == 12_979_200
 

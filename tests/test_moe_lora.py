@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from mtpeft.methods import build_method
-from tests.conftest import ARCHS, make_tiny_base
+from tests.conftest import ARCHS, lora_twin, make_tiny_base
 
 T = 3  # tasks
 K0 = "model.layers.0.self_attn.k_proj"
@@ -79,14 +79,7 @@ def test_task_gate_matches_reference(top_k):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_one_expert_top_one_is_lora(arch):
     model = moe(arch, num_experts=1, top_k=1, init_weights=False)
-    lora = build_method(
-        "lora", {"r": 8, "alpha": 16.0, "dropout": 0.0}, make_tiny_base(arch), num_tasks=T
-    ).eval()
-    with torch.no_grad():
-        for name, layer in model.adapted.items():
-            peft_layer = lora.base_model.get_submodule(name)
-            peft_layer.lora_A["default"].weight.copy_(layer.lora_A[0])
-            peft_layer.lora_B["default"].weight.copy_(layer.lora_B[0])
+    lora = lora_twin(model.adapted, arch, T)
     ids = torch.randint(0, 128, (2, 6))
     torch.testing.assert_close(model(ids).logits, lora(ids).logits)
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from mtpeft.methods import build_method
-from tests.conftest import ARCHS, make_tiny_base
+from tests.conftest import ARCHS, lora_twin, make_tiny_base
 
 T = 3  # tasks
 Q0 = "model.layers.0.self_attn.q_proj"
@@ -50,14 +50,7 @@ def test_linear_matches_equations(lambda_format):
 def test_one_up_projection_and_identity_lambda_is_lora(arch):
     model = mtl(arch, num_up=1, init_weights=False)  # Λ_t stays the identity
     randomize(model, names=("lora_A", "lora_B"))
-    lora = build_method(
-        "lora", {"r": 8, "alpha": 16.0, "dropout": 0.0}, make_tiny_base(arch), num_tasks=T
-    ).eval()
-    with torch.no_grad():
-        for name, layer in model.adapted.items():
-            peft_layer = lora.base_model.get_submodule(name)
-            peft_layer.lora_A["default"].weight.copy_(layer.lora_A)
-            peft_layer.lora_B["default"].weight.copy_(layer.lora_B[0])
+    lora = lora_twin(model.adapted, arch, T, a_index=None)
     ids = torch.randint(0, 128, (3, 6))
     want = lora(ids).logits
     assert not torch.allclose(want, make_tiny_base(arch)(ids).logits)  # the update is not trivial

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mtpeft.methods import build_method
-from tests.conftest import ARCHS, make_tiny_base
+from tests.conftest import ARCHS, lora_twin, make_tiny_base
 
 V0 = "model.layers.0.self_attn.v_proj"
 
@@ -42,14 +42,7 @@ def test_linear_matches_equations(granularity):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_one_lora_with_unit_scale_is_lora(arch):
     model = multilora(arch, num_loras=1, scale_granularity="module", init_weights=False)  # σ = 1
-    lora = build_method(
-        "lora", {"r": 8, "alpha": 16.0, "dropout": 0.0}, make_tiny_base(arch), num_tasks=2
-    ).eval()
-    with torch.no_grad():
-        for name, layer in model.adapted.items():
-            peft_layer = lora.base_model.get_submodule(name)
-            peft_layer.lora_A["default"].weight.copy_(layer.lora_A[0])
-            peft_layer.lora_B["default"].weight.copy_(layer.lora_B[0])
+    lora = lora_twin(model.adapted, arch, 2)
     ids = torch.randint(0, 128, (2, 6))
     torch.testing.assert_close(model(ids).logits, lora(ids).logits)
 

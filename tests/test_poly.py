@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 from omegaconf import OmegaConf
 
 from mtpeft.methods import build_method, parse_method_config
-from tests.conftest import make_tiny_base
+from tests.conftest import make_tiny_base, qwen2_5_0_5b_shape_on_meta
 
 NUM_TASKS = 3
 CONF = Path(__file__).resolve().parents[1] / "conf" / "method"
@@ -50,16 +49,7 @@ def test_parameter_count_matches_formula(options: dict, num_tasks: int) -> None:
 
 def test_methods_md_worked_count_qwen_shape() -> None:
     """METHODS.md section 11: Poly (K=4, H=1), r=8, T=8, q,k,v,o on a Qwen2.5-0.5B-shaped model: 4.33 M."""
-    config = transformers.Qwen2Config(
-        vocab_size=1024,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-    )
-    with torch.device("meta"):
-        base = transformers.Qwen2ForCausalLM(config)
+    base = qwen2_5_0_5b_shape_on_meta()
     model = build_method("poly", {}, base, num_tasks=8)
     assert model.count_parameters()[0] == model.expected_trainable_parameters() == 4_328_448
 
