@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from mtpeft.data.records import Record, make_record
 from mtpeft.data.synthetic.chain import CHAIN_OPS, Chain, random_chain, random_literal_chain, shared_frame
+from mtpeft.data.synthetic.checks import check_probabilities
 from mtpeft.data.synthetic.lexicon import ARG_NAMES
 
 TASK = "code"
@@ -55,10 +56,7 @@ class CodeConfig:
             raise ValueError(
                 f"CodeConfig.ops={list(self.ops)} invalid; use a non-empty subset of {list(CHAIN_OPS)}"
             )
-        for name in ("conflict", "p_const_start", "p_shared_frame"):
-            value = getattr(self, name)
-            if value is not None and not 0.0 <= value <= 1.0:
-                raise ValueError(f"CodeConfig.{name}={value} must be a probability in [0, 1]")
+        check_probabilities(self, ("conflict", "p_const_start", "p_shared_frame"))
 
     @property
     def const_start_share(self) -> float:

@@ -13,6 +13,7 @@ import random
 from dataclasses import dataclass
 
 from mtpeft.data.records import Record, make_record
+from mtpeft.data.synthetic.checks import check_probabilities
 from mtpeft.data.synthetic.lexicon import (
     FACT_TEMPLATES,
     MAX_FACT_NUMBER,
@@ -45,10 +46,7 @@ class QAConfig:
             raise ValueError(
                 f"QAConfig.n_facts={self.n_facts} must be in 1..{len(NAMES)} (one fact per name)"
             )
-        for name in ("hop2", "conflict", "p_numeric"):
-            value = getattr(self, name)
-            if value is not None and not 0.0 <= value <= 1.0:
-                raise ValueError(f"QAConfig.{name}={value} must be a probability in [0, 1]")
+        check_probabilities(self, ("hop2", "conflict", "p_numeric"))
 
     @property
     def numeric_share(self) -> float:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from mtpeft.data.records import Record, make_record
 from mtpeft.data.synthetic.chain import Chain, apply_op, random_literal_chain, shared_frame
+from mtpeft.data.synthetic.checks import check_probabilities
 from mtpeft.data.synthetic.lexicon import (
     CHAIN_PHRASES,
     EVENT_TEMPLATES,
@@ -69,10 +70,7 @@ class ReasoningConfig:
             raise ValueError(
                 f"ReasoningConfig.ops={list(self.ops)} invalid; use a non-empty subset of {list(REASONING_OPS)}"
             )
-        for name in ("p_distractor", "conflict", "p_chain", "p_shared_frame"):
-            value = getattr(self, name)
-            if value is not None and not 0.0 <= value <= 1.0:
-                raise ValueError(f"ReasoningConfig.{name}={value} must be a probability in [0, 1]")
+        check_probabilities(self, ("p_distractor", "conflict", "p_chain", "p_shared_frame"))
 
     @property
     def chain_share(self) -> float:
