@@ -180,12 +180,12 @@ class MultiTaskModule(L.LightningModule):
             indices = [i for i, r in enumerate(records) if r["task"] == task and i in state["predictions"]]
             if not indices:
                 continue
-            metric_name = datamodule.metric_for(task)
-            values = get_metric(metric_name).score(
-                [state["predictions"][i] for i in indices], [records[i] for i in indices]
-            )
-            score = sum(values) / len(values)
-            metrics[f"{split}/{task}/{metric_name}"] = score
+            predictions = [state["predictions"][i] for i in indices]
+            task_records = [records[i] for i in indices]
+            for metric_name in datamodule.metrics_for(task):
+                values = get_metric(metric_name).score(predictions, task_records)
+                metrics[f"{split}/{task}/{metric_name}"] = sum(values) / len(values)
+            score = metrics[f"{split}/{task}/{datamodule.metrics_for(task)[0]}"]
             metrics[f"{split}/{task}/score"] = score
             if state["tokens"][task_id]:
                 metrics[f"{split}/{task}/loss"] = state["loss"][task_id] / state["tokens"][task_id]

@@ -61,7 +61,7 @@ def test_task_ids_metrics_and_records(dm: MultiTaskDataModule) -> None:
     assert [dm.task_id(t) for t in dm.task_names] == [0, 1, 2]
     with pytest.raises(ValueError, match="tasks: code, qa, reasoning"):
         dm.task_id("math")
-    assert dm.metric_for("code") == "pass@1" and dm.max_new_tokens_for("qa") > 0
+    assert dm.metrics_for("code") == ("pass@1",) and dm.max_new_tokens_for("qa") > 0
     test = dm.records("test")
     assert [r["task"] for r in test] == ["code"] * 4 + ["qa"] * 6 + ["reasoning"] * 9
     with pytest.raises(ValueError, match="valid splits"):

@@ -101,9 +101,9 @@ class MultiTaskDataModule(LightningDataModule):
             raise ValueError(f"task {name!r} is not in this mixture; tasks: {', '.join(self.task_names)}")
         return self.task_names.index(name)
 
-    def metric_for(self, task: str) -> str:
-        """Name of the metric that scores ``task`` (see ``mtpeft.metrics.get_metric``)."""
-        return get_task(task).metric
+    def metrics_for(self, task: str) -> tuple[str, ...]:
+        """Names of the metrics that score ``task``; the first is its score (see ``mtpeft.metrics``)."""
+        return get_task(task).metrics
 
     def max_new_tokens_for(self, task: str) -> int:
         """Generation budget of ``task`` at evaluation."""

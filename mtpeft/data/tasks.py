@@ -37,8 +37,8 @@ class TaskSpec:
 
     name: str
     """Registry name; also every record's ``task`` field."""
-    metric: str
-    """Name of the metric in ``mtpeft.metrics`` that scores generations."""
+    metrics: tuple[str, ...]
+    """Names of the metrics in ``mtpeft.metrics`` that score generations; the first is the task's score."""
     max_new_tokens: int
     """Generation budget at evaluation (tokens), enough for the longest target plus EOS."""
     build: SplitBuilder
@@ -47,6 +47,15 @@ class TaskSpec:
     """Keyword knobs ``build`` accepts (e.g. ``n_facts``, ``conflict``)."""
     description: str = ""
     """One line for listings and docs."""
+
+    def __post_init__(self) -> None:
+        if not self.metrics:
+            raise ValueError(f"task {self.name!r} needs at least one metric (the first is its score)")
+
+    @property
+    def metric(self) -> str:
+        """The primary metric: the task's ``score`` and its share of ``avg/score``."""
+        return self.metrics[0]
 
 
 _REGISTRY: dict[str, TaskSpec] = {}
@@ -96,7 +105,7 @@ def generator_task(
     name: str,
     generate: Callable[[int, int, Any], list[Record]],
     config_cls: type,
-    metric: str,
+    metrics: tuple[str, ...],
     max_new_tokens: int,
     description: str = "",
 ) -> TaskSpec:
@@ -117,7 +126,7 @@ def generator_task(
             splits[split] = records
         return splits
 
-    return TaskSpec(name, metric, max_new_tokens, build, knobs, description)
+    return TaskSpec(name, metrics, max_new_tokens, build, knobs, description)
 
 
 def _unseen(
@@ -141,11 +150,11 @@ def _unseen(
 
 
 register_task(
-    generator_task("qa", qa.generate, qa.QAConfig, "exact_match", 8, "extractive QA over generated facts")
+    generator_task("qa", qa.generate, qa.QAConfig, ("exact_match",), 8, "extractive QA over generated facts")
 )
 register_task(
     generator_task(
-        "code", code.generate, code.CodeConfig, "pass@1", 32, "one-line function body from a chain spec"
+        "code", code.generate, code.CodeConfig, ("pass@1",), 32, "one-line function body from a chain spec"
     )
 )
 register_task(
@@ -153,7 +162,7 @@ register_task(
         "reasoning",
         reasoning.generate,
         reasoning.ReasoningConfig,
-        "numeric_match",
+        ("numeric_match",),
         40,
         "multi-step word problem with CoT ending in #### N",
     )
