@@ -44,6 +44,7 @@ def test_multirun_results_table_rerun_and_failures(tmp_path: Path) -> None:
     runs = _results(tmp_path / "logs")
     assert len(runs) == 4 and {r["status"] for r in runs.values()} == {"success"}
     (sweep_dir,) = {p.parent.parent for p in runs}
+    assert {r["config"]["run_group"] for r in runs.values()} == {f"train-{sweep_dir.name}"}  # wandb group
 
     # 2. the results table of that sweep, checked against the runs' own numbers
     results_main([str(sweep_dir), "--no-plots"])
@@ -82,6 +83,18 @@ def test_multirun_results_table_rerun_and_failures(tmp_path: Path) -> None:
     assert len(failed_csv) == 1 and "diverged" in failed_csv["error"][0]
     table = pd.read_csv(summary / "results.csv", keep_default_na=False, na_values=[""])
     assert table.loc[table["method"] == "lora", "n"].tolist() == [3]  # seeds 0, 1, 2; the failure not in
+
+    # 5. determinism across processes: forcing the lora seed-0 job to run again reproduces its metrics
+    proc = _multirun(["method=lora", "seed=0", "skip_finished=false"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (again,) = [r for p, r in _results(tmp_path / "logs").items() if p not in stamps and p not in new]
+    (first,) = [r for r in runs.values() if r["method"] == "lora" and r["seed"] == 0]
+    assert again["config_hash"] == first["config_hash"]
+    assert (
+        again["metrics"]["test"] == first["metrics"]["test"]
+        and again["metrics"]["val"] == first["metrics"]["val"]
+    )
+    assert again["config"]["run_group"] != first["config"]["run_group"]  # a new sweep is a new group
 
 
 def test_config_hash_ignores_run_directories_and_names(tmp_path: Path) -> None:

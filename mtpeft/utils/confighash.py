@@ -15,6 +15,7 @@ IGNORED_TOP_LEVEL = (
     "logger",
     "callbacks",
     "run_name",
+    "run_group",
     "tags",
     "task_name",
     "skip_finished",
