@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from mtpeft.methods import build_method
-from mtpeft.models.loader import describe_model, load_base_model
+from mtpeft.models.loader import adapter_dtype, describe_model, load_base_model
 from mtpeft.module import MultiTaskModule
 from mtpeft.utils.confighash import config_hash
 from mtpeft.utils.memory import peak_memory_mb
@@ -64,6 +64,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     datamodule.setup("fit")
     name, options = method_options(cfg)
     model = build_method(name, options, base_model, num_tasks=len(datamodule.task_names))
+    model.upcast_trainable(adapter_dtype(cfg.model))
     trainable, total = model.count_parameters()
     print_table(parameter_table(model, f"method={name}: trainable parameters"))
     module = MultiTaskModule(

@@ -167,6 +167,21 @@ class AdaptedModel(nn.Module):
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return trainable, sum(p.numel() for p in self.parameters())
 
+    def upcast_trainable(self, dtype: torch.dtype = torch.float32) -> int:
+        """Store every trainable floating-point parameter in ``dtype`` (default fp32); return how many moved.
+
+        With a half-precision base (``model.dtype=bfloat16``) the adapters would otherwise be created in
+        bf16, whose 8-bit mantissa swallows small AdamW updates; peft upcasts adapters for the same reason
+        (``autocast_adapter_dtype``). The frozen base stays in its own dtype; every method casts
+        activations to its parameters' dtype and back.
+        """
+        moved = 0
+        for param in self.parameters():
+            if param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+                moved += 1
+        return moved
+
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The adapter's state: parameters the method added plus base parameters it trains."""
         return {n: p.detach() for n, p in self.named_parameters() if n in self._adapter_names}

@@ -39,8 +39,12 @@ HUB_KEYS = frozenset(
         "trust_remote_code",
         "revision",
         "allow_download",
+        "gradient_checkpointing",
+        "adapter_dtype",
     }
 )
+"""Keys of a ``kind: hub`` model node. ``gradient_checkpointing`` feeds the top-level switch of the same
+name, ``adapter_dtype`` the run (adapter parameters' storage dtype)."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
@@ -223,6 +227,15 @@ def _dtype(name: str) -> torch.dtype | str:
     """torch dtype from its config name."""
     if name not in DTYPES:
         raise ValueError(f"model.dtype={name!r} is invalid: use one of {sorted(DTYPES)}.")
+    return DTYPES[name]
+
+
+def adapter_dtype(cfg: Mapping[str, Any]) -> torch.dtype:
+    """Storage dtype of trainable adapter parameters: ``model.adapter_dtype`` (default float32)."""
+    name = _to_dict(cfg).get("adapter_dtype") or "float32"
+    if name not in DTYPES or name == "auto":
+        valid = sorted(k for k in DTYPES if k != "auto")
+        raise ValueError(f"model.adapter_dtype={name!r} is invalid: use one of {valid}.")
     return DTYPES[name]
 
 

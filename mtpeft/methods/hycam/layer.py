@@ -141,10 +141,10 @@ class CAMLayer(nn.Module):
     def delta(self, u: torch.Tensor) -> torch.Tensor:
         """δ = m - 1 = SiLU(u W_sh^T + b_sh) + Σ_k g_k m_k for u [..., d] (terms per the ablation switches)."""
         cfg = self.config
-        x = u.reshape(-1, u.shape[-1])
+        x = u.reshape(-1, u.shape[-1]).to(next(self.parameters()).dtype)  # CAMs may be fp32 on a bf16 base
         shared = F.silu(self.shared(x)) if cfg.use_shared else None
         if not cfg.use_specialised:
-            return shared.view_as(u)
+            return shared.to(u.dtype).view_as(u)
         logits = F.linear(x.float(), self.router.weight.float(), self.router.bias.float())  # fp32 router
         gates, index = self.route(logits)
         if index is not None and cfg.dispatch == "sparse":
@@ -154,7 +154,7 @@ class CAMLayer(nn.Module):
             out = spec if shared is None else shared + spec
         if not _in_backward():
             self._record(logits, gates)
-        return out.view_as(u)
+        return out.to(u.dtype).view_as(u)
 
     def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Gates g [T, N_s] (fp32) and, for hard routing, each token's CAM index [T].
