@@ -22,7 +22,7 @@ from mtpeft.methods import build_method
 from mtpeft.models.loader import adapter_dtype, describe_model, load_base_model
 from mtpeft.module import MultiTaskModule
 from mtpeft.utils.confighash import config_hash
-from mtpeft.utils.memory import peak_memory_mb
+from mtpeft.utils.memory import peak_memory_mb, reset_peak_memory
 from mtpeft.utils.provenance import provenance
 from mtpeft.utils.tables import parameter_table, print_table, results_table
 
@@ -56,6 +56,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     """Train and evaluate one configuration; return the results dict also written to ``results.json``."""
     output_dir = Path(output_dir)
     started = time.perf_counter()
+    reset_peak_memory()
     if cfg.get("cpu_threads"):
         torch.set_num_threads(cfg.cpu_threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)

@@ -1,17 +1,57 @@
-"""Peak memory of this process: CUDA allocator peak on GPU, peak resident set size on CPU."""
+"""Peak memory of one run: CUDA allocator peak on GPU, peak resident set size (RSS) on CPU.
+
+The CPU peak is per run, not per process, where Linux allows it: ``reset_peak_memory`` writes ``5`` to
+``/proc/self/clear_refs``, which resets the kernel's high-water mark ``VmHWM``, and ``peak_memory_mb``
+reads ``VmHWM`` back. So jobs that share a process (a basic Hydra multirun, reused joblib workers) each
+report their own peak. Elsewhere (macOS, no procfs) it falls back to ``ru_maxrss``, the process's peak
+since it started, and says so in ``cpu_peak_rss_scope``.
+"""
 
 from __future__ import annotations
 
 import resource
 import sys
+from pathlib import Path
+
+PROC_STATUS = Path("/proc/self/status")
+PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
-def peak_memory_mb() -> dict[str, float]:
+def reset_peak_memory() -> bool:
+    """Start a new peak-memory window (CPU and CUDA); return whether the CPU peak could be reset."""
     import torch
 
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rss_mb = rss_kb / 1024 / (1024 if sys.platform == "darwin" else 1)
-    result = {"cpu_peak_rss_mb": round(rss_mb, 1)}
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        PROC_CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    return _vm_hwm_kb() is not None
+
+
+def peak_memory_mb() -> dict[str, float | str]:
+    """Peak memory since the last ``reset_peak_memory`` (CPU: since process start where it cannot reset)."""
+    import torch
+
+    hwm_kb = _vm_hwm_kb()
+    if hwm_kb is not None:
+        rss_mb, scope = hwm_kb / 1024, "run"
+    else:
+        rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss_mb, scope = rss_kb / 1024 / (1024 if sys.platform == "darwin" else 1), "process"
+    result: dict[str, float | str] = {"cpu_peak_rss_mb": round(rss_mb, 1), "cpu_peak_rss_scope": scope}
     if torch.cuda.is_available():
         result["cuda_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return result
+
+
+def _vm_hwm_kb() -> int | None:
+    """``VmHWM`` (peak RSS, kB) from ``/proc/self/status``; None without procfs."""
+    try:
+        for line in PROC_STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
