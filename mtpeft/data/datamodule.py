@@ -1,6 +1,9 @@
 """MultiTaskDataModule: build every task's splits, tokenise once, sample by temperature, collate with task ids.
 
-Task ids are the positions of the task names in sorted order. Training draws from the concatenated
+Tasks come from two places that can be mixed: ``tasks`` (procedural generators registered in
+``mtpeft.data.tasks``, sized per split) and ``sources`` (files and ``datasets`` ids, see
+``mtpeft.data.sources``). The datamodule keeps its own task table (name -> metrics, generation budget);
+source tasks never enter the global registry. Task ids are the positions of the task names in sorted order. Training draws from the concatenated
 train sets with a ``TemperatureSampler`` (re-seeded per epoch, state saved in checkpoints through
 ``state_dict``/``load_state_dict``). Evaluation visits ``records(split)`` in order, task blocks in
 task-id order, and every batch carries ``index`` into that list plus left-padded prompts for
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from lightning import LightningDataModule
@@ -18,10 +22,11 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from mtpeft.data.collate import EvalCollator, TrainCollator
-from mtpeft.data.encode import OVERLENGTH_POLICIES, Example, encode_records
+from mtpeft.data.encode import OVERLENGTH_POLICIES, EncodeStats, Example, encode_records
 from mtpeft.data.records import Record
 from mtpeft.data.sampling import TemperatureSampler
-from mtpeft.data.tasks import SPLITS, build_splits, get_task
+from mtpeft.data.sources import SourceTask, default_max_new_tokens, load_sources, parse_sources
+from mtpeft.data.tasks import SPLITS, TaskSpec, build_splits, get_task
 from mtpeft.data.templates import get_template
 
 log = logging.getLogger(__name__)
@@ -31,7 +36,7 @@ class MultiTaskDataModule(LightningDataModule):
     """Train/val/test data for a task mixture.
 
     Args:
-        tasks: task name -> ``{train: n, val: n, test: n, **knobs}`` (knobs go to the task's builder).
+        tasks: generator task name -> ``{train: n, val: n, test: n, **knobs}`` (knobs go to the task's builder).
         tokenizer: fast tokenizer with ``eos_token`` and ``pad_token`` set (pad may differ from eos).
         temperature: sampling temperature T, task probability ``∝ n_i^(1/T)``.
         samples_per_epoch: training samples per epoch; None = sum of train sizes.
@@ -43,11 +48,14 @@ class MultiTaskDataModule(LightningDataModule):
         seed: seeds the data generation and the sampler.
         num_workers: DataLoader workers.
         overlength: ``truncate`` (cut on the right) or ``skip`` (drop) sequences over ``max_length``.
+        sources: data sources (``key -> entry`` or a list): files or ``datasets`` ids with a format, a
+            split and scoring options (``mtpeft.data.sources.SourceConfig``). Loaded at ``setup`` (or on
+            the first question about task names).
     """
 
     def __init__(
         self,
-        tasks: Mapping[str, Mapping[str, Any]],
+        tasks: Mapping[str, Mapping[str, Any]] | None,
         tokenizer: PreTrainedTokenizerBase,
         temperature: float = 1.0,
         samples_per_epoch: int | None = None,
@@ -59,9 +67,11 @@ class MultiTaskDataModule(LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         overlength: str = "truncate",
+        sources: Mapping[str, Any] | Sequence[Any] | None = None,
     ) -> None:
         super().__init__()
-        self.task_config = _check_tasks(tasks)
+        self.source_configs = parse_sources(_plain(sources))
+        self.task_config = _check_tasks(tasks, allow_empty=bool(self.source_configs))
         _check_tokenizer(tokenizer)
         if overlength not in OVERLENGTH_POLICIES:
             raise ValueError(
@@ -84,73 +94,165 @@ class MultiTaskDataModule(LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.overlength = overlength
+        self._table: dict[str, TaskSpec | SourceTask] | None = None
         self._records: dict[str, list[Record]] = {}
         self._examples: dict[str, list[Example]] = {}
         self._sampler: TemperatureSampler | None = None
         self._pending_sampler_state: dict[str, Any] | None = None
 
     # -- tasks ----------------------------------------------------------------------------------
+    @classmethod
+    def from_files(
+        cls,
+        paths: Sequence[str],
+        tokenizer: PreTrainedTokenizerBase,
+        ratios: Sequence[float] = (8, 1, 1),
+        split_seed: int = 2333,
+        format: str = "alpaca",
+        metrics: Sequence[str] | None = None,
+        max_new_tokens: int | None = None,
+        dedup: bool = True,
+        limit: Mapping[str, int | None] | None = None,
+        fields: Mapping[str, str] | None = None,
+        **kwargs: Any,
+    ) -> MultiTaskDataModule:
+        """A datamodule over local JSON/JSONL ``paths`` (``data=files data.paths=[a.json,b.jsonl]``).
+
+        One source: every file is split by ``ratios`` with ``split_seed``; the task is each record's
+        ``task`` field, else the file stem. Other keyword arguments go to the constructor.
+        """
+        if not paths or paths == "???":
+            raise ValueError(
+                "data.paths is not set: pass data.paths=[a.json,b.jsonl] (Alpaca JSON or JSON Lines)"
+            )
+        source = {
+            "format": format,
+            "files": _plain(paths),
+            "ratios": _plain(ratios),
+            "split_seed": split_seed,
+        }
+        optional = {"metrics": metrics, "max_new_tokens": max_new_tokens, "limit": limit, "fields": fields}
+        source.update({"dedup": dedup, **{k: _plain(v) for k, v in optional.items() if v is not None}})
+        return cls(None, tokenizer, sources={"files": source}, **kwargs)
+
     @property
     def task_names(self) -> list[str]:
-        """Task names in task-id order (sorted)."""
-        return sorted(self.task_config)
+        """Task names in task-id order (sorted); loads the sources on first use."""
+        return sorted(self._task_table())
 
     def task_id(self, name: str) -> int:
         """The id of task ``name``; an unknown name raises ValueError listing this mixture's tasks."""
-        if name not in self.task_config:
+        if name not in self._task_table():
             raise ValueError(f"task {name!r} is not in this mixture; tasks: {', '.join(self.task_names)}")
         return self.task_names.index(name)
 
+    def task_spec(self, name: str) -> TaskSpec | SourceTask:
+        """This mixture's description of task ``name`` (metrics, generation budget)."""
+        self.task_id(name)
+        return self._task_table()[name]
+
     def metrics_for(self, task: str) -> tuple[str, ...]:
         """Names of the metrics that score ``task``; the first is its score (see ``mtpeft.metrics``)."""
-        return get_task(task).metrics
+        return self.task_spec(task).metrics
 
     def max_new_tokens_for(self, task: str) -> int:
-        """Generation budget of ``task`` at evaluation."""
-        return get_task(task).max_new_tokens
+        """Generation budget of ``task`` at evaluation (derived at ``setup`` for source tasks without one)."""
+        budget = self.task_spec(task).max_new_tokens
+        if budget is None:
+            self._require_setup()
+        assert budget is not None
+        return budget
+
+    def _task_table(self) -> dict[str, TaskSpec | SourceTask]:
+        """Generator tasks from the registry plus this datamodule's source tasks (loaded once)."""
+        if self._table is None:
+            table: dict[str, TaskSpec | SourceTask] = {name: get_task(name) for name in self.task_config}
+            for task in load_sources(self.source_configs):
+                if task.name in table:
+                    raise ValueError(
+                        f"task {task.name!r} from {task.source} has the name of a generator task in "
+                        f"data.tasks; rename it ({task.source}.task: <name>)"
+                    )
+                table[task.name] = task
+            self._table = table
+        return self._table
 
     # -- building -------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
-        """Generate and tokenise all splits of all tasks (once; later calls are no-ops)."""
+        """Build (or load) and tokenise all splits of all tasks (once; later calls are no-ops)."""
         if self._examples:
             return
-        per_split: dict[str, list[Record]] = {split: [] for split in SPLITS}
+        blocks = {name: self._task_splits(name) for name in self.task_names}
+        self._derive_budgets(blocks)
+        for split in SPLITS:
+            self._examples[split], self._records[split] = self._encode_split(split, blocks)
+
+    def _encode_split(
+        self, split: str, blocks: Mapping[str, Mapping[str, list[Record]]]
+    ) -> tuple[list[Example], list[Record]]:
+        """Tokenise one split task by task (task blocks in task-id order), counting cuts per task."""
+        examples: list[Example] = []
+        kept: list[Record] = []
+        stats: dict[str, EncodeStats] = {}
         for name in self.task_names:
-            sizes, knobs = _sizes_and_knobs(self.task_config[name])
-            for split, records in build_splits(name, sizes, self.seed, **knobs).items():
-                per_split[split].extend(records)
-        for split, records in per_split.items():
-            task_ids = [self.task_id(r["task"]) for r in records]
-            examples, kept, stats = encode_records(
+            records = blocks[name].get(split, [])
+            task_examples, task_kept, stats[name] = encode_records(
                 records,
-                task_ids,
+                [self.task_id(name)] * len(records),
                 self.tokenizer,
                 self.template,
                 self.max_length,
                 self.loss_on_prompt,
                 self.overlength,
             )
-            self._report(split, stats, examples)
-            self._examples[split], self._records[split] = examples, kept
+            if records and not task_kept and isinstance(self.task_spec(name), SourceTask):
+                raise ValueError(
+                    f"{split}: every record of task {name!r} is longer than max_length={self.max_length} "
+                    f"tokens (longest {stats[name].longest}) and overlength=skip dropped them all; raise "
+                    "data.max_length or use overlength=truncate"
+                )
+            examples.extend(replace(e, index=e.index + len(kept)) for e in task_examples)
+            kept.extend(task_kept)
+        self._report(split, stats)
+        return examples, kept
 
-    def _report(self, split: str, stats: Any, examples: Sequence[Example]) -> None:
-        """Log split sizes and, as a warning, every record cut or dropped for length."""
-        if stats.truncated or stats.skipped:
-            log.warning(
-                "%s: %d of %d records exceed max_length=%d tokens (longest %d): %d truncated, %d skipped; "
-                "raise max_length to keep them whole",
-                split,
-                stats.truncated + stats.skipped,
-                stats.total,
-                self.max_length,
-                stats.longest,
-                stats.truncated,
-                stats.skipped,
-            )
-        counts = {name: 0 for name in self.task_names}
-        for example in examples:
-            counts[self.task_names[example.task_id]] += 1
-        log.info("%s: %s (longest %d tokens)", split, counts, stats.longest)
+    def _task_splits(self, name: str) -> dict[str, list[Record]]:
+        """The records of task ``name`` per split: generated from the seed, or as loaded from its source."""
+        spec = self._task_table()[name]
+        if isinstance(spec, SourceTask):
+            return dict(spec.splits)
+        sizes, knobs = _sizes_and_knobs(self.task_config[name])
+        return build_splits(name, sizes, self.seed, **knobs)
+
+    def _derive_budgets(self, blocks: Mapping[str, Mapping[str, list[Record]]]) -> None:
+        """Give source tasks without ``max_new_tokens`` the longest train target's length (+ EOS, capped)."""
+        table = self._task_table()
+        for name, spec in table.items():
+            if isinstance(spec, SourceTask) and spec.max_new_tokens is None:
+                records = blocks[name].get("train") or [r for part in blocks[name].values() for r in part]
+                budget = default_max_new_tokens(records, self.tokenizer, self.template)
+                table[name] = replace(spec, max_new_tokens=budget)
+                log.info("task %r: max_new_tokens=%d (longest train target + EOS)", name, budget)
+
+    def _report(self, split: str, stats: Mapping[str, EncodeStats]) -> None:
+        """Log split sizes per task and, as a warning per task, every record cut or dropped for length."""
+        for name, task_stats in stats.items():
+            if task_stats.truncated or task_stats.skipped:
+                log.warning(
+                    "%s/%s: %d of %d records exceed max_length=%d tokens (longest %d): %d truncated, %d skipped; "
+                    "raise max_length to keep them whole",
+                    split,
+                    name,
+                    task_stats.truncated + task_stats.skipped,
+                    task_stats.total,
+                    self.max_length,
+                    task_stats.longest,
+                    task_stats.truncated,
+                    task_stats.skipped,
+                )
+        counts = {name: s.total - s.skipped for name, s in stats.items()}
+        longest = max((s.longest for s in stats.values()), default=0)
+        log.info("%s: %s (longest %d tokens)", split, counts, longest)
 
     def records(self, split: str) -> list[Record]:
         """The records of ``split`` in the order the dataloaders index them (``batch["index"]``)."""
@@ -246,11 +348,16 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _check_tasks(tasks: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+def _check_tasks(
+    tasks: Mapping[str, Mapping[str, Any]] | None, allow_empty: bool
+) -> dict[str, dict[str, Any]]:
     """Plain-dict copy of the task table; every name must be registered and every entry a mapping."""
+    if allow_empty and not tasks:
+        return {}
     if not isinstance(tasks, Mapping) or not tasks:
         raise ValueError(
-            "tasks must be a non-empty mapping task name -> {train: n, val: n, test: n, **knobs}"
+            "tasks must be a non-empty mapping task name -> {train: n, val: n, test: n, **knobs}, "
+            "or give data.sources (files or datasets)"
         )
     table = _plain(tasks)
     for name, entry in table.items():
