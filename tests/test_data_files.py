@@ -63,11 +63,17 @@ def test_task_from_field_else_file_stem_else_override(tmp_path: Path) -> None:
     assert set(forced) == {"forced"}
 
 
-def test_relative_paths_resolve_against_the_working_directory(
+def test_relative_paths_resolve_against_the_original_working_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Under Hydra a job may run in its output directory; data paths stay relative to where it started."""
+    from tests.conftest import compose_train
+
     write_json(tmp_path / "data" / "rel.json", alpaca_rows(9))
     monkeypatch.chdir(tmp_path)
+    compose_train(["data=files", "data.paths=[data/rel.json]"], tmp_path / "run")  # runtime.cwd = tmp_path
+    (tmp_path / "run").mkdir(exist_ok=True)
+    monkeypatch.chdir(tmp_path / "run")  # what hydra.job.chdir=true would do
     assert set(_load(["data/rel.json"], ratios=[7, 2])) == {"rel"}
 
 
@@ -283,3 +289,18 @@ def test_overlength_counts_are_logged_per_task(
     )
     with pytest.raises(ValueError, match=r"every record of task 'long' is longer than max_length=40"):
         MultiTaskDataModule.from_files([short, longp], tokenizer, max_length=40, overlength="skip").setup()
+
+
+@pytest.mark.slow
+def test_training_run_on_files(tmp_path: Path) -> None:
+    """``data=files`` through ``mtpeft.run`` on the tiny model: trains, evaluates every file task."""
+    from mtpeft.run import run
+    from tests.conftest import TINY_RUN, compose_train
+
+    a = write_json(tmp_path / "alpha.json", _mixed_rows())
+    b = write_jsonl(tmp_path / "beta.jsonl", alpaca_rows(20, "beta"))
+    overrides = [o for o in TINY_RUN if not o.startswith("data.tasks.")]
+    overrides += ["data=files", f"data.paths=[{a},{b}]", "data.metrics=[exact_match]", "method=lora"]
+    results = run(compose_train(overrides, tmp_path / "run"), tmp_path / "run")
+    assert results["status"] == "success"
+    assert {"test/alpha/exact_match", "test/beta/exact_match"} <= results["metrics"]["test"].keys()

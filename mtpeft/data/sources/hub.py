@@ -57,7 +57,7 @@ def load_split(cfg: SourceConfig, split: str, required: tuple[str, ...]) -> list
     except (ConnectionError, FileNotFoundError) as err:  # incl. datasets' DatasetNotFoundError
         raise DataNotAvailableError(_fetch_hint(cfg, str(err))) from err
     except ValueError as err:
-        if "split" in str(err).lower():
+        if "split" in str(err).lower() or "corresponds to no data" in str(err):
             raise ValueError(
                 f"{cfg.label}: dataset {cfg.location} has no split {split!r} ({err}); set {cfg.label}.splits "
                 "to its split names, or ratios: [train, val, test] to split its train"
