@@ -2,8 +2,9 @@
 
 A ``TaskSpec`` says everything the rest of mtpeft needs to know about a task: which metric scores
 it, how many tokens to generate at evaluation, which knobs it accepts and how to build its splits.
-Built-in tasks are the procedural generators ``qa``, ``code`` and ``reasoning`` (DATA.md 4); file- or
-hub-backed tasks register the same way with their own split builder.
+Built-in tasks are the procedural generators ``qa``, ``code`` and ``reasoning`` (DATA.md 4). Tasks
+loaded from files or hub datasets are not registered here: each datamodule keeps them in its own task
+table (``mtpeft.data.sources``).
 
 Splits of generator tasks are disjoint: each split comes from its own derived seed, and val (then
 test) drops every record whose ``instruction`` already appears in an earlier split, generating more
