@@ -138,22 +138,29 @@ def parse_source(raw: Any, label: str, key: str | None = None) -> SourceConfig:
         "metrics": _metrics(raw.get("metrics"), label),
         "fields": _fields(raw.get("fields"), fmt.columns, label),
     }
+    _check_combination(values, label)
+    if values["files"] and values["ratios"] is None:
+        values["ratios"] = DEFAULT_FILE_RATIOS
+    return SourceConfig(label=label, key=key, options=options, **values)
+
+
+def _check_combination(values: dict[str, Any], label: str) -> None:
+    """Location-dependent keys and the scalar options (``task`` is normalised in place)."""
     if values["files"] and values["splits"] is not None:
         raise ValueError(f"{label}: files are split by ratios; splits: applies to dataset sources only")
     if values["ratios"] is not None and values["splits"] is not None:
         raise ValueError(
             f"{label}: give ratios (split the dataset's train) or splits (its own splits), not both"
         )
-    if values["files"] and values["ratios"] is None:
-        values["ratios"] = DEFAULT_FILE_RATIOS
     mnt = values.get("max_new_tokens")
     if mnt is not None and (not isinstance(mnt, int) or isinstance(mnt, bool) or mnt < 1):
         raise ValueError(f"{label}.max_new_tokens must be an int >= 1 or null, got {mnt!r}")
     if not isinstance(values.get("split_seed", 0), int):
         raise ValueError(f"{label}.split_seed must be an int, got {values['split_seed']!r}")
+    if not isinstance(values.get("dedup", True), bool):
+        raise ValueError(f"{label}.dedup must be true or false, got {values['dedup']!r}")
     if values.get("task") is not None:
         values["task"] = check_task_name(values["task"], f"{label}.task")
-    return SourceConfig(label=label, key=key, options=options, **values)
 
 
 def check_task_name(name: Any, where: str) -> str:
