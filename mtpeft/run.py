@@ -61,7 +61,9 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         torch.set_num_threads(cfg.cpu_threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     base_model, tokenizer = load_base_model(cfg.model)
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    datamodule = instantiate(
+        cfg.data, tokenizer=tokenizer, chat_template=bool(cfg.model.get("chat_template"))
+    )
     datamodule.setup("fit")
     name, options = method_options(cfg)
     model = build_method(name, options, base_model, num_tasks=len(datamodule.task_names))
@@ -165,7 +167,7 @@ def _results(cfg, module, model, base_model, datamodule, started, best) -> dict[
         else None,
         "peak_memory_mb": peak_memory_mb(),
         "eval_batch_size": cfg.evaluation.batch_size,
-        "template": cfg.data.get("template"),
+        "template": datamodule.template_name,
         "torch_threads": torch.get_num_threads(),
         "provenance": provenance(Path(__file__).resolve().parent.parent),
     }

@@ -243,3 +243,30 @@ def test_lightning_reseeds_each_epoch_and_checkpoints_the_sampler(
     trainer.save_checkpoint(tmp_path / "last.ckpt")
     saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["MultiTaskDataModule"]["sampler"]
     assert saved["epoch"] == 1 and saved["position"] == 60
+
+
+CHAT = (
+    "{{ bos_token }}{% for m in messages %}<|user|> {{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %} <|assistant|>{% endif %}"
+)
+
+
+def test_chat_template_wraps_prompts_once_with_a_single_bos(tokenizer: PreTrainedTokenizerFast) -> None:
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer.backend_tokenizer, **tokenizer.special_tokens_map
+    )
+    tok.chat_template = CHAT
+    chat = _dm(tok, chat_template=True)
+    plain = _dm(tokenizer)
+    assert chat.template_name == "plain+chat" and plain.template_name == "plain"
+    example, record = chat.examples("val")[0], chat.records("val")[0]
+    prompt = tok.decode(example.prompt_ids)
+    assert prompt == f"<s><|user|> {record['instruction']} <|assistant|>"
+    assert example.prompt_ids[:2] != [tok.bos_token_id] * 2
+    target = [t for t in example.labels if t != IGNORE_INDEX]
+    assert target == plain.examples("val")[0].labels[-len(target) :]  # same target, new prompt
+
+
+def test_chat_template_needs_one_in_the_tokenizer(tokenizer: PreTrainedTokenizerFast) -> None:
+    with pytest.raises(ValueError, match="has no chat template; set model.chat_template=false"):
+        MultiTaskDataModule(TASKS, tokenizer, chat_template=True)

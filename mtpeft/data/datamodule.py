@@ -27,7 +27,7 @@ from mtpeft.data.records import Record
 from mtpeft.data.sampling import TemperatureSampler
 from mtpeft.data.sources import SourceTask, default_max_new_tokens, load_sources, parse_sources
 from mtpeft.data.tasks import SPLITS, TaskSpec, build_splits, get_task
-from mtpeft.data.templates import get_template
+from mtpeft.data.templates import get_template, with_chat_template
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,8 @@ class MultiTaskDataModule(LightningDataModule):
         sources: data sources (``key -> entry`` or a list): files or ``datasets`` ids with a format, a
             split and scoring options (``mtpeft.data.sources.SourceConfig``). Loaded at ``setup`` (or on
             the first question about task names).
+        chat_template: wrap each rendered prompt in the tokenizer's chat template (instruct models; set
+            from ``model.chat_template`` by the run).
     """
 
     def __init__(
@@ -68,6 +70,7 @@ class MultiTaskDataModule(LightningDataModule):
         num_workers: int = 0,
         overlength: str = "truncate",
         sources: Mapping[str, Any] | Sequence[Any] | None = None,
+        chat_template: bool = False,
     ) -> None:
         super().__init__()
         self.source_configs = parse_sources(_plain(sources))
@@ -83,8 +86,10 @@ class MultiTaskDataModule(LightningDataModule):
                 f"got {batch_size}, {eval_batch_size}, {max_length}"
             )
         self.tokenizer = tokenizer
-        self.template_name = template
+        self.template_name = f"{template}+chat" if chat_template else template
         self.template = get_template(template)
+        if chat_template:
+            self.template = with_chat_template(self.template, tokenizer)
         self.temperature = temperature
         self.samples_per_epoch = samples_per_epoch
         self.batch_size = batch_size

@@ -73,6 +73,7 @@ def encode_records(
         return [], [], EncodeStats(0, 0, 0, 0)
     rendered = [template(r) for r in records]
     prompts = tokenizer([p for p, _ in rendered], add_special_tokens=True)["input_ids"]
+    prompts = [_single_bos(ids, tokenizer.bos_token_id) for ids in prompts]
     targets = tokenizer([t for _, t in rendered], add_special_tokens=False)["input_ids"]
     examples: list[Example] = []
     kept: list[Record] = []
@@ -91,3 +92,10 @@ def encode_records(
         )
         kept.append(record)
     return examples, kept, EncodeStats(len(records), truncated, skipped, longest)
+
+
+def _single_bos(ids: list[int], bos_id: int | None) -> list[int]:
+    """Drop a doubled BOS: a chat template's text may start with BOS and the tokenizer adds another."""
+    if bos_id is not None and len(ids) >= 2 and ids[0] == ids[1] == bos_id:
+        return ids[1:]
+    return ids

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from types import MappingProxyType
 
+from transformers import PreTrainedTokenizerBase
+
 from mtpeft.data.records import Record
 
 Template = Callable[[Record], tuple[str, str]]
@@ -59,3 +61,23 @@ def get_template(name: str) -> Template:
     if name not in TEMPLATES:
         raise ValueError(f"unknown template {name!r}; valid templates: {', '.join(available_templates())}")
     return TEMPLATES[name]
+
+
+def with_chat_template(template: Template, tokenizer: PreTrainedTokenizerBase) -> Template:
+    """``template``'s prompt as one user turn of the tokenizer's chat template (for instruct models).
+
+    The rendered prompt ends with the assistant header (``add_generation_prompt``), so the target follows
+    it directly; a model without a chat template is an error (base models: keep ``chat_template=false``).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"model.chat_template=true but the tokenizer of {tokenizer.name_or_path!r} has no chat template; "
+            "set model.chat_template=false (base models use data.template alone)"
+        )
+
+    def render(record: Record) -> tuple[str, str]:
+        prompt, target = template(record)
+        chat = [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True), target
+
+    return render

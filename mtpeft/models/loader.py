@@ -41,10 +41,11 @@ HUB_KEYS = frozenset(
         "allow_download",
         "gradient_checkpointing",
         "adapter_dtype",
+        "chat_template",
     }
 )
 """Keys of a ``kind: hub`` model node. ``gradient_checkpointing`` feeds the top-level switch of the same
-name, ``adapter_dtype`` the run (adapter parameters' storage dtype)."""
+name, ``adapter_dtype`` the run (adapter parameters' storage dtype), ``chat_template`` the datamodule."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
