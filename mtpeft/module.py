@@ -39,6 +39,9 @@ class MultiTaskModule(L.LightningModule):
         weight_decay: float | None = None,
         max_new_tokens: int | None = None,
         gradient_checkpointing: bool = False,
+        num_samples: int = 1,
+        temperature: float = 0.8,
+        top_p: float = 0.95,
     ) -> None:
         super().__init__()
         self.model = model
@@ -48,6 +51,11 @@ class MultiTaskModule(L.LightningModule):
         self.min_lr_ratio = min_lr_ratio
         self.weight_decay = weight_decay
         self.max_new_tokens = max_new_tokens
+        if num_samples < 1:
+            raise ValueError(f"evaluation.num_samples must be >= 1, got {num_samples}")
+        self.num_samples = num_samples
+        self.temperature = temperature
+        self.top_p = top_p
         if gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.best_val: dict[str, float] = {}
@@ -150,41 +158,71 @@ class MultiTaskModule(L.LightningModule):
             if task_tokens[task_id] > 0:
                 state["loss"][task_id] += float(task_loss[task_id] * task_tokens[task_id])
                 state["tokens"][task_id] += float(task_tokens[task_id])
-        for index, text in zip(batch["index"].tolist(), self._generate(batch), strict=True):
-            state["predictions"][index] = text
+        texts = self._generate(batch)
+        n = self.num_samples
+        for row, index in enumerate(batch["index"].tolist()):
+            state["predictions"][index] = texts[row * n : (row + 1) * n]
 
     def _generate(self, batch: dict[str, torch.Tensor]) -> list[str]:
         datamodule = self.trainer.datamodule
         tasks = {self.task_names[t] for t in batch["task_ids"].tolist()}
         max_new = self.max_new_tokens or max(datamodule.max_new_tokens_for(t) for t in tasks)
-        prompt = batch["prompt_ids"]
+        n = self.num_samples  # rows repeated here (not num_return_sequences) so task ids expand with them
+        prompt = batch["prompt_ids"].repeat_interleave(n, dim=0)
         generated = self.model.generate(
             input_ids=prompt,
-            attention_mask=batch["prompt_attention_mask"],
-            task_ids=batch["task_ids"],
+            attention_mask=batch["prompt_attention_mask"].repeat_interleave(n, dim=0),
+            task_ids=batch["task_ids"].repeat_interleave(n, dim=0),
             max_new_tokens=max_new,
-            do_sample=False,
+            **self._decoding(),
             use_cache=True,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
         )
         return self.tokenizer.batch_decode(generated[:, prompt.shape[1] :], skip_special_tokens=True)
 
+    def _decoding(self) -> dict[str, Any]:
+        """Greedy decoding (``num_samples=1``), else ``num_samples`` sampled completions per prompt."""
+        if self.num_samples == 1:
+            return {"do_sample": False}
+        return {
+            "do_sample": True,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+        }
+
+    def _gather_eval_state(self) -> dict[str, Any]:
+        """Every rank's predictions and per-task losses merged (DDP), so each metric sees the whole split."""
+        state = self._eval_state
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return state
+        world = torch.distributed.get_world_size()
+        parts: list[Any] = [None] * world
+        torch.distributed.all_gather_object(parts, state)
+        merged: dict[str, Any] = {"loss": defaultdict(float), "tokens": defaultdict(float), "predictions": {}}
+        for part in parts:
+            merged["predictions"].update(part["predictions"])
+            for key in ("loss", "tokens"):
+                for task_id, value in part[key].items():
+                    merged[key][task_id] += value
+        return merged
+
     def _finish_eval(self, split: str) -> dict[str, float]:
         datamodule = self.trainer.datamodule
         records = datamodule.records(split)
-        state = self._eval_state
+        state = self._gather_eval_state()
         metrics: dict[str, float] = {}
         scores = []
         for task_id, task in enumerate(self.task_names):
             indices = [i for i, r in enumerate(records) if r["task"] == task and i in state["predictions"]]
             if not indices:
                 continue
-            predictions = [state["predictions"][i] for i in indices]
+            samples = [state["predictions"][i] for i in indices]
             task_records = [records[i] for i in indices]
             for metric_name in datamodule.metrics_for(task):
-                values = get_metric(metric_name).score(predictions, task_records)
-                metrics[f"{split}/{task}/{metric_name}"] = sum(values) / len(values)
+                metric = get_metric(metric_name)
+                predictions = samples if metric.uses_samples else [s[0] for s in samples]
+                metrics[f"{split}/{task}/{metric_name}"] = metric.compute(predictions, task_records)
             score = metrics[f"{split}/{task}/{datamodule.metrics_for(task)[0]}"]
             metrics[f"{split}/{task}/score"] = score
             if state["tokens"][task_id]:

@@ -78,6 +78,9 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         min_lr_ratio=cfg.scheduler.min_lr_ratio,
         weight_decay=cfg.optimizer.get("weight_decay"),
         max_new_tokens=cfg.evaluation.max_new_tokens,
+        num_samples=cfg.evaluation.get("num_samples", 1),
+        temperature=cfg.evaluation.get("temperature", 0.8),
+        top_p=cfg.evaluation.get("top_p", 0.95),
         gradient_checkpointing=cfg.gradient_checkpointing,
     )
     loggers = build_loggers(cfg)

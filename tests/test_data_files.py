@@ -31,6 +31,9 @@ def _load(files: list, **options) -> dict:
     return {t.name: t for t in load_sources(parse_sources({"src": {"files": files, **options}}))}
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
 def _mixed_rows() -> list[dict]:
     rows = alpaca_rows(18, "plain")
     rows[0] = {"instruction": UNICODE, "input": "", "output": "Japanese 🙂"}
@@ -291,16 +294,54 @@ def test_overlength_counts_are_logged_per_task(
         MultiTaskDataModule.from_files([short, longp], tokenizer, max_length=40, overlength="skip").setup()
 
 
-@pytest.mark.slow
-def test_training_run_on_files(tmp_path: Path) -> None:
-    """``data=files`` through ``mtpeft.run`` on the tiny model: trains, evaluates every file task."""
-    from mtpeft.run import run
-    from tests.conftest import TINY_RUN, compose_train
+def test_cli_trains_on_files_and_reports_rouge_and_bleu(tmp_path: Path) -> None:
+    """``python -m mtpeft.train method=lora data=files data.paths=[...]``: every file task gets ROUGE/BLEU."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import TINY_RUN
 
     a = write_json(tmp_path / "alpha.json", _mixed_rows())
     b = write_jsonl(tmp_path / "beta.jsonl", alpaca_rows(20, "beta"))
     overrides = [o for o in TINY_RUN if not o.startswith("data.tasks.")]
-    overrides += ["data=files", f"data.paths=[{a},{b}]", "data.metrics=[exact_match]", "method=lora"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mtpeft.train",
+        "method=lora",
+        "data=files",
+        f"data.paths=[{a},{b}]",
+        *overrides,
+    ]
+    env = {**os.environ, "MTPEFT_ROOT": str(tmp_path)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = (tmp_path / "logs").rglob("results.json")
+    results = json.loads(path.read_text())
+    assert results["status"] == "success" and results["template"] == "alpaca"
+    for task in ("alpha", "beta"):
+        for metric in ("rougeL", "rouge1", "rouge2", "bleu"):
+            assert 0.0 <= results["metrics"]["test"][f"test/{task}/{metric}"] <= 1.0
+        assert (
+            results["metrics"]["test"][f"test/{task}/score"]
+            == results["metrics"]["test"][f"test/{task}/rougeL"]
+        )
+
+
+def test_hycam5_trains_on_local_files(tmp_path: Path) -> None:
+    """``data=hycam5`` with the five Alpaca-CoT files in ``paths.data_dir``: five tasks, HyCAM's loss."""
+    from mtpeft.run import run
+    from tests.conftest import TINY_RUN, compose_train
+
+    files = ["Auto-CoT/Auto-CoT.json", "CodeAlpaca/code_alpaca.json", "dolly/dolly.json"]
+    files += ["self-iCliniq/iCliniq.json", "webGPT/webGPT.json"]
+    for i, name in enumerate(files):
+        write_json(tmp_path / "data" / "Alpaca-CoT" / name, alpaca_rows(27, f"source{i}"))
+    overrides = [o for o in TINY_RUN if not o.startswith(("data.tasks.", "data.batch_size"))]
+    overrides += ["data=hycam5", f"paths.data_dir={tmp_path / 'data'}", "data.max_length=96", "method=hycam"]
     results = run(compose_train(overrides, tmp_path / "run"), tmp_path / "run")
-    assert results["status"] == "success"
-    assert {"test/alpha/exact_match", "test/beta/exact_match"} <= results["metrics"]["test"].keys()
+    assert results["status"] == "success" and results["template"] == "alpaca"
+    assert sorted(results["tasks"]) == ["auto_cot", "code_alpaca", "dolly", "icliniq", "webgpt"]
+    assert {f"test/{t}/bleu" for t in results["tasks"]} <= results["metrics"]["test"].keys()

@@ -1,4 +1,5 @@
-"""Metrics against hand-computed values: exact match, numeric answer after ####, pass@1 by execution."""
+"""Metrics against hand-computed values: exact match, numeric answer after ####, pass@1 by execution
+(more metrics in tests/test_metrics_text.py)."""
 
 from __future__ import annotations
 
@@ -29,11 +30,17 @@ FAST = PassAtOne(timeout=0.5, grace=1.0)  # short limits keep the hang tests fas
 
 
 def test_registry() -> None:
-    assert available_metrics() == ["exact_match", "numeric_match", "pass@1"]
-    for name in available_metrics():
+    names = available_metrics()
+    assert {"exact_match", "f1", "numeric_match", "mc_accuracy", "rouge1", "rouge2", "rougeL", "bleu"} <= set(
+        names
+    )
+    assert "pass@<k>" in names and "evaluate:<name>" in names
+    for name in ("exact_match", "f1", "bleu", "pass@1", "pass@10", "rougeL"):
         assert get_metric(name).name == name
-    with pytest.raises(ValueError, match="valid metrics: exact_match, numeric_match, pass@1"):
-        get_metric("bleu")
+    with pytest.raises(ValueError, match="unknown metric 'blue'; valid metrics: bleu, evaluate:<name>"):
+        get_metric("blue")
+    with pytest.raises(ValueError, match="unknown metric 'pass@0'"):
+        get_metric("pass@0")
 
 
 def test_length_mismatch_is_an_error() -> None:
@@ -42,15 +49,18 @@ def test_length_mismatch_is_an_error() -> None:
 
 
 def test_exact_match() -> None:
-    predictions = ["owl", "  owl \n", "owl .", "Owl", "", "19"]
-    records = [_qa("owl")] * 5 + [_qa("19")]
-    assert get_metric("exact_match").score(predictions, records) == [1.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+    predictions = ["owl", "  owl \n", "owl .", "Owl", "", "19", "an owl", "owls"]
+    records = [_qa("owl")] * 5 + [_qa("19")] + [_qa("owl")] * 2
+    # SQuAD normalisation: case, punctuation and articles do not count; other words do
+    assert get_metric("exact_match").score(predictions, records) == [1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0]
 
 
 def test_numeric_parsing_helpers() -> None:
     assert extract_answer("3 + 4 = 7 . #### 7") == "7"
     assert extract_answer("#### 1 #### 2 ") == "2"
-    assert extract_answer("7") is None
+    assert extract_answer("7") == "7" and extract_answer("no number") is None
+    assert extract_answer("so 3 + 4 = 7 , then -1,250.5 left") == "-1,250.5"  # the last number
+    assert extract_answer("#### 42 dollars .") == "42" and extract_answer("#### 9.") == "9"
     assert parse_number("1,234") == 1234 and parse_number("-5") == -5 and parse_number("20.0") == 20
     assert parse_number("seven") is None and parse_number("") is None and parse_number("nan") is None
 
@@ -60,7 +70,11 @@ def test_numeric_parsing_helpers() -> None:
     [
         ("18 + 5 = 23 . 23 - 3 = 20 . #### 20", "20", 1.0),
         ("18 + 5 = 23 . #### 23", "20", 0.0),
-        ("20", "20", 0.0),  # no #### -> wrong
+        ("20", "20", 1.0),  # no ####: the last number
+        ("it is 3 , not 20", "20", 1.0),
+        ("it is 20 , not 3", "20", 0.0),
+        ("total -1,234 .", "-1234", 1.0),
+        ("the answer is 2.50", "2.5", 1.0),
         ("#### 1,234", "1234", 1.0),
         ("#### -5", "-5", 1.0),
         ("#### 5", "-5", 0.0),

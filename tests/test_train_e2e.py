@@ -117,3 +117,11 @@ def test_per_task_table_goes_to_table_loggers() -> None:
     metrics = {"test/qa/exact_match": 0.5, "test/qa/score": 0.5, "test/qa/loss": 1.0, "test/avg/score": 0.5}
     log_task_table([logger, object()], "test", metrics)
     assert logger.tables == [("test/results", ["task", "metric", "score"], [["qa", "exact_match", 0.5]])]
+
+
+def test_sampled_evaluation_scores_pass_at_k_over_every_sample(tmp_path: Path) -> None:
+    """``evaluation.num_samples=3``: three sampled completions per prompt; pass@1 is the unbiased estimate."""
+    results = _run(["method=lora", "evaluation.num_samples=3", "evaluation.temperature=1.0"], tmp_path)
+    assert results["status"] == "success"
+    value = results["metrics"]["test"]["test/code/pass@1"]
+    assert 0.0 <= value <= 1.0 and value * 18 == pytest.approx(round(value * 18))  # 6 problems x 3 samples

@@ -1,20 +1,23 @@
-"""Numeric answer match (reasoning): the number after the last ``####`` must equal the gold number.
+"""Numeric answer accuracy (GSM8K-style reasoning).
 
-GSM8K convention: the chain of thought ends in ``#### N``. The text after the last ``####``,
-stripped, is compared with the gold answer as a number: thousands separators are ignored and
-``20``, ``20.0`` and ``+20`` are equal; ``-5`` is negative five. No ``####``, or text that is not a
-number, scores 0.
+The predicted answer is the number after the last ``####`` (the GSM8K convention; the first number
+there if more text follows), else the last number anywhere in the prediction. It is compared with the
+gold ``answer`` as a number: thousands separators are ignored, ``20``, ``20.0``, ``+20`` and ``20.`` are
+equal, ``-5`` is negative five. No number scores 0; a non-numeric gold must match the text exactly.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
 
 from mtpeft.data.records import Record
-from mtpeft.metrics.base import check_lengths, clean
+from mtpeft.metrics.base import PerExampleMetric, check_lengths, clean
 
 MARKER = "####"
+NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+"""A number with optional sign, thousands separators and decimals."""
 
 
 def parse_number(text: str) -> Decimal | None:
@@ -30,19 +33,23 @@ def parse_number(text: str) -> Decimal | None:
 
 
 def extract_answer(prediction: str) -> str | None:
-    """The stripped text after the last ``####``, or None when there is no marker."""
-    if MARKER not in prediction:
-        return None
-    return prediction.rsplit(MARKER, 1)[1].strip()
+    """The answer text: after the last ``####`` if there is one, else the last number; None if neither."""
+    if MARKER in prediction:
+        tail = prediction.rsplit(MARKER, 1)[1].strip()
+        if parse_number(tail.rstrip(".")) is not None:
+            return tail.rstrip(".")
+        first = NUMBER.search(tail)
+        return first.group(0) if first else tail
+    numbers = NUMBER.findall(prediction)
+    return numbers[-1] if numbers else None
 
 
-class NumericMatch:
-    """1.0 when the number after the last ``####`` equals the gold ``answer``, else 0.0."""
+class NumericMatch(PerExampleMetric):
+    """1.0 when the extracted answer equals the gold ``answer`` as a number, else 0.0."""
 
     name = "numeric_match"
 
     def score(self, predictions: Sequence[str], records: Sequence[Record]) -> list[float]:
-        """One 0/1 score per prediction."""
         check_lengths(self.name, predictions, records)
         return [self._one(clean(p), r["answer"]) for p, r in zip(predictions, records, strict=True)]
 
