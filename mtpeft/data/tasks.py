@@ -168,3 +168,5 @@ register_task(
         "multi-step word problem with CoT ending in #### N",
     )
 )
+
+from mtpeft.data import packaged  # noqa: E402,F401  (registers humaneval; its package is imported lazily)
