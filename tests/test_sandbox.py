@@ -110,3 +110,20 @@ def _children() -> int:
         except OSError:
             continue
     return count
+
+
+def test_mbpp_style_records_run_setup_code_and_asserts() -> None:
+    from mtpeft.data.records import make_record
+    from mtpeft.metrics.code_exec import passes
+
+    record = make_record(
+        "mbpp",
+        "Write a function to add the first n squares.",
+        "",
+        "",
+        test_list=["assert squares(3) == 14", "assert squares(0) == 0"],
+        test_setup_code="import math",
+    )
+    right = "def squares(n):\n    return sum(i * i for i in range(1, n + 1))"
+    wrong = "def squares(n):\n    return n * n"
+    assert passes([right, wrong, "  " + right + "\n\n"], [record] * 3) == [True, False, True]
