@@ -169,4 +169,4 @@ register_task(
     )
 )
 
-from mtpeft.data import packaged  # noqa: E402,F401  (registers humaneval; its package is imported lazily)
+from mtpeft.data import packaged  # noqa: E402,F401  (registers humaneval, gsm_symbolic; their packages are imported lazily)

@@ -4,4 +4,4 @@ Importing this package registers them; the packages themselves are imported only
 are built, so mtpeft works without them and says how to install them when one is asked for.
 """
 
-from mtpeft.data.packaged import humaneval  # noqa: F401  (registers the `humaneval` task)
+from mtpeft.data.packaged import gsm_symbolic, humaneval  # noqa: F401  (register their tasks)
