@@ -21,6 +21,7 @@ from typing import Any
 from mtpeft.data.records import Record
 from mtpeft.data.seeding import derive_seed
 from mtpeft.data.synthetic import code, qa, reasoning
+from mtpeft.utils.registry import Registry
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 """Split names in build (and de-duplication) order."""
@@ -59,27 +60,22 @@ class TaskSpec:
         return self.metrics[0]
 
 
-_REGISTRY: dict[str, TaskSpec] = {}
+_REGISTRY: Registry[TaskSpec] = Registry("task")
 
 
 def register_task(spec: TaskSpec) -> TaskSpec:
     """Add a task to the registry; registering a name twice is an error (pick another name)."""
-    if spec.name in _REGISTRY:
-        raise ValueError(f"task {spec.name!r} is already registered; choose another name")
-    _REGISTRY[spec.name] = spec
-    return spec
+    return _REGISTRY.register(spec.name, spec)
 
 
 def available_tasks() -> list[str]:
     """Registered task names, sorted."""
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def get_task(name: str) -> TaskSpec:
     """Look up a task; an unknown name raises ValueError listing the registered ones."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown task {name!r}; registered tasks: {', '.join(available_tasks())}")
-    return _REGISTRY[name]
+    return _REGISTRY.get(name)
 
 
 def build_splits(name: str, sizes: Mapping[str, int], seed: int, **knobs: Any) -> dict[str, list[Record]]:

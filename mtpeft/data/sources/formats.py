@@ -28,6 +28,7 @@ from types import MappingProxyType
 from typing import Any
 
 from mtpeft.data.records import Record, validate_record
+from mtpeft.utils.registry import Registry
 
 ROUGE_BLEU: tuple[str, ...] = ("rougeL", "rouge1", "rouge2", "bleu")
 """Free-form generation metrics (HyCAM reports BLEU and ROUGE)."""
@@ -65,29 +66,22 @@ class Format:
         return (*self.required, *self.optional)
 
 
-_FORMATS: dict[str, Format] = {}
+_FORMATS: Registry[Format] = Registry("data format")
 
 
 def register_format(fmt: Format) -> Format:
     """Add a format; registering a name twice is an error."""
-    if fmt.name in _FORMATS:
-        raise ValueError(f"format {fmt.name!r} is already registered; choose another name")
-    _FORMATS[fmt.name] = fmt
-    return fmt
+    return _FORMATS.register(fmt.name, fmt)
 
 
 def available_formats() -> list[str]:
     """Registered format names, sorted."""
-    return sorted(_FORMATS)
+    return _FORMATS.names()
 
 
 def get_format(name: str) -> Format:
     """Look up a format; an unknown name raises ValueError listing the registered ones."""
-    if name not in _FORMATS:
-        raise ValueError(
-            f"unknown data format {name!r}; registered formats: {', '.join(available_formats())}"
-        )
-    return _FORMATS[name]
+    return _FORMATS.get(name)
 
 
 # -- row -> record ------------------------------------------------------------------------------
