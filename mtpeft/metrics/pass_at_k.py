@@ -5,7 +5,7 @@ With n sampled completions per problem of which c pass the tests,
 ``pass@k = 1 - C(n - c, k) / C(n, k)``, computed as the numerically stable product
 ``1 - prod_{i = n-c+1}^{n} (1 - k / i)``, then averaged over problems. With greedy decoding (n = 1)
 pass@1 is the share of problems whose completion passes. Programs are built and executed by
-``mtpeft.metrics.code_exec`` (one sandboxed process per batch of candidates).
+``mtpeft.metrics.code_exec`` (one sandboxed process per program, several at once).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from mtpeft.data.records import Record
-from mtpeft.metrics.base import PerExampleMetric, check_lengths, clean
-from mtpeft.metrics.code_exec import PassAtOne, build_program
+from mtpeft.metrics.base import PerExampleMetric, check_lengths
+from mtpeft.metrics.code_exec import PassAtOne, passes
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -47,10 +47,9 @@ class PassAtK(PerExampleMetric):
     def score(self, predictions: Sequence[Sequence[str] | str], records: Sequence[Record]) -> list[float]:
         check_lengths(self.name, predictions, records)
         samples = [[p] if isinstance(p, str) else list(p) for p in predictions]
-        flat = [(i, build_program(clean(s), records[i])) for i, group in enumerate(samples) for s in group]
-        runnable = [(i, prog) for i, prog in flat if prog is not None]
-        passed = self.executor.run([prog for _, prog in runnable])
+        owners = [i for i, group in enumerate(samples) for _ in group]
+        ok = passes([s for group in samples for s in group], [records[i] for i in owners], self.executor)
         correct = [0] * len(samples)
-        for (i, _), ok in zip(runnable, passed, strict=True):
-            correct[i] += int(ok)
+        for i, passed in zip(owners, ok, strict=True):
+            correct[i] += int(passed)
         return [pass_at_k(len(group), c, self.k) for group, c in zip(samples, correct, strict=True)]
