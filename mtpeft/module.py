@@ -2,9 +2,12 @@
 
 Training: per-sample LM loss reduced per task (``train/<task>/loss``) and overall (``train/loss``, token
 mean), plus the method's auxiliary losses (``train/aux/<name>``), which are added to the objective.
-Evaluation (val and test): LM loss per task and greedy generation with the KV cache, scored per task
-with the task's metric (``<split>/<task>/<metric>``; ``<split>/<task>/score`` is the same number under a
-uniform name) and the macro average ``<split>/avg/score``, which selects checkpoints.
+Evaluation (val and test): LM loss per task and generation with the KV cache (greedy, or
+``evaluation.num_samples`` sampled completions per prompt for pass@k). Each eval batch updates fresh
+``torchmetrics`` objects per task and metric (``mtpeft.metrics.tracker``); at the end of the epoch they are
+computed, synced across processes, and logged as ``<split>/<task>/<metric>`` for every metric of the task,
+``<split>/<task>/score`` (its first metric), ``<split>/<task>/loss`` and the macro average
+``<split>/avg/score``, which selects checkpoints.
 Checkpoints hold only the adapter state, not the frozen base model.
 """
 
@@ -19,9 +22,10 @@ from typing import Any
 import lightning as L
 import torch
 
+from mtpeft.data.records import Record
 from mtpeft.losses import per_task_mean, token_losses
 from mtpeft.methods.base import AdaptedModel
-from mtpeft.metrics import get_metric
+from mtpeft.metrics.tracker import EvalMetrics, check_metric_names
 
 
 class MultiTaskModule(L.LightningModule):
@@ -62,7 +66,8 @@ class MultiTaskModule(L.LightningModule):
         self.last_metrics: dict[str, dict[str, float]] = {}
         self.train_tokens = 0
         self.train_seconds = 0.0
-        self._eval_state: dict[str, Any] = {}
+        self._eval = EvalMetrics("val", {})  # replaced when an eval epoch starts
+        self._eval_records: list[Record] = []
         self._step_start = 0.0
 
     # -- helpers --------------------------------------------------------------------------------
@@ -126,11 +131,16 @@ class MultiTaskModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- evaluation -----------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Check every task's metric names (and pass@k against ``num_samples``) before training starts."""
+        datamodule = self.trainer.datamodule
+        check_metric_names({task: datamodule.metrics_for(task) for task in self.task_names}, self.num_samples)
+
     def on_validation_epoch_start(self) -> None:
-        self._reset_eval()
+        self._reset_eval("val")
 
     def on_test_epoch_start(self) -> None:
-        self._reset_eval()
+        self._reset_eval("test")
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch)
@@ -148,87 +158,61 @@ class MultiTaskModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._finish_eval("test")
 
-    def _reset_eval(self) -> None:
-        self._eval_state = {"loss": defaultdict(float), "tokens": defaultdict(float), "predictions": {}}
+    def _reset_eval(self, split: str) -> None:
+        """Fresh metric objects for every task of ``split`` (unknown metric names fail here, early)."""
+        datamodule = self.trainer.datamodule
+        names = {task: datamodule.metrics_for(task) for task in self.task_names}
+        self._eval = EvalMetrics(split, names, self.num_samples, self.device)
+        self._eval_records = datamodule.records(split)
 
     def _eval_step(self, batch: dict[str, torch.Tensor]) -> None:
         _, task_loss, task_tokens = self._lm_loss(batch)
-        state = self._eval_state
-        for task_id in range(len(self.task_names)):
+        for task_id, task in enumerate(self.task_names):
             if task_tokens[task_id] > 0:
-                state["loss"][task_id] += float(task_loss[task_id] * task_tokens[task_id])
-                state["tokens"][task_id] += float(task_tokens[task_id])
+                self._eval.update_loss(task, task_loss[task_id], task_tokens[task_id])
         texts = self._generate(batch)
         n = self.num_samples
+        by_task: dict[str, tuple[list[list[str]], list[Record]]] = defaultdict(lambda: ([], []))
         for row, index in enumerate(batch["index"].tolist()):
-            state["predictions"][index] = texts[row * n : (row + 1) * n]
+            record = self._eval_records[index]
+            samples, records = by_task[record["task"]]
+            samples.append(texts[row * n : (row + 1) * n])
+            records.append(record)
+        for task, (samples, records) in by_task.items():
+            self._eval.update(task, samples, records)
 
     def _generate(self, batch: dict[str, torch.Tensor]) -> list[str]:
+        """Completions of the batch's prompts: ``num_samples`` per prompt, consecutive (greedy for 1)."""
         datamodule = self.trainer.datamodule
         tasks = {self.task_names[t] for t in batch["task_ids"].tolist()}
         max_new = self.max_new_tokens or max(datamodule.max_new_tokens_for(t) for t in tasks)
         n = self.num_samples  # rows repeated here (not num_return_sequences) so task ids expand with them
-        prompt = batch["prompt_ids"].repeat_interleave(n, dim=0)
-        generated = self.model.generate(
-            input_ids=prompt,
-            attention_mask=batch["prompt_attention_mask"].repeat_interleave(n, dim=0),
-            task_ids=batch["task_ids"].repeat_interleave(n, dim=0),
-            max_new_tokens=max_new,
-            **self._decoding(),
-            use_cache=True,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-        )
+        prompt, mask, task_ids = (batch[k] for k in ("prompt_ids", "prompt_attention_mask", "task_ids"))
+        if n > 1:
+            prompt, mask, task_ids = (t.repeat_interleave(n, dim=0) for t in (prompt, mask, task_ids))
+        cuda = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda, enabled=n > 1):  # sampling leaves training's RNG alone
+            generated = self.model.generate(
+                input_ids=prompt,
+                attention_mask=mask,
+                task_ids=task_ids,
+                max_new_tokens=max_new,
+                **self._decoding(),
+                use_cache=True,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+            )
         return self.tokenizer.batch_decode(generated[:, prompt.shape[1] :], skip_special_tokens=True)
 
     def _decoding(self) -> dict[str, Any]:
         """Greedy decoding (``num_samples=1``), else ``num_samples`` sampled completions per prompt."""
         if self.num_samples == 1:
             return {"do_sample": False}
-        return {
-            "do_sample": True,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-        }
-
-    def _gather_eval_state(self) -> dict[str, Any]:
-        """Every rank's predictions and per-task losses merged (DDP), so each metric sees the whole split."""
-        state = self._eval_state
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return state
-        world = torch.distributed.get_world_size()
-        parts: list[Any] = [None] * world
-        torch.distributed.all_gather_object(parts, state)
-        merged: dict[str, Any] = {"loss": defaultdict(float), "tokens": defaultdict(float), "predictions": {}}
-        for part in parts:
-            merged["predictions"].update(part["predictions"])
-            for key in ("loss", "tokens"):
-                for task_id, value in part[key].items():
-                    merged[key][task_id] += value
-        return merged
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
 
     def _finish_eval(self, split: str) -> dict[str, float]:
-        datamodule = self.trainer.datamodule
-        records = datamodule.records(split)
-        state = self._gather_eval_state()
-        metrics: dict[str, float] = {}
-        scores = []
-        for task_id, task in enumerate(self.task_names):
-            indices = [i for i, r in enumerate(records) if r["task"] == task and i in state["predictions"]]
-            if not indices:
-                continue
-            samples = [state["predictions"][i] for i in indices]
-            task_records = [records[i] for i in indices]
-            for metric_name in datamodule.metrics_for(task):
-                metric = get_metric(metric_name)
-                predictions = samples if metric.uses_samples else [s[0] for s in samples]
-                metrics[f"{split}/{task}/{metric_name}"] = metric.compute(predictions, task_records)
-            score = metrics[f"{split}/{task}/{datamodule.metrics_for(task)[0]}"]
-            metrics[f"{split}/{task}/score"] = score
-            if state["tokens"][task_id]:
-                metrics[f"{split}/{task}/loss"] = state["loss"][task_id] / state["tokens"][task_id]
-            scores.append(score)
-        metrics[f"{split}/avg/score"] = sum(scores) / len(scores) if scores else 0.0
+        """Compute (synced across processes) and log every metric of ``split``; kept in ``last_metrics``."""
+        metrics = self._eval.compute()
         for key, value in metrics.items():
             self.log(key, value, prog_bar=key.endswith("avg/score"))
         self.last_metrics[split] = metrics

@@ -55,6 +55,25 @@ def test_exact_match() -> None:
     assert get_metric("exact_match").score(predictions, records) == [1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0]
 
 
+@pytest.mark.parametrize(
+    ("prediction", "golds", "expected"),
+    [
+        ("", [""], 1.0),  # both empty
+        ("the .", [""], 1.0),  # articles and punctuation only normalise to empty
+        ("a", ["an!"], 1.0),
+        ("", ["owl"], 0.0),
+        ("owl", ["the"], 0.0),  # gold empty after normalisation, prediction not
+        ("The Denver Broncos", ["Broncos", "Denver Broncos"], 1.0),  # best over several golds
+        ("Broncos team", ["Broncos", "Denver Broncos"], 0.0),
+        ("catdog", ["cat dog"], 0.0),  # spaces separate tokens; they are not removed
+        ("cat   dog", ["cat dog"], 1.0),
+    ],
+)
+def test_exact_match_edge_cases(prediction: str, golds: list[str], expected: float) -> None:
+    record = make_record("squad", "q", golds[0], golds[0], answers=golds)
+    assert get_metric("exact_match").score([prediction], [record]) == [expected]
+
+
 def test_numeric_parsing_helpers() -> None:
     assert extract_answer("3 + 4 = 7 . #### 7") == "7"
     assert extract_answer("#### 1 #### 2 ") == "2"
@@ -84,6 +103,14 @@ def test_numeric_parsing_helpers() -> None:
         ("#### twenty", "20", 0.0),
         ("#### ", "20", 0.0),
         ("  #### 7  ", "7", 1.0),
+        ("no idea", "7", 0.0),  # no number at all
+        ("", "0", 0.0),
+        ("so the total is 1,234.", "1234", 1.0),  # trailing period after the last number
+        ("#### 1,234.", "1,234", 1.0),  # gold with a separator
+        ("3 - 8 = -5", "-5", 1.0),
+        ("costs $2.50 each", "2.5", 1.0),
+        ("#### 2.5", "2.49", 0.0),
+        ("first 12 then 13 #### 12", "12", 1.0),  # #### wins over the last number
     ],
 )
 def test_numeric_match(prediction: str, gold: str, expected: float) -> None:

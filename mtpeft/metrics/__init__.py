@@ -1,10 +1,18 @@
-"""Metric registry: ``get_metric(name).compute(predictions, records) -> float`` in [0, 1].
+"""Metric registry: ``get_metric(name)`` -> a fresh ``torchmetrics`` metric for one (split, task).
 
-Metrics score decoded text only (special tokens already skipped; each metric strips whitespace), so
-they work the same for the tiny model and for hub models. Names: ``exact_match`` and ``f1`` (SQuAD
-normalisation), ``numeric_match``, ``mc_accuracy``, ``rouge1`` / ``rouge2`` / ``rougeL``, ``bleu``,
-``pass@<k>`` (any k; the unbiased estimator over ``evaluation.num_samples`` samples) and
-``evaluate:<name or path>[:<key>]`` for any Hugging Face ``evaluate`` metric.
+Usage (what ``MultiTaskModule`` does per eval epoch)::
+
+    metric = get_metric("f1")
+    for predictions, records in batches:
+        metric.update(predictions, records)
+    value = float(metric.compute())  # in [0, 1]; under DDP, over every process's examples
+
+Per-example metrics also have ``score(predictions, records) -> list[float]``. Metrics score decoded
+text only (special tokens already skipped; each metric strips whitespace), so they work the same for
+the tiny model and for hub models. Names: ``exact_match`` and ``f1`` (SQuAD normalisation),
+``numeric_match``, ``mc_accuracy``, ``rouge1`` / ``rouge2`` / ``rougeL``, ``bleu``, ``pass@<k>`` (any k;
+the unbiased estimator over ``evaluation.num_samples`` samples) and ``evaluate:<name or path>[:<key>]``
+for any Hugging Face ``evaluate`` metric.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ import re
 from collections.abc import Callable
 from types import MappingProxyType
 
-from mtpeft.metrics.base import Metric
+from mtpeft.metrics.base import PerExampleMetric, TextMetric
 from mtpeft.metrics.choice import MultipleChoiceAccuracy
 from mtpeft.metrics.exact_match import ExactMatch, TokenF1
 from mtpeft.metrics.external import PREFIX as EVALUATE_PREFIX
@@ -22,7 +30,7 @@ from mtpeft.metrics.numeric import NumericMatch
 from mtpeft.metrics.overlap import Bleu, Rouge
 from mtpeft.metrics.pass_at_k import PassAtK
 
-METRICS: MappingProxyType[str, Callable[[], Metric]] = MappingProxyType(
+METRICS: MappingProxyType[str, Callable[[], TextMetric]] = MappingProxyType(
     {
         "exact_match": ExactMatch,
         "f1": TokenF1,
@@ -44,7 +52,7 @@ def available_metrics() -> list[str]:
     return sorted([*METRICS, "pass@<k>", f"{EVALUATE_PREFIX}<name>"])
 
 
-def get_metric(name: str) -> Metric:
+def get_metric(name: str) -> TextMetric:
     """A fresh metric object by name; an unknown name raises ValueError listing the valid ones."""
     if name in METRICS:
         return METRICS[name]()
@@ -56,4 +64,10 @@ def get_metric(name: str) -> Metric:
     raise ValueError(f"unknown metric {name!r}; valid metrics: {', '.join(available_metrics())}")
 
 
-__all__ = ["Metric", "available_metrics", "get_metric"]
+def samples_needed(name: str) -> int:
+    """Sampled completions per prompt that metric ``name`` needs (k for ``pass@k``, else 1)."""
+    match = PASS_AT.fullmatch(name)
+    return int(match.group(1)) if match else 1
+
+
+__all__ = ["PerExampleMetric", "TextMetric", "available_metrics", "get_metric", "samples_needed"]

@@ -1,46 +1,68 @@
-"""The metric interface: score decoded generations against their records.
+"""The metric interface: ``torchmetrics`` metrics that score decoded generations against their records.
 
-Every metric has ``compute(predictions, records) -> float`` in [0, 1] for a whole task. Per-example
-metrics (exact match, F1, numeric, multiple choice, ROUGE, pass@k) derive from ``PerExampleMetric``
-and also expose ``score(...) -> list[float]``, one value per record, whose mean is ``compute``.
-Corpus metrics (BLEU, ``evaluate:<name>``) only have ``compute``. Under DDP the module gathers every
-rank's predictions before computing, so each metric sees the whole split on every rank.
+A metric object scores one task of one split. The module creates it fresh at the start of each
+evaluation epoch, calls ``update(predictions, records)`` once per eval batch and ``compute()`` at the
+end; ``compute`` returns a 0-d float tensor in [0, 1] and, under DDP, first merges every process's state
+(torchmetrics' sync), so every rank reports the score of the whole split.
+
+* ``PerExampleMetric`` (exact match, F1, numeric, multiple choice, ROUGE, pass@k): one score per record
+  from the public ``score(predictions, records) -> list[float]``; the states are their sum and count.
+* Corpus metrics (BLEU, ``evaluate:<name>``) keep what the corpus statistic needs (n-gram counts, or
+  the texts themselves) and compute it over everything at the end.
+
+``predictions[i]`` is the decoded generation for ``records[i]`` (special tokens skipped); for a metric
+with ``uses_samples`` (pass@k) it is the list of every sampled completion of record i.
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
+
+import torch
+from torchmetrics import Metric
 
 from mtpeft.data.records import Record
 
 
-class Metric(Protocol):
-    """``predictions[i]`` is the decoded generation (special tokens skipped) for ``records[i]``."""
+class TextMetric(Metric):
+    """Base of every mtpeft metric: ``update(predictions, records)``, ``compute() -> tensor`` in [0, 1]."""
 
-    name: str
-    uses_samples: bool
+    name: str = ""
+    """Registry name, the ``<metric>`` in ``<split>/<task>/<metric>``."""
+    uses_samples: bool = False
     """True: ``predictions[i]`` is the list of all sampled completions of record i (pass@k)."""
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
 
-    def compute(self, predictions: Sequence[Any], records: Sequence[Record]) -> float:
-        """The task-level value in [0, 1]."""
-        ...
 
+class PerExampleMetric(TextMetric):
+    """A metric that is the mean of one score per record; subclasses implement ``score``.
 
-class PerExampleMetric:
-    """A metric that is the mean of one score per record; subclasses implement ``score``."""
+    States (``total``, ``count``) are float64 sums, so shards merge exactly: the metric over the union
+    of two shards equals their merged states.
+    """
 
-    name = "per_example"
-    uses_samples = False
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
+    @abstractmethod
     def score(self, predictions: Sequence[Any], records: Sequence[Record]) -> list[float]:
-        """One score in [0, 1] per prediction."""
-        raise NotImplementedError(f"{type(self).__name__} must implement score()")
+        """One score in [0, 1] per prediction (does not touch the states)."""
 
-    def compute(self, predictions: Sequence[Any], records: Sequence[Record]) -> float:
-        """Mean of ``score`` (0.0 for no records)."""
+    def update(self, predictions: Sequence[Any], records: Sequence[Record]) -> None:
+        """Add one batch's scores."""
         values = self.score(predictions, records)
-        return sum(values) / len(values) if values else 0.0
+        self.total += sum(values)
+        self.count += len(values)
+
+    def compute(self) -> torch.Tensor:
+        """Mean score (0.0 when nothing was scored)."""
+        return self.total / self.count if self.count > 0 else torch.zeros_like(self.total)
 
 
 def clean(prediction: str) -> str:

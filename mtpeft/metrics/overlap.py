@@ -1,21 +1,29 @@
-"""Text-overlap metrics for free-form tasks (HyCAM reports BLEU and ROUGE), from torchmetrics.
+"""Text-overlap metrics for free-form tasks (HyCAM reports BLEU and ROUGE), from ``torchmetrics.text``.
 
-* ``rouge1`` / ``rouge2`` / ``rougeL``: per-example ROUGE F-measure (torchmetrics' default tokeniser:
-  lower-case alphanumeric tokens, no stemming), averaged over the task, best over ``meta["answers"]``.
-* ``bleu``: corpus-level SacreBLEU (4-grams, ``13a`` tokenisation, brevity penalty, no smoothing) over all
-  predictions of the task, as a fraction in [0, 1]; references are the gold answers.
+* ``rouge1`` / ``rouge2`` / ``rougeL``: ROUGE F-measure per example, best over the references, averaged
+  over the task: the number ``torchmetrics.text.ROUGEScore(rouge_keys=key, accumulate="best")`` reports
+  (its default tokeniser: lower-case, non-alphanumerics become spaces, no stemming). Computed per
+  example with torchmetrics' ``rouge_score`` and kept as a sum and a count, so the state syncs as two
+  numbers instead of ROUGEScore's per-sentence lists.
+* ``bleu``: corpus-level SacreBLEU (``torchmetrics.text.SacreBLEUScore``: 4-grams, uniform weights,
+  ``13a`` tokenisation, case-sensitive, brevity penalty, no smoothing) over all predictions of the
+  task, as a fraction in [0, 1]. Its states are n-gram and length counts, summed across processes.
 
-The reference is ``answer`` (falling back to ``output`` when ``answer`` is empty). Nothing is downloaded.
+The references are the gold answers (``meta["answers"]``, else ``answer``), or ``output`` when the
+record has no answer (Alpaca-style free-form records). Nothing is downloaded: ROUGE-Lsum and stemming,
+the parts of torchmetrics that need ``nltk`` data, are not used.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from torchmetrics.functional.text import rouge_score, sacre_bleu_score
+import torch
+from torchmetrics.functional.text import rouge_score
+from torchmetrics.text import SacreBLEUScore
 
 from mtpeft.data.records import Record
-from mtpeft.metrics.base import PerExampleMetric, check_lengths, clean, golds
+from mtpeft.metrics.base import PerExampleMetric, TextMetric, check_lengths, clean, golds
 
 ROUGE_KEYS: tuple[str, ...] = ("rouge1", "rouge2", "rougeL")
 
@@ -29,11 +37,10 @@ def references(record: Record) -> list[str]:
 class Rouge(PerExampleMetric):
     """ROUGE-N / ROUGE-L F-measure per example."""
 
-    uses_samples = False
-
     def __init__(self, key: str) -> None:
         if key not in ROUGE_KEYS:
             raise ValueError(f"unknown ROUGE variant {key!r}; valid: {', '.join(ROUGE_KEYS)}")
+        super().__init__()
         self.name = self.key = key
 
     def score(self, predictions: Sequence[str], records: Sequence[Record]) -> list[float]:
@@ -45,17 +52,20 @@ class Rouge(PerExampleMetric):
         return float(result[f"{self.key}_fmeasure"])
 
 
-class Bleu:
-    """Corpus SacreBLEU / 100."""
+class Bleu(TextMetric, SacreBLEUScore):
+    """Corpus SacreBLEU / 100 (float64 counts)."""
 
     name = "bleu"
-    uses_samples = False
 
-    def compute(self, predictions: Sequence[str], records: Sequence[Record]) -> float:
+    def __init__(self) -> None:
+        super().__init__(n_gram=4, smooth=False, tokenize="13a", lowercase=False)
+        self.set_dtype(torch.float64)
+
+    def update(self, predictions: Sequence[str], records: Sequence[Record]) -> None:  # type: ignore[override]
+        """Add one batch's n-gram statistics."""
         check_lengths(self.name, predictions, records)
-        if not records:
-            return 0.0
-        refs = [references(r) for r in records]
-        width = max(len(r) for r in refs)
-        padded = [r + [r[0]] * (width - len(r)) for r in refs]  # torchmetrics needs equal reference counts
-        return float(sacre_bleu_score([clean(p) for p in predictions], padded, tokenize="13a"))
+        SacreBLEUScore.update(self, [clean(p) for p in predictions], [references(r) for r in records])
+
+    def compute(self) -> torch.Tensor:
+        """BLEU over everything seen (0.0 when nothing was)."""
+        return SacreBLEUScore.compute(self).to(torch.float64)
