@@ -270,3 +270,18 @@ def test_chat_template_wraps_prompts_once_with_a_single_bos(tokenizer: PreTraine
 def test_chat_template_needs_one_in_the_tokenizer(tokenizer: PreTrainedTokenizerFast) -> None:
     with pytest.raises(ValueError, match="has no chat template; set model.chat_template=false"):
         MultiTaskDataModule(TASKS, tokenizer, chat_template=True)
+
+
+def test_eval_loaders_give_each_example_to_one_rank_under_ddp(
+    dm: MultiTaskDataModule, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lightning's default DistributedSampler pads with repeats; summed metric states would count them twice."""
+    n = len(dm.examples("val"))
+    assert [i for b in dm.val_dataloader() for i in b["index"].tolist()] == list(range(n))  # one process
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 4)
+    seen = []
+    for rank in range(4):
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda rank=rank: rank)
+        seen += [i for b in dm.val_dataloader() for i in b["index"].tolist()]
+    assert sorted(seen) == list(range(n)) and n % 4 != 0  # no example twice although n is not divisible

@@ -17,8 +17,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+import torch
 from lightning import LightningDataModule
-from torch.utils.data import DataLoader
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
 
 from mtpeft.data.collate import EvalCollator, TrainCollator
@@ -335,13 +337,26 @@ class MultiTaskDataModule(LightningDataModule):
         return self._eval_dataloader("test")
 
     def _eval_dataloader(self, split: str) -> DataLoader:
+        examples = self.examples(split)
         return DataLoader(
-            self.examples(split),  # type: ignore[arg-type]
+            examples,  # type: ignore[arg-type]
             batch_size=self.eval_batch_size,
-            shuffle=False,
+            sampler=_eval_sampler(examples),
             collate_fn=EvalCollator(self.tokenizer.pad_token_id),
             num_workers=self.num_workers,
         )
+
+
+def _eval_sampler(examples: Sequence[Example]) -> Sampler[int] | None:
+    """Under DDP, each example on exactly one rank: Lightning's default ``DistributedSampler`` pads the
+    last ranks with repeated examples, which the summed metric states would count twice. None (sequential
+    order) in a single process."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    if world == 1:
+        return None
+    return UnrepeatedDistributedSampler(examples, num_replicas=world, rank=rank, shuffle=False)
 
 
 def _plain(value: Any) -> Any:

@@ -10,8 +10,9 @@ so under DDP each value covers every process's examples. Keys (STYLE.md 8):
 * ``<split>/avg/score``: the mean of the tasks' scores (0.0 when no task was evaluated).
 
 With ``num_samples`` > 1, metrics with ``uses_samples`` (pass@k) score all samples of a prompt and every
-other metric scores the first. Caveat (DDP): Lightning's distributed sampler pads val/test to a multiple
-of the world size with repeated examples, which then count twice (at most world size - 1 per split).
+other metric scores the first. Under DDP every example is scored on exactly one rank: the datamodule's
+val/test loaders use an unpadded distributed sampler (Lightning's default one would repeat examples to
+even out the ranks, and the summed states would count them twice).
 """
 
 from __future__ import annotations
