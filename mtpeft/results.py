@@ -344,6 +344,17 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
+def save_figure(fig: Any, out: Path, name: str) -> list[Path]:
+    """Write ``<name>.png`` and ``<name>.pdf`` without creation dates (re-running gives identical files)."""
+    import matplotlib.pyplot as plt
+
+    paths = [out / f"{name}.{ext}" for ext in ("png", "pdf")]
+    fig.savefig(paths[0], bbox_inches="tight", dpi=150, metadata={"Software": None})
+    fig.savefig(paths[1], bbox_inches="tight", dpi=150, metadata={"CreationDate": None, "Creator": None})
+    plt.close(fig)
+    return paths
+
+
 def plot(table: pd.DataFrame, columns: Sequence[str], out: Path) -> list[Path]:
     """Write plots/per_task.{png,pdf} and plots/pareto.{png,pdf}; return the files."""
     import matplotlib
@@ -356,10 +367,7 @@ def plot(table: pd.DataFrame, columns: Sequence[str], out: Path) -> list[Path]:
     written: list[Path] = []
 
     def save(fig: Any, name: str) -> None:
-        for ext in ("png", "pdf"):
-            fig.savefig(out / f"{name}.{ext}", bbox_inches="tight", dpi=150)
-            written.append(out / f"{name}.{ext}")
-        plt.close(fig)
+        written.extend(save_figure(fig, out, name))
 
     n = len(table)
     width = 0.8 / max(n, 1)
@@ -471,11 +479,7 @@ def plot_task_lines(
     axes[0][0].set_ylabel(ylabel)
     axes[0][-1].legend(fontsize=7, loc="best")
     out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for ext in ("png", "pdf"):
-        fig.savefig(out / f"{name}.{ext}", bbox_inches="tight", dpi=150)
-        written.append(out / f"{name}.{ext}")
-    plt.close(fig)
+    written = save_figure(fig, out, name)
     return written
 
 
