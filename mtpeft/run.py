@@ -25,6 +25,7 @@ from mtpeft.utils.confighash import config_hash
 from mtpeft.utils.memory import peak_memory_mb, reset_peak_memory
 from mtpeft.utils.provenance import provenance
 from mtpeft.utils.tables import parameter_table, print_table, results_table
+from mtpeft.utils.threads import apply_cpu_threads
 
 log = logging.getLogger(__name__)
 RESULTS_FILE = "results.json"
@@ -57,8 +58,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     output_dir = Path(output_dir)
     started = time.perf_counter()
     reset_peak_memory()
-    if cfg.get("cpu_threads"):
-        torch.set_num_threads(cfg.cpu_threads)
+    apply_cpu_threads(cfg.get("cpu_threads", "auto"), cfg.model)  # training, pre-training and evaluation
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     base_model, tokenizer = load_base_model(cfg.model)
     datamodule = instantiate(
@@ -105,6 +105,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         for logger in loggers:
             _finish_logger(logger)
     results = _results(cfg, module, model, base_model, datamodule, started, best)
+    module.write_example_scores(output_dir)  # scores.jsonl.gz: per-example scores for the bootstrap CIs
     (output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
     split = "test" if cfg.test else "val"
     print_table(results_table(results["metrics"][split], split, f"{name}: {split} results"))
