@@ -7,7 +7,12 @@ An adapted model
   ``task_ids`` is missing or out of range, task-agnostic methods ignore it;
 * exposes ``aux_losses()`` (already weighted, e.g. load balancing) and ``routing_stats()``;
 * trains only its adapter parameters (the base is frozen before the method adapts it);
-* saves and reloads its adapter state (safetensors + JSON config) to identical logits;
+* saves and reloads its adapter state (safetensors + JSON config) to identical logits; a method may write
+  a standard format instead (LoRA writes a plain peft directory) by overriding ``save_adapter_weights`` /
+  ``load_adapter_weights``;
+* knows, when its update is a per-task weight delta (LoRA, MultiLoRA, MTL-LoRA, Poly, C-Poly), the
+  delta ``ΔW_t`` of every adapted linear (``merged_weight_deltas``), so a task's adapter can be merged
+  into a standalone model (`merge_into`); input-dependent methods raise `NotMergeableError`;
 * knows its trainable-parameter count from the closed-form formula of METHODS.md
   (``expected_trainable_parameters``), which the contract tests compare with the real count.
 
@@ -33,6 +38,14 @@ from mtpeft.methods.task_context import task_id_scope
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+"""peft's config file name. Directories written before the mtpeft meta file existed keep the mtpeft meta
+(``method``, ``num_tasks``, ``config``) in this file; `load_adapter` still reads them."""
+METHOD_META = "mtpeft_adapter.json"
+"""mtpeft's own record of an adapter directory: method name, number of tasks, method config."""
+
+
+class NotMergeableError(TypeError):
+    """The method's update depends on the input (routing, modulation, prompts), so it is no weight delta."""
 
 
 @dataclasses.dataclass
@@ -198,29 +211,106 @@ class AdaptedModel(nn.Module):
                 params[name].copy_(value)
 
     def save_adapter(self, directory: str | Path) -> Path:
-        """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``directory``."""
+        """Write the adapter weights (`save_adapter_weights`) and ``mtpeft_adapter.json`` into ``directory``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {n: t.contiguous().clone() for n, t in self.adapter_state_dict().items()}
-        save_file(tensors, str(directory / ADAPTER_WEIGHTS))
+        self.save_adapter_weights(directory)
         meta = {
             "method": self.method_name,
             "num_tasks": self.num_tasks,
             "config": dataclasses.asdict(self.config),
         }
-        (directory / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
+        (directory / METHOD_META).write_text(json.dumps(meta, indent=2))
         return directory
+
+    def save_adapter_weights(self, directory: Path) -> None:
+        """Write the adapter state as ``adapter_model.safetensors`` (mtpeft's parameter names)."""
+        tensors = {n: t.contiguous().clone() for n, t in self.adapter_state_dict().items()}
+        save_file(tensors, str(directory / ADAPTER_WEIGHTS))
+
+    def load_adapter_weights(self, directory: Path) -> None:
+        """Read what `save_adapter_weights` wrote (methods that override one override both)."""
+        self.load_adapter_state_dict(load_file(str(directory / ADAPTER_WEIGHTS)))
+
+    # -- merging --------------------------------------------------------------------------------
+    def merged_weight_deltas(self, task_id: int) -> dict[str, torch.Tensor]:
+        """``{linear name in the base model: ΔW_t [d_out, d_in]}`` such that ``W0 + ΔW_t`` reproduces the
+        adapted model for task ``task_id`` (eval mode: no dropout, no routing noise).
+
+        Only methods whose update is a per-task weight delta implement it; the default raises.
+        """
+        raise NotMergeableError(
+            f"method {self.method_name!r} cannot be merged into the base weights: its update depends on "
+            "the input (routing, modulation or prompts), not only on the task. Evaluate it with the "
+            "adapter instead (python -m mtpeft.lmeval --model mtpeft --model_args run=<run dir>,task=<t>)"
+        )
+
+    def check_task_id(self, task_id: int) -> int:
+        """``task_id`` as an int in ``[0, num_tasks)``; a clear error otherwise."""
+        if isinstance(task_id, bool) or not 0 <= int(task_id) < self.num_tasks:
+            raise ValueError(
+                f"task id {task_id!r} out of range for method {self.method_name!r} trained with "
+                f"{self.num_tasks} tasks (valid: 0..{self.num_tasks - 1})"
+            )
+        return int(task_id)
+
+    @torch.no_grad()
+    def merge_into(self, base_model: nn.Module, task_id: int) -> nn.Module:
+        """Add task ``task_id``'s weight deltas to a plain copy of the base model (in place) and return it.
+
+        ``base_model`` must be a fresh, unadapted model of the same architecture (e.g. loaded again
+        with `mtpeft.models.loader.load_base_model`); each delta is computed in the adapter's dtype and
+        cast to the weight's dtype.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            deltas = self.merged_weight_deltas(self.check_task_id(task_id))
+        finally:
+            self.train(was_training)
+        for name, delta in deltas.items():
+            weight = base_model.get_submodule(name).weight
+            if weight.shape != delta.shape:
+                raise ValueError(
+                    f"{name}: delta of shape {tuple(delta.shape)} for weight {tuple(weight.shape)}"
+                )
+            weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
+        return base_model
 
 
 def load_adapter(directory: str | Path, base_model: nn.Module) -> AdaptedModel:
-    """Rebuild the adapted model saved by `AdaptedModel.save_adapter` on top of ``base_model``."""
+    """Rebuild the adapted model saved by `AdaptedModel.save_adapter` on top of ``base_model``.
+
+    Reads ``mtpeft_adapter.json``; directories of earlier mtpeft versions (meta in ``adapter_config.json``,
+    weights under mtpeft's parameter names) load too.
+    """
     from mtpeft.methods.registry import build_method
 
     directory = Path(directory)
-    meta = json.loads((directory / ADAPTER_CONFIG).read_text())
+    meta, legacy = read_adapter_meta(directory)
     model = build_method(meta["method"], meta["config"], base_model, num_tasks=meta["num_tasks"])
-    model.load_adapter_state_dict(load_file(str(directory / ADAPTER_WEIGHTS)))
+    if legacy:
+        AdaptedModel.load_adapter_weights(model, directory)
+    else:
+        model.load_adapter_weights(directory)
     return model
+
+
+def read_adapter_meta(directory: str | Path) -> tuple[dict[str, Any], bool]:
+    """``(meta, legacy)``: the method/num_tasks/config record of an adapter directory, and whether it is
+    the earlier layout (meta inside ``adapter_config.json``)."""
+    directory = Path(directory)
+    if (directory / METHOD_META).is_file():
+        return json.loads((directory / METHOD_META).read_text()), False
+    legacy = directory / ADAPTER_CONFIG
+    if legacy.is_file():
+        meta = json.loads(legacy.read_text())
+        if "method" in meta:
+            return meta, True
+    raise FileNotFoundError(
+        f"{directory} is not an mtpeft adapter directory: it has no {METHOD_META} (written by "
+        "AdaptedModel.save_adapter, e.g. <run dir>/adapter/)"
+    )
 
 
 def _batch_size(input_ids: torch.Tensor | None, kwargs: dict[str, Any]) -> int:

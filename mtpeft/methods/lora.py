@@ -10,17 +10,27 @@
 is shared by all tasks (trained on the mixture); task ids are ignored. Defaults follow the multi-task
 setups of MTL-LoRA / LLM-Adapters (q,k,v,o; r=8, alpha=16) rather than peft's (q,v; alpha=8), see
 METHODS.md section 3. Trainable parameters: ``sum_layers sum_targets r (d_in + d_out)``.
+
+The saved adapter is a standard peft directory (``adapter_config.json`` + ``adapter_model.safetensors``
+under peft's key names), so ``PeftModel.from_pretrained(base, "<run dir>/adapter")`` loads it without
+mtpeft; ``mtpeft_adapter.json`` next to them lets `mtpeft.methods.load_adapter` rebuild the method.
+Merged weight: ``W0 + s · B A`` (peft's ``get_delta_weight``).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
-from peft import LoraConfig, inject_adapter_in_model
+import torch
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mtpeft.methods.base import AdaptedModel
+from mtpeft.methods.base import ADAPTER_WEIGHTS, AdaptedModel
 from mtpeft.methods.inject import find_modules
 from mtpeft.methods.lowrank import LowRankConfig
 from mtpeft.methods.registry import register_method
@@ -50,6 +60,21 @@ def inject_lora(model: nn.Module, cfg: LoraMethodConfig) -> LoraConfig:
     return peft_config
 
 
+PEFT_PREFIX = "base_model.model."
+"""Prefix of every key in a peft checkpoint (``PeftModel.base_model`` is the tuner, its ``.model`` the HF
+model)."""
+ADAPTER_NAME = "default"
+
+
+def peft_to_module_key(key: str) -> str:
+    """A peft checkpoint key (``base_model.model.<module>.lora_A.weight``) as the name of the parameter
+    in the HF model with injected layers (``<module>.lora_A.default.weight``)."""
+    if not key.startswith(PEFT_PREFIX):
+        raise KeyError(f"{key!r} is not a peft LoRA key (expected the prefix {PEFT_PREFIX!r})")
+    module, _, leaf = key.removeprefix(PEFT_PREFIX).rpartition(".")
+    return f"{module}.{ADAPTER_NAME}.{leaf}"
+
+
 def lora_parameter_count(shape: DecoderShape, r: int, target_names: Iterable[str]) -> int:
     """METHODS.md 3(h): ``sum_layers sum_targets r (d_in + d_out)`` over projection names like ``q_proj``."""
     return shape.layers * sum(r * sum(shape.linear(t)) for t in target_names)
@@ -72,3 +97,30 @@ class LoRA(AdaptedModel):
     def expected_trainable_parameters(self) -> int:
         shape = decoder_shape(self.base_model.config)
         return lora_parameter_count(shape, self.config.r, adapted_names(self.peft_config))
+
+    # -- a plain peft directory -----------------------------------------------------------------
+    def save_adapter_weights(self, directory: Path) -> None:
+        """Write peft's ``adapter_config.json`` and ``adapter_model.safetensors`` (peft key names)."""
+        state = get_peft_model_state_dict(self.base_model, adapter_name=ADAPTER_NAME)
+        tensors = {PEFT_PREFIX + k: v.detach().contiguous().clone() for k, v in state.items()}
+        save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        config = copy.deepcopy(self.peft_config)
+        config.task_type = "CAUSAL_LM"
+        config.inference_mode = True
+        config.base_model_name_or_path = getattr(self.base_model, "name_or_path", None) or None
+        config.target_modules = sorted(config.target_modules)
+        config.save_pretrained(str(directory))
+
+    def load_adapter_weights(self, directory: Path) -> None:
+        """Read the peft checkpoint written by `save_adapter_weights` (strict: every key must match)."""
+        state = load_file(str(directory / ADAPTER_WEIGHTS))
+        self.load_adapter_state_dict({"base_model." + peft_to_module_key(k): v for k, v in state.items()})
+
+    # -- merging --------------------------------------------------------------------------------
+    def merged_weight_deltas(self, task_id: int) -> dict[str, torch.Tensor]:
+        """``s · B A`` of every LoRA layer (the same for every task: one shared adapter)."""
+        return {
+            name: module.get_delta_weight(ADAPTER_NAME)
+            for name, module in self.base_model.named_modules()
+            if isinstance(module, LoraLayer)
+        }
