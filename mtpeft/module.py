@@ -23,7 +23,7 @@ import lightning as L
 import torch
 
 from mtpeft.data.records import Record
-from mtpeft.losses import per_task_mean, token_losses
+from mtpeft.losses import model_token_losses, per_task_mean
 from mtpeft.methods.base import AdaptedModel
 from mtpeft.metrics.tracker import EvalMetrics, check_metric_names
 
@@ -76,10 +76,17 @@ class MultiTaskModule(L.LightningModule):
         return self.trainer.datamodule.task_names
 
     def _lm_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out = self.model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], task_ids=batch["task_ids"]
+        """(token-mean loss, per-task mean loss, per-task token counts), without full-vocabulary logits:
+        the output head runs only on counted positions, in checkpointed chunks (`model_token_losses`)."""
+        model, task_ids = self.model, batch["task_ids"]
+        loss, mask = model_token_losses(
+            lambda: model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], task_ids=task_ids
+            ),
+            model.base_model.get_output_embeddings(),
+            batch["labels"],
+            head_scope=lambda: model.task_scope(model.check_task_ids(task_ids, task_ids.shape[0])),
         )
-        loss, mask = token_losses(out.logits, batch["labels"])
         task_loss, task_tokens = per_task_mean(loss, mask, batch["task_ids"], len(self.task_names))
         return loss.sum() / mask.sum().clamp_min(1), task_loss, task_tokens
 
