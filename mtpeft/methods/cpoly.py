@@ -189,6 +189,13 @@ class CPolyLinear(LowRankLinear):
         )
 
 
+def cpoly_delta_weight(layer: CPolyLinear, task_id: int) -> torch.Tensor:
+    """``ΔW_t = (1/r) · (A_t B_t)^T`` [d_out, d_in] of one layer for task ``task_id`` (the merged update;
+    eval-mode weights, i.e. the noise-free sigmoid allocation)."""
+    a, b = layer.task_adapters(torch.tensor([task_id], device=layer.cpoly_A.device))
+    return (a[0] @ b[0]).T * layer.scaling
+
+
 @register_method("cpoly")
 class CPoly(AdaptedModel):
     """C-Poly on the target linears; every forward/generate needs ``task_ids``."""
@@ -205,6 +212,9 @@ class CPoly(AdaptedModel):
 
     def task_conditioned_modules(self) -> list[nn.Module]:
         return list(self.adapted.values())
+
+    def merged_weight_deltas(self, task_id: int) -> dict[str, torch.Tensor]:
+        return {name: cpoly_delta_weight(layer, task_id) for name, layer in self.adapted.items()}
 
     def expected_trainable_parameters(self) -> int:
         cfg, t = self.config, self.num_tasks

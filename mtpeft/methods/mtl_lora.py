@@ -106,6 +106,11 @@ class MTLLoRALinear(LowRankLinear):
         return (torch.bmm(z, m.transpose(1, 2)) * self.scaling).reshape(*x.shape[:-1], self.out_features)
 
 
+def mtl_lora_delta_weight(layer: MTLLoRALinear, task_id: int) -> torch.Tensor:
+    """``ΔW_t = (alpha/r) · B_t Λ_t A`` [d_out, d_in] of one layer for task ``task_id`` (the merged update)."""
+    return (layer.task_matrices()[task_id] @ layer.lora_A) * layer.scaling
+
+
 @register_method("mtl_lora")
 class MTLLoRA(AdaptedModel):
     """MTL-LoRA on the target linears; every forward/generate needs ``task_ids``."""
@@ -122,6 +127,9 @@ class MTLLoRA(AdaptedModel):
 
     def task_conditioned_modules(self) -> list[nn.Module]:
         return list(self.adapted.values())
+
+    def merged_weight_deltas(self, task_id: int) -> dict[str, torch.Tensor]:
+        return {name: mtl_lora_delta_weight(layer, task_id) for name, layer in self.adapted.items()}
 
     def expected_trainable_parameters(self) -> int:
         cfg, t = self.config, self.num_tasks

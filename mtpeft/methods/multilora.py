@@ -69,6 +69,13 @@ class MultiLoRALinear(LowRankLinear):
         return (x @ a.T) @ (b.T * self.scaling)
 
 
+def multilora_delta_weight(layer: MultiLoRALinear) -> torch.Tensor:
+    """``ΔW = (alpha/r) · Σ_i (σ_i ⊙ B_i) A_i`` [d_out, d_in] of one layer (the merged update)."""
+    n, r, d_in = layer.lora_A.shape
+    b = (layer.lora_B * layer.lora_scaling[:, :, None]).permute(1, 0, 2).reshape(layer.out_features, n * r)
+    return (b @ layer.lora_A.reshape(n * r, d_in)) * layer.scaling
+
+
 @register_method("multilora")
 class MultiLoRA(AdaptedModel):
     """MultiLoRA on the target linears; task ids are ignored."""
@@ -79,6 +86,10 @@ class MultiLoRA(AdaptedModel):
         self.adapted = wrap_modules(
             self.base_model, self.config.targets, lambda _, lin: MultiLoRALinear(lin, self.config)
         )
+
+    def merged_weight_deltas(self, task_id: int) -> dict[str, torch.Tensor]:
+        """The same ``ΔW`` for every task (task-agnostic)."""
+        return {name: multilora_delta_weight(layer) for name, layer in self.adapted.items()}
 
     def expected_trainable_parameters(self) -> int:
         cfg = self.config

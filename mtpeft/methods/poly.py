@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
 from peft import PolyConfig, inject_adapter_in_model
 from peft.tuners.poly.layer import Linear as PeftPolyLinear
 from torch import nn
@@ -76,6 +77,17 @@ def check_splits(model: nn.Module, names: Sequence[str], n_splits: int) -> None:
             )
 
 
+def poly_delta_weight(layer: PeftPolyLinear, task_id: int, adapter: str = "default") -> torch.Tensor:
+    """``ΔW_t = (1/r) · (A_t B_t)^T`` [d_out, d_in] of one peft Poly layer for task ``task_id``: the product
+    its ``forward`` applies to every row of that task (eval-mode router: the noise-free sigmoid)."""
+    r = layer.r[adapter]
+    router = layer.poly_router[adapter]
+    weights = router(task_ids=torch.tensor([task_id], device=router.module_logits.device), input_ids=None)
+    a = torch.einsum("bqs,qsdr->bqdr", weights, layer.poly_lora_A[adapter]).reshape(layer.in_features, r)
+    b = torch.einsum("bqs,qsrd->bqrd", weights, layer.poly_lora_B[adapter])
+    return (a @ b.transpose(1, 2).reshape(r, layer.out_features)).T / r
+
+
 @register_method("poly")
 class Poly(AdaptedModel):
     """peft's Poly/MHR layers on the target linears; every forward/generate needs ``task_ids``."""
@@ -101,6 +113,13 @@ class Poly(AdaptedModel):
 
     def task_conditioned_modules(self) -> list[nn.Module]:
         return self._poly_layers
+
+    def merged_weight_deltas(self, task_id: int) -> dict[str, torch.Tensor]:
+        return {
+            name: poly_delta_weight(module, task_id)
+            for name, module in self.base_model.named_modules()
+            if isinstance(module, PeftPolyLinear)
+        }
 
     def expected_trainable_parameters(self) -> int:
         cfg, t = self.config, self.num_tasks
