@@ -16,6 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from mtpeft.data.synthetic.primitives import primitives_corpus, tokenizer_corpus
+from mtpeft.models import loader as loader_module
 from mtpeft.models.cache import MANIFEST, get_or_build, key_hash, read_manifest
 from mtpeft.models.loader import (
     HUB_KEYS,
@@ -26,7 +27,7 @@ from mtpeft.models.loader import (
     load_base_model,
     load_tiny,
 )
-from mtpeft.models.pretrain import PretrainConfig, make_windows, pack_lines, pretrain
+from mtpeft.models.pretrain import CHECKPOINT_FILE, PretrainConfig, make_windows, pack_lines, pretrain
 from mtpeft.models.tiny import ARCHITECTURES, TinyModelConfig, build_tiny_model, count_parameters
 from mtpeft.models.tokenizer import fragmentation, train_tokenizer
 
@@ -176,6 +177,57 @@ def test_pack_lines_and_pretrain_lowers_loss(tokenizer):
     assert not model.training
 
 
+class _Interrupt(Exception):
+    """Raised from ``on_step`` to simulate a killed pre-training."""
+
+
+def _stop_at(step: int):
+    def on_step(done: int) -> None:
+        if done == step:
+            raise _Interrupt(done)
+
+    return on_step
+
+
+def _small_model(tokenizer):
+    return build_tiny_model(TinyModelConfig(hidden_size=32, num_layers=2, intermediate_size=64), tokenizer)
+
+
+@pytest.mark.parametrize("stop", [10, 12])  # on a checkpoint, and two steps past one (redone on resume)
+def test_interrupted_pretraining_resumes_bit_identically(tokenizer, tmp_path, stop):
+    lines = primitives_corpus(200, 0)
+    cfg = PretrainConfig(steps=20, batch_size=4, seq_len=32, warmup=2)
+    reference = _small_model(tokenizer)
+    expected = pretrain(reference, tokenizer, lines, cfg, progress=False)
+
+    with pytest.raises(_Interrupt):
+        pretrain(_small_model(tokenizer), tokenizer, lines, cfg, False, tmp_path, 5, _stop_at(stop))
+    saved = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)
+    assert saved["step"] == 10 and len(saved["progress"]["losses"]) == 10
+
+    seen: list[int] = []
+    resumed = _small_model(tokenizer)  # a fresh process: new random init, state comes from the checkpoint
+    result = pretrain(resumed, tokenizer, lines, cfg, False, tmp_path, 5, seen.append)
+    assert seen == list(range(11, 21))  # continued, not restarted
+    want = reference.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in resumed.state_dict().items())
+    same = ("final_loss", "first_loss", "eval_loss_start", "eval_loss_end", "copy_loss_end", "tokens")
+    assert {k: getattr(result, k) for k in same} == {k: getattr(expected, k) for k in same}
+
+
+def test_checkpointing_does_not_change_pretraining(tokenizer, tmp_path):
+    lines = primitives_corpus(200, 0)
+    cfg = PretrainConfig(steps=7, batch_size=4, seq_len=32, warmup=2)
+    plain, saving = _small_model(tokenizer), _small_model(tokenizer)
+    pretrain(plain, tokenizer, lines, cfg, progress=False)
+    pretrain(saving, tokenizer, lines, cfg, False, tmp_path, checkpoint_every=2)
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in saving.state_dict().items())
+    other = PretrainConfig(steps=7, batch_size=4, seq_len=32, warmup=3)  # a checkpoint of another config
+    fresh, seen = _small_model(tokenizer), []
+    pretrain(fresh, tokenizer, lines, other, False, tmp_path, 2, seen.append)
+    assert seen[0] == 1
+
+
 def test_repeat_windows_show_the_first_line_twice(tokenizer):
     windows = make_windows(primitives_corpus(50, 0), tokenizer, seq_len=48)
     line = windows.stream[int(windows.starts[0]) : int(windows.ends[0])].tolist()
@@ -230,6 +282,51 @@ def test_corrupt_entry_is_rebuilt(tmp_path):
     third = load_tiny(_tiny_cfg(tmp_path, steps=0))
     assert third.meta["build_id"] != second.meta["build_id"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".tmp-", ".trash-"))]
+
+
+def test_interrupted_build_resumes_from_the_cache(tmp_path, monkeypatch):
+    """A build killed mid pre-training keeps its checkpoint in the cache; the next load continues from it."""
+    real = loader_module.pretrain
+    seen: list[int] = []
+
+    def killed(*args, **kwargs):
+        return real(*args, **kwargs, checkpoint_every=2, on_step=_stop_at(4))
+
+    monkeypatch.setattr(loader_module, "pretrain", killed)
+    with pytest.raises(_Interrupt):
+        load_tiny(_tiny_cfg(tmp_path, steps=6))
+    partial = [p for p in tmp_path.iterdir() if p.name.startswith(".partial-tiny-llama-")]
+    assert len(partial) == 1 and (partial[0] / "resume" / CHECKPOINT_FILE).is_file()
+    assert not (partial[0] / "build").exists() and not _entries(tmp_path, "tiny-llama-")
+
+    monkeypatch.setattr(loader_module, "pretrain", lambda *a, **k: real(*a, **k, on_step=seen.append))
+    resumed = load_tiny(_tiny_cfg(tmp_path, steps=6))
+    assert seen == [5, 6]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".partial-")]
+    assert set(json.loads((resumed.entry / MANIFEST).read_text())["files"]).isdisjoint({CHECKPOINT_FILE})
+
+    monkeypatch.setattr(loader_module, "pretrain", real)
+    whole = load_tiny(_tiny_cfg(tmp_path / "other", steps=6))
+    want = whole.model.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in resumed.model.state_dict().items())
+
+
+def test_default_model_cache_key_is_unchanged(monkeypatch, tmp_path):
+    """Existing caches and published numbers depend on the default tiny model's key: it must not move."""
+
+    class Stop(Exception):
+        pass
+
+    def capture(name, parts, build, cache_dir=None):
+        if name.startswith("tiny-"):
+            raise Stop(f"{name}-{key_hash(parts)}")
+        return get_or_build(name, parts, build, cache_dir)
+
+    monkeypatch.setattr(loader_module, "get_or_build", capture)
+    node = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "tiny_llama.yaml"), resolve=False)
+    node["cache_dir"] = str(tmp_path)
+    with pytest.raises(Stop, match=r"^tiny-llama-c830cad94889$"):
+        load_tiny(node)
 
 
 def _load_in_child(cache_dir: str, queue) -> None:

@@ -7,6 +7,9 @@ An entry is a directory ``<root>/<name>-<hash>`` where the hash covers everythin
   reader never sees a half-written entry (rename is atomic on one filesystem);
 * **one builder**: an ``fcntl.flock`` on ``<entry>.lock`` makes a concurrent run wait for the builder and
   then load its result instead of building (pre-training) a second time;
+* **resumable**: the build directory lives in ``<root>/.partial-<entry>/``, a name stable across processes;
+  ``resume_dir`` next to it survives a failed or interrupted build (pre-training keeps its checkpoints
+  there) and the whole ``.partial-`` directory is removed once the entry is published;
 * **self-checking**: the last file written is ``manifest.json`` with the size and sha256 of every file; an
   entry whose manifest is missing or does not match (crash, disk full, manual edits) is rebuilt.
 
@@ -128,6 +131,15 @@ def _publish(tmp: Path, entry: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def resume_dir(build_dir: Path) -> Path:
+    """Directory for state that should outlive an interrupted build into ``build_dir`` (from ``get_or_build``).
+
+    It is kept when a build fails, found again by the next build of the same entry (in any process), and
+    removed with the build directory once the entry is published.
+    """
+    return build_dir.parent / "resume"
+
+
 def get_or_build(
     name: str,
     parts: Mapping[str, Any],
@@ -140,7 +152,8 @@ def get_or_build(
         name: readable prefix of the entry directory (e.g. ``"tiny-llama"``).
         parts: everything the artefact depends on (JSON-serialisable); hashed with ``CODE_VERSION``.
         build: writes the artefact into the empty directory it is given and returns metadata (stored in the
-            manifest, e.g. pre-training losses and wall time).
+            manifest, e.g. pre-training losses and wall time); may keep resumable state in
+            ``resume_dir(directory)``.
         cache_dir: cache root override (see ``cache_root``).
     """
     root = cache_root(cache_dir)
@@ -155,7 +168,11 @@ def get_or_build(
         if entry.exists():
             log.warning("cache entry %s is incomplete or corrupt; rebuilding it", entry)
             _discard(entry)
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{entry.name}-"))
+        partial = root / f".partial-{entry.name}"  # stable name: a later build resumes from resume_dir
+        tmp = partial / "build"
+        if tmp.exists():
+            shutil.rmtree(tmp)  # outputs of a failed attempt; resume_dir is kept
+        tmp.mkdir(parents=True)
         try:
             meta = {"key": dict(parts), "build_id": uuid.uuid4().hex, "built_at": _now(), **build(tmp)}
             write_manifest(tmp, meta)
@@ -163,6 +180,7 @@ def get_or_build(
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(partial, ignore_errors=True)
     manifest = read_manifest(entry)
     if manifest is None:
         raise RuntimeError(f"cache entry {entry} is invalid right after building it; check the disk.")

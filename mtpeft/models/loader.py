@@ -21,10 +21,11 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
 
-from mtpeft.models.cache import fingerprint, get_or_build
+from mtpeft.models.cache import fingerprint, get_or_build, resume_dir
 from mtpeft.models.pretrain import PretrainConfig, pretrain
 from mtpeft.models.tiny import TinyModelConfig, build_tiny_model, count_parameters
 from mtpeft.models.tokenizer import DEFAULT_WHOLE_WORDS, train_tokenizer
+from mtpeft.utils.threads import build_threads, using_threads
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,8 @@ def load_tiny(cfg: Mapping[str, Any]) -> TinyArtifacts:
     }
 
     def build(tmp: Path) -> dict[str, Any]:
-        return _build_tiny(tmp, tiny, pre, tokenizer, lines)
+        with using_threads(build_threads(cfg)):
+            return _build_tiny(tmp, tiny, pre, tokenizer, lines)
 
     entry, meta = get_or_build(f"tiny-{tiny.arch}", parts, build, cache_dir)
     model = AutoModelForCausalLM.from_pretrained(
@@ -146,12 +148,20 @@ def _build_tiny(
     tokenizer: PreTrainedTokenizerFast,
     lines: list[str],
 ) -> dict[str, Any]:
-    """Build (and pre-train) the tiny model into ``tmp``; return metadata for the manifest."""
+    """Build (and pre-train) the tiny model into ``tmp``; return metadata for the manifest.
+
+    Pre-training checkpoints into the cache's ``resume_dir``, so an interrupted build continues there.
+    """
     model = build_tiny_model(tiny, tokenizer)
     meta: dict[str, Any] = {"params": count_parameters(model)}
     if pre.steps:
-        log.info("pre-training tiny-%s for %d steps (first use; cached afterwards)", tiny.arch, pre.steps)
-        result = pretrain(model, tokenizer, lines, pre)
+        log.info(
+            "pre-training tiny-%s for %d steps on %d threads (first use; cached afterwards)",
+            tiny.arch,
+            pre.steps,
+            torch.get_num_threads(),
+        )
+        result = pretrain(model, tokenizer, lines, pre, checkpoint_dir=resume_dir(tmp))
         log.info("pre-training done: %s", result)
         meta["pretrain"] = result.to_dict()
     model.save_pretrained(tmp)
