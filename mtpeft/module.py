@@ -17,6 +17,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -25,7 +26,7 @@ import torch
 from mtpeft.data.records import Record
 from mtpeft.losses import model_token_losses, per_task_mean
 from mtpeft.methods.base import AdaptedModel
-from mtpeft.metrics.tracker import EvalMetrics, check_metric_names
+from mtpeft.metrics.tracker import SCORES_FILE, EvalMetrics, check_metric_names, write_example_scores
 
 
 class MultiTaskModule(L.LightningModule):
@@ -68,6 +69,8 @@ class MultiTaskModule(L.LightningModule):
         self.train_seconds = 0.0
         self._eval = EvalMetrics("val", {})  # replaced when an eval epoch starts
         self._eval_records: list[Record] = []
+        self.example_rows: dict[str, list[dict[str, Any]]] = {}  # per-example scores: best val, last test
+        self._last_rows: list[dict[str, Any]] = []
         self._step_start = 0.0
 
     # -- helpers --------------------------------------------------------------------------------
@@ -160,6 +163,7 @@ class MultiTaskModule(L.LightningModule):
         score = metrics["val/avg/score"]
         if score > self.best_val.get("val/avg/score", -math.inf):
             self.best_val = dict(metrics)
+            self.example_rows["val"] = self._last_rows
         self.log("val/avg/score_best", self.best_val["val/avg/score"])
 
     def on_test_epoch_end(self) -> None:
@@ -179,14 +183,17 @@ class MultiTaskModule(L.LightningModule):
                 self._eval.update_loss(task, task_loss[task_id], task_tokens[task_id])
         texts = self._generate(batch)
         n = self.num_samples
-        by_task: dict[str, tuple[list[list[str]], list[Record]]] = defaultdict(lambda: ([], []))
+        by_task: dict[str, tuple[list[list[str]], list[Record], list[int]]] = defaultdict(
+            lambda: ([], [], [])
+        )
         for row, index in enumerate(batch["index"].tolist()):
             record = self._eval_records[index]
-            samples, records = by_task[record["task"]]
+            samples, records, indices = by_task[record["task"]]
             samples.append(texts[row * n : (row + 1) * n])
             records.append(record)
-        for task, (samples, records) in by_task.items():
-            self._eval.update(task, samples, records)
+            indices.append(index)
+        for task, (samples, records, indices) in by_task.items():
+            self._eval.update(task, samples, records, indices)
 
     def _generate(self, batch: dict[str, torch.Tensor]) -> list[str]:
         """Completions of the batch's prompts: ``num_samples`` per prompt, consecutive (greedy for 1)."""
@@ -223,7 +230,16 @@ class MultiTaskModule(L.LightningModule):
         for key, value in metrics.items():
             self.log(key, value, prog_bar=key.endswith("avg/score"))
         self.last_metrics[split] = metrics
+        self._last_rows = self._eval.example_rows()  # every process's rows (a collective under DDP)
+        if split == "test":
+            self.example_rows["test"] = self._last_rows
         return metrics
+
+    def write_example_scores(self, output_dir: Path) -> Path:
+        """Write ``<output_dir>/scores.jsonl.gz``: the per-example rows of the best validation epoch and of
+        the test epoch (`mtpeft.metrics.tracker`), read by the bootstrap statistics of `mtpeft.results`."""
+        rows = [*self.example_rows.get("val", []), *self.example_rows.get("test", [])]
+        return write_example_scores(Path(output_dir) / SCORES_FILE, rows)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -201,3 +201,81 @@ def test_no_temperature_plot_when_temperature_is_fixed(tmp_path: Path) -> None:
     _write(tmp_path, "a", "lora", 0, {"qa": 0.2, "code": 0.5})
     _write(tmp_path, "b", "lora", 1, {"qa": 0.4, "code": 0.5})
     assert temperature_scores(load_runs([tmp_path])).empty
+
+
+def test_sweep_dir_follows_skipped_jobs_to_the_runs_they_stand_for(tmp_path: Path) -> None:
+    first = tmp_path / "logs" / "s" / "multiruns" / "first"
+    _write(first, "0", "lora", 0, {"qa": 0.5, "code": 0.5})
+    _write(first, "1", "lora", 1, {"qa": 0.7, "code": 0.5})
+    rerun = tmp_path / "logs" / "s" / "multiruns" / "rerun"
+    _write(rerun, "1", "lora", 2, {"qa": 0.9, "code": 0.5})  # the one job that ran this time
+    for job, target in (("0", first / "0"), ("2", Path("logs/s/multiruns/first/1"))):  # absolute, relative
+        (rerun / job).mkdir(parents=True)
+        (rerun / job / "skipped.json").write_text(
+            json.dumps({"status": "skipped", "finished_in": str(target)})
+        )
+    table, _, _ = aggregate(load_runs([rerun]))
+    assert _row(table, "lora")["n"] == 3 and _row(table, "lora")["seeds"] == "0 1 2"
+    (rerun / "3").mkdir()
+    (rerun / "3" / "skipped.json").write_text(json.dumps({"status": "skipped", "finished_in": "/gone"}))
+    problems: list = []
+    assert len(load_runs([rerun], problems=problems)) == 3
+    assert problems and "holds no results.json" in problems[0][1]
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        ('{"status": "success"}', "no 'config'"),
+        ("[1, 2]", "JSON list"),
+        ('{"status": "done", "config": {}}', "status 'done'"),
+        ('{"status": "success", "config": {}}', "no 'metrics'"),
+        ("{not json", "unreadable"),
+    ],
+)
+def test_files_that_are_not_run_records_are_reported_not_rows(study: Path, content: str, reason: str) -> None:
+    (study / "bad").mkdir()
+    (study / "bad" / "results.json").write_text(content)
+    problems: list = []
+    records = load_runs([study], problems=problems)
+    assert len(records) == 7 and len(problems) == 1 and reason in problems[0][1]
+    main([str(study), "--no-plots"])
+    md = (study / "results.md").read_text()
+    assert "Files skipped (1: not run records)" in md and str(study / "bad" / "results.json") in md
+    assert pd.read_csv(study / "results.csv")["n"].sum() == 6  # the real runs only
+
+
+def test_running_runs_are_listed_as_incomplete(study: Path) -> None:
+    for name, seed in (("r1", 5), ("r2", 0)):  # r2: same config as lora seed 0, which succeeded
+        config = _config("lora", seed, r=8)
+        running = {"status": "running", "config": config, "config_hash": config_hash(config), "seed": seed}
+        (study / name).mkdir()
+        (study / name / "results.json").write_text(json.dumps(running))
+    from mtpeft.results import incomplete_runs
+
+    records = load_runs([study])
+    table, failed, _ = aggregate(records)
+    assert _row(table, "lora")["n"] == 3 and list(failed["method"]) == ["mtl_lora"]
+    assert incomplete_runs(records)[["method", "seed"]].values.tolist() == [["lora", 5]]
+    main([str(study), "--no-plots"])
+    assert "## Incomplete runs (1" in (study / "results.md").read_text()
+    assert pd.read_csv(study / "incomplete.csv")["seed"].tolist() == [5]
+
+
+def test_tuned_values_get_a_starred_column_and_validation_only_runs_are_left_out(tmp_path: Path) -> None:
+    for seed in (0, 1):
+        _write(tmp_path, f"lora{seed}", "lora", seed, {"qa": 0.5, "code": 0.5})
+        path = tmp_path / f"lora{seed}" / "results.json"
+        data = json.loads(path.read_text())
+        data["config"]["tuned"] = {"optimizer.lr": 0.003}
+        path.write_text(json.dumps(data))
+    _write(tmp_path, "tuning", "lora", 0, {"qa": 0.1, "code": 0.1})
+    path = tmp_path / "tuning" / "results.json"
+    data = json.loads(path.read_text())
+    data["config"]["test"] = False
+    path.write_text(json.dumps(data))
+    table, _, _ = aggregate(load_runs([tmp_path]))
+    assert len(table) == 1 and table.loc[0, "n"] == 2 and table.loc[0, "tuned.optimizer.lr"] == 0.003
+    main([str(tmp_path), "--no-plots"])
+    md = (tmp_path / "results.md").read_text()
+    assert "| method | lr* | n |" in md and "| lora | 0.003 | 2 |" in md

@@ -42,11 +42,14 @@ class PerExampleMetric(TextMetric):
     """A metric that is the mean of one score per record; subclasses implement ``score``.
 
     States (``total``, ``count``) are float64 sums, so shards merge exactly: the metric over the union
-    of two shards equals their merged states.
+    of two shards equals their merged states. ``last_scores`` holds the per-example scores of the latest
+    ``update`` (not a state: never synced), which `mtpeft.metrics.tracker.EvalMetrics` records per example
+    for the bootstrap statistics of `mtpeft.results.stats`.
     """
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.last_scores: list[float] = []
         self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
@@ -55,8 +58,9 @@ class PerExampleMetric(TextMetric):
         """One score in [0, 1] per prediction (does not touch the states)."""
 
     def update(self, predictions: Sequence[Any], records: Sequence[Record]) -> None:
-        """Add one batch's scores."""
+        """Add one batch's scores; they stay readable as ``last_scores`` (per-example hook)."""
         values = self.score(predictions, records)
+        self.last_scores = [float(v) for v in values]
         self.total += sum(values)
         self.count += len(values)
 

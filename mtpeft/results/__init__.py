@@ -1,0 +1,148 @@
+"""Tables, plots and statistics from the ``results.json`` files of a study or of any directory of runs.
+
+    python -m mtpeft.results methods_mix3      # reads logs/methods_mix3/ (+ experiments/methods_mix3/),
+                                               # writes experiments/methods_mix3/results.{md,csv,tex}, plots/
+    python -m mtpeft.results logs/train/multiruns/2026-11-25_10-00-00_ab12cd   # writes into that directory
+    make results STUDY=methods_mix3
+
+A study name reads ``<root>/logs/<name>/`` (every multirun and run of the study) and committed results under
+``<root>/experiments/<name>/`` (``<root>`` is ``$MTPEFT_ROOT`` or the current directory) and writes to
+``<root>/experiments/<name>/``; a directory is read recursively and written into. A sweep directory covers
+every job of the sweep: jobs skipped because an identical config had finished (``skipped.json``) are read
+from the run they point to.
+
+The pieces: `load` (runs -> flat records; files that are not run records are reported and skipped, runs
+still ``running`` are listed as incomplete), `aggregate` (one row per configuration apart from its seed:
+mean ± std over seeds), `render` (Markdown / LaTeX, best per column in bold), `plots`, and `stats`
+(hierarchical bootstrap CIs over seeds and test items and paired comparisons, from each run's
+``scores.jsonl.gz``). Scores are ``test/<task>/score`` and ``test/avg/score`` in percent; costs are
+trainable parameters (and % of the base model), wall time and peak memory (the CUDA allocator peak on GPU,
+else the peak resident memory of the process, which in a multirun is the maximum over the jobs so far).
+
+Files: ``results.{md,csv,tex}`` (``results.csv`` holds the unformatted numbers ``<task>_mean``,
+``<task>_std``, ...), ``failed.csv``, ``incomplete.csv`` (only when there are such runs), ``stats.md``,
+``stats.csv``, ``pairwise.csv`` (only when runs saved per-example scores), and ``plots/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from mtpeft.results.aggregate import ROW_KEYS, aggregate, assign_variants, best_rows, incomplete_runs
+from mtpeft.results.load import (
+    COSTS,
+    CURVE_FILES,
+    load_runs,
+    model_label,
+    peak_memory,
+    resolve_target,
+    temperature_scores,
+    validation_curves,
+)
+from mtpeft.results.plots import pareto_front, plot, plot_curves, plot_temperature, save_figure
+from mtpeft.results.render import display_table, to_latex, to_markdown
+from mtpeft.results.stats import summarise_stats
+from mtpeft.utils.sweep import RESULTS_FILE
+
+__all__ = [
+    "COSTS",
+    "CURVE_FILES",
+    "ROW_KEYS",
+    "aggregate",
+    "assign_variants",
+    "best_rows",
+    "display_table",
+    "incomplete_runs",
+    "load_runs",
+    "main",
+    "model_label",
+    "pareto_front",
+    "peak_memory",
+    "plot",
+    "resolve_target",
+    "save_figure",
+    "summarise",
+    "temperature_scores",
+    "to_latex",
+    "to_markdown",
+    "validation_curves",
+]
+
+log = logging.getLogger(__name__)
+CSV_HIDDEN = ["runs"]
+"""Table columns kept for the statistics but not written to results.csv."""
+
+
+def summarise(
+    sources: Sequence[Path], out: Path, title: str, split: str = "test", plots: bool = True
+) -> dict:
+    """Read every run under ``sources``; write the tables, statistics (and plots) into ``out``."""
+    problems: list[tuple[str, str]] = []
+    records = load_runs(sources, split, problems)
+    if not records:
+        raise SystemExit(f"no {RESULTS_FILE} run records under {', '.join(map(str, sources))}")
+    table, failed, columns = aggregate(records)
+    incomplete = incomplete_runs(records)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / name for name in ("results.md", "results.csv", "results.tex", "failed.csv")]
+    extra = (
+        summarise_stats(table, columns, records, out, title, plots) if split == "test" and len(table) else []
+    )
+    table.drop(columns=[c for c in CSV_HIDDEN if c in table]).to_csv(out / "results.csv", index=False)
+    failed.to_csv(out / "failed.csv", index=False)
+    if len(incomplete):
+        incomplete.to_csv(out / "incomplete.csv", index=False)
+        files.append(out / "incomplete.csv")
+    (out / "results.md").write_text(to_markdown(table, failed, columns, title, incomplete, problems))
+    (out / "results.tex").write_text(to_latex(table, columns, title))
+    if plots and len(table):
+        files += plot(table, columns, out / "plots")
+        curves = validation_curves(records)
+        if len(curves):
+            files += plot_curves(curves, out / "plots")
+        by_temperature = temperature_scores(records)
+        if len(by_temperature):
+            files += plot_temperature(by_temperature, out / "plots")
+    files += extra
+    log.info(
+        "%d runs (%d rows, %d failed, %d incomplete, %d files skipped) -> %s",
+        len(records),
+        len(table),
+        len(failed),
+        len(incomplete),
+        len(problems),
+        out,
+    )
+    return {
+        "table": table,
+        "failed": failed,
+        "incomplete": incomplete,
+        "problems": problems,
+        "columns": columns,
+        "files": files,
+        "records": records,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(prog="python -m mtpeft.results", description=__doc__.split("\n\n")[0])
+    parser.add_argument("target", help="a study name (logs/<name>/ -> experiments/<name>/) or a directory")
+    parser.add_argument("--out", type=Path, help="write here instead")
+    parser.add_argument(
+        "--split", default="test", choices=["test", "val"], help="which metrics (default test)"
+    )
+    parser.add_argument("--no-plots", action="store_true", help="tables only")
+    args = parser.parse_args(argv)
+    sources, out, title = resolve_target(args.target)
+    out = args.out or out
+    result = summarise(sources, out, title, split=args.split, plots=not args.no_plots)
+    print(f"wrote {', '.join(str(f) for f in result['files'][:4])} and {len(result['files']) - 4} more files")
+    for kind in ("failed", "incomplete"):
+        if len(result[kind]):
+            print(f"{len(result[kind])} {kind} run(s): see {out / 'results.md'}")
+    if result["problems"]:
+        print(f"{len(result['problems'])} file(s) skipped (not run records): see {out / 'results.md'}")
+    return out

@@ -1,0 +1,229 @@
+"""Reading runs: every ``results.json`` under some directories as one flat record per run.
+
+A record holds the run's labels (method, model label, task mixture), status, seed, config hash, the
+scores of one split, costs, the flat hashed config (for variants) and the run directory (for its metrics
+CSV and per-example ``scores.jsonl.gz``). What is read:
+
+* every ``results.json`` under the roots, and the run a ``skipped.json`` points to (``finished_in``: a job
+  that `mtpeft.train` skipped because an identical config had finished), so a re-run sweep's directory
+  covers every job of the sweep, not only those that ran this time;
+* files that are not run records (not JSON, a list, ``{"status": "success"}`` without config or metrics,
+  an unknown status) are reported in ``problems`` and skipped, never turned into rows;
+* runs with ``status: running`` (started, then killed or still going) come back with that status and are
+  listed as incomplete, never averaged in;
+* for the test split, runs made with ``test=false`` (validation only, e.g. a study's tuning jobs) are left
+  out: they have no test score.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from mtpeft.utils.confighash import hashed_part
+from mtpeft.utils.sweep import RESULTS_FILE, stored_hash
+
+log = logging.getLogger(__name__)
+
+COSTS = ["trainable_params", "total_params", "trainable_percent", "wall_time_s", "peak_memory_mb"]
+MISSING = "—"
+SKIPPED_FILE = "skipped.json"
+"""Written by `mtpeft.train` in the directory of a skipped sweep job; ``finished_in`` names the run."""
+STATUSES = ("success", "failed", "running")
+"""Statuses of a run record: finished, failed (error recorded), started but not finished."""
+CURVE_FILES = ("csv/metrics.csv", "metrics.csv")
+"""Where a run keeps its logged metrics (CSV logger in the run dir, or a copy next to results.json)."""
+
+
+def model_label(model: Any) -> str:
+    """``tiny_<arch>`` for the locally built models, else the last part of ``name_or_path``."""
+    if not isinstance(model, dict):
+        return MISSING
+    if model.get("kind") == "tiny":
+        return f"tiny_{model.get('arch')}"
+    return str(model.get("name_or_path", MISSING)).rstrip("/").split("/")[-1]
+
+
+def peak_memory(value: Any) -> float | None:
+    """MB from results.json's ``peak_memory_mb``: the CUDA allocator peak if recorded, else the CPU peak RSS."""
+    if isinstance(value, dict):
+        value = value.get("cuda_peak_allocated_mb", value.get("cpu_peak_rss_mb"))
+    return value if isinstance(value, int | float) else None
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": value}`` for a nested dict (lists as their repr, so they compare and print)."""
+    if isinstance(node, dict):
+        flat: dict[str, Any] = {}
+        for key, value in node.items():
+            flat.update(flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: repr(node) if isinstance(node, list) else node}
+
+
+def record_problem(data: Any) -> str | None:
+    """Why ``data`` (a parsed results.json) is not a run record, or None when it is one."""
+    if not isinstance(data, dict):
+        return f"holds a JSON {type(data).__name__}, not a run record (an object)"
+    status = data.get("status")
+    if status not in STATUSES:
+        return f"status {status!r} is not one of {', '.join(STATUSES)}"
+    if not isinstance(data.get("config"), dict):
+        return "has no 'config' object (every run record stores its config)"
+    if status == "success" and not isinstance(data.get("metrics"), dict):
+        return "says status 'success' but has no 'metrics' object"
+    return None
+
+
+def _read_json(path: Path) -> tuple[Any, str | None]:
+    try:
+        return json.loads(path.read_text()), None
+    except (OSError, ValueError) as err:
+        return None, f"unreadable ({err}); a job killed while writing it?"
+
+
+def _followed(skipped: Path) -> tuple[Path | None, str | None]:
+    """The results.json of the run a ``skipped.json`` points to (relative paths tried from its parents)."""
+    data, problem = _read_json(skipped)
+    if problem or not isinstance(data, dict) or not data.get("finished_in"):
+        return None, problem or "has no 'finished_in' (the finished run it stands for)"
+    target = Path(data["finished_in"])
+    candidates = [target] if target.is_absolute() else [target, *(p / target for p in skipped.parents)]
+    for candidate in candidates:
+        if (candidate / RESULTS_FILE).is_file():
+            return candidate / RESULTS_FILE, None
+    return None, f"points to {target}, which holds no {RESULTS_FILE} (moved or deleted?)"
+
+
+def result_files(roots: Iterable[Path], problems: list[tuple[str, str]]) -> list[Path]:
+    """Every results.json under ``roots`` plus those that ``skipped.json`` files point to, each once."""
+    paths: list[Path] = []
+    for root in roots:
+        paths += sorted(Path(root).rglob(RESULTS_FILE))
+    seen = {p.resolve() for p in paths}
+    for root in roots:
+        for skipped in sorted(Path(root).rglob(SKIPPED_FILE)):
+            target, problem = _followed(skipped)
+            if problem:
+                problems.append((str(skipped), problem))
+            elif target.resolve() not in seen:
+                seen.add(target.resolve())
+                paths.append(target)
+    return paths
+
+
+def _record(path: Path, data: dict[str, Any], split: str) -> dict[str, Any]:
+    config = data["config"]
+    tasks = data.get("tasks") or list((config.get("data") or {}).get("tasks") or {})
+    metrics = (data.get("metrics") or {}).get(split) or {}
+    method = data.get("method") or (config.get("method") or {}).get("name") or MISSING
+    record = {
+        "path": str(path.parent),
+        "status": data["status"],
+        "method": method,
+        "model": model_label(config.get("model")),
+        "mixture": "+".join(sorted(tasks)) or MISSING,
+        "seed": data.get("seed", config.get("seed")),
+        "config_hash": stored_hash(data),
+        "error": data.get("error"),
+        "mtime": path.stat().st_mtime,
+        "tasks": list(tasks),
+        "flat": flatten(hashed_part(config)),
+        "tuned": config.get("tuned") if isinstance(config.get("tuned"), dict) else {},
+        "scores": {task: metrics.get(f"{split}/{task}/score") for task in [*tasks, "avg"]},
+    }
+    record.update({key: data.get(key) for key in COSTS})
+    record["peak_memory_mb"] = peak_memory(data.get("peak_memory_mb"))
+    return record
+
+
+def load_runs(
+    roots: Iterable[Path], split: str = "test", problems: list[tuple[str, str]] | None = None
+) -> list[dict[str, Any]]:
+    """One flat record per run under ``roots``: labels, status, scores, costs, flat config.
+
+    Files that are not run records are appended to ``problems`` as ``(path, reason)`` and logged."""
+    problems = [] if problems is None else problems
+    roots = list(roots)
+    records, validation_only = [], 0
+    for path in result_files(roots, problems):
+        data, problem = _read_json(path)
+        problem = problem or record_problem(data)
+        if problem:
+            problems.append((str(path), problem))
+            continue
+        if split == "test" and data["config"].get("test") is False:
+            validation_only += 1
+            continue
+        records.append(_record(path, data, split))
+    for path, problem in problems:
+        log.warning("skipping %s: %s", path, problem)
+    if validation_only:
+        log.info("left out %d validation-only run(s) (test=false) from the test table", validation_only)
+    return records
+
+
+def label(record: dict[str, Any] | pd.Series) -> str:
+    """``method`` or ``method (variant)``."""
+    return f"{record['method']} ({record['variant']})" if record.get("variant") else record["method"]
+
+
+def resolve_target(target: str) -> tuple[list[Path], Path, str]:
+    """(directories to read, output directory, title) for a study name or a directory."""
+    path = Path(target)
+    if path.is_dir():
+        return [path], path, path.name
+    root = Path(os.environ.get("MTPEFT_ROOT", "."))
+    sources = [d for d in (root / "logs" / target, root / "experiments" / target) if d.is_dir()]
+    if not sources:
+        raise SystemExit(
+            f"no results for {target!r}: it is not a directory, and neither {root / 'logs' / target} nor "
+            f"{root / 'experiments' / target} exists"
+        )
+    return sources, root / "experiments" / target, target
+
+
+def validation_curves(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """Long table ``label, seed, step, task, score`` of ``val/<task>/score`` from each run's metrics CSV."""
+    frames = []
+    for record in records:
+        if record["status"] != "success":
+            continue
+        path = next(
+            (Path(record["path"]) / f for f in CURVE_FILES if (Path(record["path"]) / f).exists()), None
+        )
+        if path is None:
+            continue
+        logged = pd.read_csv(path)
+        for task in [*record["tasks"], "avg"]:
+            column = f"val/{task}/score"
+            if column in logged and "step" in logged:
+                points = logged[["step", column]].dropna().rename(columns={column: "score"})
+                frames.append(points.assign(label=label(record), seed=record["seed"], task=task))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def temperature_scores(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """Long table ``method, temperature, task, score`` of successful runs (empty unless T varies)."""
+    rows = [
+        {
+            "method": r["method"],
+            "temperature": r["flat"].get("data.temperature"),
+            "task": task,
+            "score": score,
+        }
+        for r in records
+        if r["status"] == "success"
+        for task, score in r["scores"].items()
+        if score is not None
+    ]
+    table = pd.DataFrame(rows)
+    if table.empty or table["temperature"].nunique() < 2:
+        return pd.DataFrame()
+    return table

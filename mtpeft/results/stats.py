@@ -1,0 +1,276 @@
+"""What is noise: bootstrap confidence intervals over seeds and test items, and paired method comparisons.
+
+Every run saves its per-example scores (``scores.jsonl.gz``, `mtpeft.metrics.tracker`). A row's average
+test score is ``mean over seeds of (mean over tasks of (mean over the task's test items))``. Its 95%
+confidence interval comes from a two-stage (hierarchical) bootstrap that resamples both sources of
+noise: each replicate draws the seeds with replacement, then, independently for every drawn seed, the
+test items of every task with replacement (stratified by task, so each task keeps its size), and
+recomputes the statistic; the interval is the 2.5 and 97.5 percentiles of the replicates. With one seed
+only the test items are resampled (the interval then ignores seed noise).
+
+Paired comparison of rows A and B: on the seeds both have, with the data of one seed the test items are
+the same for every method (checked by index and record digest), so the per-item differences
+``score_A - score_B`` are bootstrapped the same way (the statistic is linear, so this is the difference
+of the averages under a shared resampling). The verdict is ``better`` / ``worse`` when the 95% CI of the
+difference excludes 0, else ``tie``. No multiple-comparison correction is applied: with many pairs, a few
+verdicts at the edge of their CI are expected by chance.
+
+Only tasks whose score is a per-example metric (exact match, F1, numeric, pass@k, ROUGE, ...) can be
+bootstrapped; a row with a corpus-level score (BLEU, ``evaluate:``) or without saved scores gets no
+interval, and the reason is listed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mtpeft.results.render import row_label
+
+log = logging.getLogger(__name__)
+SCORES_FILE = "scores.jsonl.gz"
+"""Per-example scores of a run (`mtpeft.metrics.tracker.SCORES_FILE`; repeated: no torch import here)."""
+
+N_BOOT = 2000
+"""Bootstrap replicates (percentile intervals; the 2.5% tails hold 50 replicates each)."""
+LEVEL = 0.95
+TOLERANCE = 1e-9
+"""How far a task's mean per-example score may be from the logged score before the scores are rejected."""
+
+Cells = dict[Any, dict[str, np.ndarray]]
+"""``cells[seed][task]``: the per-item scores of one task under one seed, in index order."""
+
+
+def bootstrap(cells: Cells, n_boot: int = N_BOOT, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Replicates of ``mean_seed mean_task mean_item`` under the two-stage resampling described above."""
+    rng = rng if rng is not None else np.random.default_rng(0)
+    seeds = list(cells)
+    if not seeds or any(not tasks for tasks in cells.values()):
+        raise ValueError("bootstrap needs at least one seed with at least one task")
+    n_seeds = len(seeds)
+    picks = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
+    total = np.zeros(n_boot)
+    columns = np.arange(n_boot)
+    for slot in range(n_seeds):  # an independent item resample for every drawn seed
+        per_seed = np.empty((n_seeds, n_boot))
+        for s, seed in enumerate(seeds):
+            task_means = [
+                values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(axis=1)
+                for values in cells[seed].values()
+            ]
+            per_seed[s] = np.mean(task_means, axis=0)
+        total += per_seed[picks[:, slot], columns]
+    return total / n_seeds
+
+
+def estimate(cells: Cells) -> float:
+    """The statistic on the data itself: mean over seeds of the mean over tasks of the item means."""
+    return float(np.mean([np.mean([v.mean() for v in tasks.values()]) for tasks in cells.values()]))
+
+
+def interval(
+    cells: Cells, n_boot: int = N_BOOT, level: float = LEVEL, rng: np.random.Generator | None = None
+) -> tuple[float, float, float]:
+    """(estimate, low, high): the statistic and its percentile bootstrap interval."""
+    replicates = bootstrap(cells, n_boot, rng)
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(replicates, [tail, 100 - tail])
+    return estimate(cells), float(low), float(high)
+
+
+@dataclass
+class RowScores:
+    """The per-item test scores of one table row, and the digests that identify its items."""
+
+    label: str
+    cells: Cells = field(default_factory=dict)
+    items: dict[Any, dict[str, list[str]]] = field(default_factory=dict)
+    problem: str | None = None
+
+
+def _run_cells(
+    path: Path, tasks: Sequence[str], logged: dict[str, float]
+) -> tuple[dict[str, np.ndarray], dict[str, list[str]], str | None]:
+    """One run's per-task score arrays and item digests from its scores file (problem text if unusable)."""
+    file = path / SCORES_FILE
+    if not file.is_file():
+        return {}, {}, f"{file} missing (a run from before per-example scores were saved?)"
+    from mtpeft.metrics.tracker import read_example_scores  # imports torch: only when there are scores
+
+    rows = [r for r in read_example_scores(file) if r.get("split") == "test"]
+    cells, items = {}, {}
+    for task in tasks:
+        mine = sorted((r for r in rows if r.get("task") == task), key=lambda r: r.get("index") or 0)
+        if not mine or any(r.get("score") is None for r in mine):
+            return {}, {}, f"task {task!r} has no per-example score in {file} (a corpus-level metric?)"
+        values = np.array([r["score"] for r in mine], dtype=np.float64)
+        expected = logged.get(task)
+        if expected is not None and abs(values.mean() - expected) > TOLERANCE:
+            return {}, {}, f"{file}: mean {task} score {values.mean():.6f} != logged {expected:.6f}"
+        cells[task] = values
+        items[task] = [f"{r.get('index')}:{r.get('item')}" for r in mine]
+    return cells, items, None
+
+
+def row_scores(row: pd.Series, tasks: Sequence[str], logged: dict[str, dict[str, float]]) -> RowScores:
+    """Collect the per-item scores of every run (seed) of a table row; ``logged[path][task]`` checks them."""
+    scores = RowScores(row_label(row))
+    for seed, path in row["runs"]:
+        cells, items, problem = _run_cells(Path(path), tasks, logged.get(path, {}))
+        if problem:
+            scores.problem = problem
+            return scores
+        scores.cells[seed], scores.items[seed] = cells, items
+    return scores
+
+
+def paired_cells(a: RowScores, b: RowScores) -> tuple[Cells, str | None]:
+    """Per-item differences A - B on the seeds both rows have (items must be the same ones)."""
+    common = [seed for seed in a.cells if seed in b.cells]
+    if not common:
+        return {}, "no seed in common"
+    diffs: Cells = {}
+    for seed in common:
+        if a.items[seed] != b.items[seed]:
+            return {}, f"seed {seed}: the two rows scored different test items"
+        diffs[seed] = {task: a.cells[seed][task] - b.cells[seed][task] for task in a.cells[seed]}
+    return diffs, None
+
+
+def verdict(low: float, high: float) -> str:
+    """``better`` / ``worse`` when the CI of A - B excludes 0, else ``tie``."""
+    return "better" if low > 0 else "worse" if high < 0 else "tie"
+
+
+def compare(
+    table: pd.DataFrame,
+    tasks: Sequence[str],
+    logged: dict[str, dict[str, float]],
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+) -> tuple[pd.DataFrame, pd.DataFrame, list[tuple[str, str]]]:
+    """(intervals, pairs, problems): a CI per row and a paired comparison per pair of rows.
+
+    ``intervals``: label, row index, estimate, ci_low, ci_high, seeds; ``pairs``: a, b, diff, ci_low,
+    ci_high, verdict, seeds (A is the row with the higher estimate). Fixed ``seed``: same numbers every time.
+    """
+    rng = np.random.default_rng(seed)
+    rows, problems = [], []
+    for i, row in table.iterrows():
+        scores = row_scores(row, tasks, logged)
+        if scores.problem:
+            problems.append((scores.label, scores.problem))
+            continue
+        est, low, high = interval(scores.cells, n_boot, rng=rng)
+        rows.append((i, scores, est, low, high))
+    intervals = pd.DataFrame(
+        [
+            {"label": s.label, "row": i, "estimate": e, "ci_low": lo, "ci_high": hi, "seeds": len(s.cells)}
+            for i, s, e, lo, hi in rows
+        ],
+        columns=["label", "row", "estimate", "ci_low", "ci_high", "seeds"],
+    )
+    ranked = sorted(rows, key=lambda r: -r[2])
+    pairs = []
+    for x, (_, a, *_) in enumerate(ranked):
+        for _, b, *_ in ranked[x + 1 :]:
+            diffs, problem = paired_cells(a, b)
+            if problem:
+                problems.append((f"{a.label} vs {b.label}", problem))
+                continue
+            est, low, high = interval(diffs, n_boot, rng=rng)
+            pairs.append(
+                {
+                    "a": a.label,
+                    "b": b.label,
+                    "diff": est,
+                    "ci_low": low,
+                    "ci_high": high,
+                    "verdict": verdict(low, high),
+                    "seeds": len(diffs),
+                }
+            )
+    pairs_table = pd.DataFrame(pairs, columns=["a", "b", "diff", "ci_low", "ci_high", "verdict", "seeds"])
+    return intervals, pairs_table, problems
+
+
+def to_markdown(
+    intervals: pd.DataFrame, pairs: pd.DataFrame, problems: Sequence[tuple[str, str]], title: str
+) -> str:
+    """stats.md: the CI of each row (best first) and every paired comparison."""
+    pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
+    lines = [
+        f"# {title}: confidence intervals and paired comparisons",
+        "",
+        "Average test score (%) with its 95% CI: hierarchical bootstrap (seeds, then test items within each "
+        f"seed, stratified by task; {N_BOOT} replicates). Paired: the difference of two rows on the same seeds "
+        "and test items; `better`/`worse` when its CI excludes 0, else `tie` (no multiple-comparison "
+        "correction).",
+        "",
+        "| rank | row | seeds | avg | 95% CI |",
+        "|---|---|---|---|---|",
+    ]
+    ordered = intervals.sort_values("estimate", ascending=False, kind="stable")
+    for rank, (_, r) in enumerate(ordered.iterrows(), 1):
+        lines.append(
+            f"| {rank} | {r['label']} | {r['seeds']} | {pct(r['estimate'])} | [{pct(r['ci_low'])}, {pct(r['ci_high'])}] |"
+        )
+    if len(pairs):
+        lines += [
+            "",
+            "## Paired differences (A - B, points)",
+            "",
+            "| A | B | seeds | A - B | 95% CI | verdict |",
+        ]
+        lines.append("|---|---|---|---|---|---|")
+        for _, p in pairs.iterrows():
+            lines.append(
+                f"| {p['a']} | {p['b']} | {p['seeds']} | {100 * p['diff']:+.1f} "
+                f"| [{100 * p['ci_low']:+.1f}, {100 * p['ci_high']:+.1f}] | {p['verdict']} |"
+            )
+    if problems:
+        lines += ["", f"## Left out ({len(problems)})", "", "| row or pair | reason |", "|---|---|"]
+        lines += [f"| {what} | {why} |" for what, why in problems]
+    return "\n".join(lines) + "\n"
+
+
+def summarise_stats(
+    table: pd.DataFrame,
+    columns: Sequence[str],
+    records: Sequence[dict[str, Any]],
+    out: Path,
+    title: str,
+    plots: bool,
+) -> list[Path]:
+    """Write stats.md / stats.csv / pairwise.csv (+ plots/ci, plots/pairwise); add the CI to ``table``.
+
+    Nothing is written when no row has per-example scores (e.g. runs from before they were saved)."""
+    tasks = [c for c in columns if c != "avg"]
+    logged = {r["path"]: {t: r["scores"].get(t) for t in tasks} for r in records}
+    intervals, pairs, problems = compare(table, tasks, logged)
+    if intervals.empty:
+        if problems:
+            log.info("no confidence intervals: %s", problems[0][1])
+        return []
+    table["avg_ci_low"], table["avg_ci_high"] = math.nan, math.nan
+    for _, r in intervals.iterrows():
+        table.loc[r["row"], ["avg_ci_low", "avg_ci_high"]] = [r["ci_low"], r["ci_high"]]
+    files = [out / "stats.md", out / "stats.csv", out / "pairwise.csv"]
+    files[0].write_text(to_markdown(intervals, pairs, problems, title))
+    intervals.drop(columns=["row"]).to_csv(files[1], index=False)
+    pairs.to_csv(files[2], index=False)
+    if plots:
+        from mtpeft.results.plots import plot_ci, plot_pairwise
+
+        order = intervals.sort_values("estimate", ascending=False, kind="stable")["label"].tolist()
+        files += plot_ci(intervals, out / "plots")
+        if len(pairs):
+            files += plot_pairwise(pairs, order, out / "plots")
+    return files

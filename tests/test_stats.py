@@ -1,0 +1,237 @@
+"""`mtpeft.results.stats`: the hierarchical bootstrap and paired comparisons on hand-made scores with known
+answers, the per-example rows of `EvalMetrics`, and stats files written from runs' ``scores.jsonl.gz``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mtpeft.metrics.tracker import (
+    EvalMetrics,
+    read_example_scores,
+    record_digest,
+    write_example_scores,
+)
+from mtpeft.results import main
+from mtpeft.results.stats import bootstrap, estimate, interval, paired_cells, row_scores, verdict
+from mtpeft.utils.confighash import config_hash
+
+
+def _cells(rng: np.random.Generator, p: dict[str, float], seeds: int = 3, n: int = 200) -> dict:
+    return {s: {t: (rng.random(n) < q).astype(float) for t, q in p.items()} for s in range(seeds)}
+
+
+def test_constant_scores_give_a_degenerate_interval() -> None:
+    cells = {s: {"qa": np.full(50, 0.25), "code": np.full(30, 0.75)} for s in range(3)}
+    est, low, high = interval(cells, n_boot=200)
+    assert est == pytest.approx(0.5) and low == pytest.approx(0.5) and high == pytest.approx(0.5)
+
+
+def test_estimate_is_mean_over_seeds_of_task_averages() -> None:
+    cells = {
+        0: {"a": np.array([1.0, 0.0]), "b": np.array([1.0])},
+        1: {"a": np.array([0.0]), "b": np.array([0.0])},
+    }
+    assert estimate(cells) == pytest.approx(((0.5 + 1.0) / 2 + 0.0) / 2)
+
+
+def test_seed_noise_widens_the_interval() -> None:
+    rng = np.random.default_rng(1)
+    same = {s: {"t": (rng.random(300) < 0.5).astype(float)} for s in range(4)}
+    shifted = {s: {"t": (rng.random(300) < 0.2 + 0.2 * s).astype(float)} for s in range(4)}
+    _, lo1, hi1 = interval(same, n_boot=1000)
+    _, lo2, hi2 = interval(shifted, n_boot=1000)
+    assert hi2 - lo2 > 1.5 * (hi1 - lo1)
+
+
+def test_interval_covers_the_true_mean_about_95_percent() -> None:
+    """Coverage sanity: 60 data sets of Bernoulli items (3 seeds, 2 tasks), fixed seeds."""
+    rng = np.random.default_rng(123)
+    truth = {"qa": 0.3, "code": 0.6}
+    hits = 0
+    for _ in range(60):
+        _, low, high = interval(_cells(rng, truth, n=150), n_boot=400, rng=rng)
+        hits += low <= 0.45 <= high
+    assert 0.8 <= hits / 60 <= 1.0
+
+
+def test_identical_methods_tie_and_a_constant_difference_is_exact() -> None:
+    rng = np.random.default_rng(0)
+    a = _cells(rng, {"qa": 0.5, "code": 0.4})
+    same, _ = _as_pair(a, a)
+    est, low, high = interval(same, n_boot=300)
+    assert est == 0 and low == 0 and high == 0 and verdict(low, high) == "tie"
+    plus = {s: {t: v + 0.1 for t, v in tasks.items()} for s, tasks in a.items()}
+    diffs, _ = _as_pair(plus, a)
+    est, low, high = interval(diffs, n_boot=300)
+    assert (est, low, high) == pytest.approx((0.1, 0.1, 0.1)) and verdict(low, high) == "better"
+
+
+def test_noise_alone_is_a_tie_and_a_real_gap_is_not() -> None:
+    rng = np.random.default_rng(7)
+    a, b = _cells(rng, {"qa": 0.5}, n=300), _cells(rng, {"qa": 0.5}, n=300)
+    diffs, _ = _as_pair(a, b)
+    assert verdict(*interval(diffs, n_boot=1000)[1:]) == "tie"
+    c = _cells(rng, {"qa": 0.7}, n=300)
+    diffs, _ = _as_pair(c, a)
+    assert verdict(*interval(diffs, n_boot=1000)[1:]) == "better"
+    diffs, _ = _as_pair(a, c)
+    assert verdict(*interval(diffs, n_boot=1000)[1:]) == "worse"
+
+
+def test_pairing_needs_common_seeds_and_the_same_items() -> None:
+    from mtpeft.results.stats import RowScores
+
+    a = RowScores("a", {0: {"t": np.ones(2)}}, {0: {"t": ["0:x", "1:y"]}})
+    b = RowScores("b", {0: {"t": np.zeros(2)}}, {0: {"t": ["0:x", "1:z"]}})
+    assert "different test items" in paired_cells(a, b)[1]
+    c = RowScores("c", {1: {"t": np.zeros(2)}}, {1: {"t": ["0:x", "1:y"]}})
+    assert paired_cells(a, c)[1] == "no seed in common"
+
+
+def test_bootstrap_is_reproducible_and_rejects_empty_input() -> None:
+    cells = _cells(np.random.default_rng(0), {"qa": 0.5}, seeds=2, n=20)
+    first = bootstrap(cells, 50, np.random.default_rng(3))
+    assert np.array_equal(first, bootstrap(cells, 50, np.random.default_rng(3)))
+    with pytest.raises(ValueError, match="at least one seed"):
+        bootstrap({}, 10)
+
+
+def _as_pair(a: dict, b: dict) -> tuple[dict, str | None]:
+    from mtpeft.results.stats import RowScores
+
+    items = {s: {t: [str(i) for i in range(len(v))] for t, v in tasks.items()} for s, tasks in a.items()}
+    return paired_cells(RowScores("a", a, items), RowScores("b", b, items))
+
+
+# -- per-example rows from the metric tracker -------------------------------------------------------
+def _record(task: str, answer: str) -> dict:
+    return {
+        "task": task,
+        "instruction": f"q {answer}",
+        "input": "",
+        "output": answer,
+        "answer": answer,
+        "meta": {},
+    }
+
+
+def test_eval_metrics_rows_match_the_computed_metrics(tmp_path: Path) -> None:
+    tracker = EvalMetrics("test", {"qa": ["exact_match", "f1"], "code": ["bleu", "exact_match"]})
+    qa = [_record("qa", "red fox"), _record("qa", "blue"), _record("qa", "green")]
+    tracker.update("qa", [["red fox"], ["blue sky"], ["nope"]], qa, [0, 1, 2])
+    code = [_record("code", "a b c d"), _record("code", "x y z w")]
+    tracker.update("code", [["a b c d"], ["x y"]], code, [3, 4])
+    metrics = tracker.compute()
+    rows = tracker.example_rows()
+    assert [r["index"] for r in rows] == [0, 1, 2, 3, 4]
+    qa_rows = [r for r in rows if r["task"] == "qa"]
+    assert [r["score"] for r in qa_rows] == [1.0, 0.0, 0.0]
+    assert np.mean([r["scores"]["f1"] for r in qa_rows]) == pytest.approx(metrics["test/qa/f1"])
+    assert np.mean([r["score"] for r in qa_rows]) == pytest.approx(metrics["test/qa/score"])
+    code_rows = [r for r in rows if r["task"] == "code"]
+    assert all(r["score"] is None for r in code_rows)  # BLEU is a corpus metric: no per-example score
+    assert [r["scores"]["exact_match"] for r in code_rows] == [1.0, 0.0]
+    assert rows[0]["item"] == record_digest(qa[0]) and rows[0]["prediction"] == "red fox"
+    path = write_example_scores(tmp_path / "scores.jsonl.gz", rows)
+    first = path.read_bytes()
+    assert read_example_scores(path) == json.loads(json.dumps(rows))
+    write_example_scores(path, rows)
+    assert path.read_bytes() == first  # no time stamp in the gzip header
+
+
+# -- stats files from runs --------------------------------------------------------------------------
+def _run(root: Path, method: str, seed: int, hits: dict[str, list[int]]) -> None:
+    config = {
+        "seed": seed,
+        "method": {"name": method},
+        "model": {"kind": "tiny", "arch": "llama"},
+        "data": {"tasks": {t: {} for t in hits}, "seed": seed},
+    }
+    scores = {f"test/{t}/score": float(np.mean(v)) for t, v in hits.items()}
+    scores["test/avg/score"] = float(np.mean(list(scores.values())))
+    run = root / f"{method}_{seed}"
+    run.mkdir(parents=True)
+    data = {
+        "status": "success",
+        "method": method,
+        "seed": seed,
+        "tasks": list(hits),
+        "config": config,
+        "config_hash": config_hash(config),
+        "metrics": {"val": {}, "test": scores},
+        "trainable_params": 10,
+        "total_params": 100,
+        "trainable_percent": 10.0,
+    }
+    (run / "results.json").write_text(json.dumps(data))
+    rows, index = [], 0
+    for task, values in hits.items():
+        for value in values:
+            item = f"{seed}-{task}-{index}"
+            rows.append({"split": "test", "task": task, "index": index, "item": item, "score": float(value)})
+            index += 1
+    write_example_scores(run / "scores.jsonl.gz", rows)
+
+
+def test_stats_files_ci_column_and_pairwise_verdicts(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for seed in range(3):
+        base = {t: (rng.random(80) < 0.3).astype(int).tolist() for t in ("qa", "code")}
+        _run(tmp_path, "lora", seed, base)
+        _run(tmp_path, "lora_copy", seed, base)  # the same predictions: a tie at exactly 0
+        _run(tmp_path, "hycam", seed, {t: [1] * 80 for t in base})  # every item right: better than both
+    main([str(tmp_path)])
+    intervals = pd.read_csv(tmp_path / "stats.csv")
+    assert list(intervals.sort_values("estimate")["label"])[-1] == "hycam"
+    hycam = intervals[intervals["label"] == "hycam"].iloc[0]
+    assert hycam["ci_low"] == hycam["ci_high"] == 1.0
+    pairs = pd.read_csv(tmp_path / "pairwise.csv")
+    verdicts = {(p["a"], p["b"]): p["verdict"] for _, p in pairs.iterrows()}
+    assert verdicts[("hycam", "lora")] == verdicts[("hycam", "lora_copy")] == "better"
+    assert set(verdicts.values()) == {"better", "tie"} and len(verdicts) == 3
+    tie = pairs[pairs["verdict"] == "tie"].iloc[0]
+    assert tie["diff"] == tie["ci_low"] == tie["ci_high"] == 0.0
+    md = (tmp_path / "results.md").read_text()
+    assert (
+        "avg 95% CI" in md
+        and "| hycam | 3 | **100.0 ± 0.0** | **100.0 ± 0.0** | **100.0 ± 0.0** | [100.0, 100.0] |" in md
+    )
+    assert "## Paired differences" in (tmp_path / "stats.md").read_text()
+    for name in ("ci", "pairwise"):
+        assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 0
+
+
+def test_scores_that_disagree_with_the_logged_metric_are_rejected(tmp_path: Path) -> None:
+    _run(tmp_path, "lora", 0, {"qa": [1, 0, 1, 1]})
+    path = tmp_path / "lora_0" / "results.json"
+    data = json.loads(path.read_text())
+    data["metrics"]["test"]["test/qa/score"] = 0.5  # 0.75 in the per-example file
+    path.write_text(json.dumps(data))
+    from mtpeft.results import aggregate, load_runs
+
+    records = load_runs([tmp_path])
+    table, _, columns = aggregate(records)
+    scores = row_scores(table.iloc[0], ["qa"], {r["path"]: {"qa": r["scores"]["qa"]} for r in records})
+    assert scores.problem and "!= logged 0.500000" in scores.problem
+
+
+def test_a_run_writes_per_example_scores_that_average_to_its_metrics(tmp_path: Path) -> None:
+    from mtpeft.run import run
+    from tests.conftest import TINY_RUN, compose_train
+
+    results = run(compose_train([*TINY_RUN, "method=lora", "logger=none"], tmp_path), tmp_path)
+    rows = read_example_scores(tmp_path / "scores.jsonl.gz")
+    for split in ("val", "test"):
+        mine = [r for r in rows if r["split"] == split]
+        assert len({r["index"] for r in mine}) == len(mine) == 18  # 6 items x 3 tasks, each once
+        for task in ("qa", "code", "reasoning"):
+            values = [r["score"] for r in mine if r["task"] == task]
+            assert len(values) == 6
+            assert np.mean(values) == pytest.approx(
+                results["metrics"][split][f"{split}/{task}/score"], abs=1e-12
+            )
