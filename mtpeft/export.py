@@ -1,0 +1,291 @@
+"""Export a finished run for standard tools: ``python -m mtpeft.export <run dir> [options]``.
+
+A run directory holds ``.hydra/config.yaml`` (or the resolved config in ``results.json``), ``results.json``
+(with the task names, in task-id order) and ``adapter/``. Every export rebuilds the base model from the
+run's ``model`` config (`mtpeft.models.loader.load_base_model`), the method from the adapter's own record
+(`mtpeft.methods.load_adapter`), and loads the adapter weights. Then, by option:
+
+``--merge``
+    one standalone Hugging Face model per task, ``<out>/merged-<task>/`` (``save_pretrained`` of the base
+    with ``W0 + ΔW_t`` in every adapted linear, plus the tokenizer). Its logits equal the adapted model's
+    for that task (eval mode). Only methods whose update is a per-task weight delta can be merged (LoRA,
+    MultiLoRA, MTL-LoRA, Poly, C-Poly); input-dependent ones (HyCAM, MoE-LoRA, PEML) stop with a clear
+    error and exit status 2, the method's own ``merged_weight_deltas`` says why.
+``--lmeval-task``
+    an lm-evaluation-harness task per task, ``<out>/lmeval/mtpeft_<task>_<split>.{yaml,jsonl}``: the
+    ``--split`` records with the prompt rendered exactly as mtpeft renders it (template, chat template),
+    generated greedily with the task's generation budget and scored by lm-eval's exact match (case,
+    punctuation, articles, surrounding whitespace ignored: SQuAD normalisation, as mtpeft's
+    ``exact_match``). Run it with ``--include_path <out>/lmeval`` (see `mtpeft.lmeval`).
+neither
+    ``<out>/base/`` (the base model and tokenizer as a plain Hugging Face directory) and ``<out>/adapter/``
+    (a copy of the adapter): for ``method=lora`` that pair is all plain transformers + peft need
+    (``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)``).
+
+``--task`` names a task (repeatable); without it every task of the run is exported. ``--out`` defaults
+to ``<run dir>/export``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mtpeft.methods.base import AdaptedModel, NotMergeableError, load_adapter, read_adapter_meta
+from mtpeft.models.loader import adapter_dtype, load_base_model
+from mtpeft.utils.resolvers import register_resolvers
+
+log = logging.getLogger(__name__)
+EXPORT_INFO = "mtpeft_export.json"
+"""Written next to every exported model: run, method, task, task id (what the directory is)."""
+
+
+@dataclass
+class LoadedRun:
+    """A run's config, its adapted model (eval mode) and tokenizer, and its task names in id order."""
+
+    run_dir: Path
+    cfg: DictConfig
+    model: AdaptedModel
+    tokenizer: Any
+    tasks: list[str]
+
+    def task_id(self, task: str) -> int:
+        """The id of task ``task``; an unknown name lists the run's tasks."""
+        if task not in self.tasks:
+            raise ValueError(f"task {task!r} is not a task of run {self.run_dir}; its tasks: {self.tasks}")
+        return self.tasks.index(task)
+
+    def fresh_base(self) -> torch.nn.Module:
+        """Another copy of the plain base model (for merging into)."""
+        base, _ = load_base_model(self.cfg.model)
+        return base
+
+
+def read_run_config(run_dir: str | Path) -> DictConfig:
+    """The run's config: ``.hydra/config.yaml``, else the resolved ``config`` of ``results.json``."""
+    run_dir = Path(run_dir)
+    register_resolvers()
+    hydra_config = run_dir / ".hydra" / "config.yaml"
+    if hydra_config.is_file():
+        return OmegaConf.load(hydra_config)
+    results = _results(run_dir)
+    if "config" in results:
+        return OmegaConf.create(results["config"])
+    raise FileNotFoundError(
+        f"{run_dir} is not a run directory: no .hydra/config.yaml and no config in results.json "
+        "(pass the directory a `python -m mtpeft.train` run wrote, e.g. logs/train/runs/<date>)"
+    )
+
+
+def run_tasks(run_dir: Path, cfg: DictConfig, tokenizer: Any) -> list[str]:
+    """Task names in task-id order: from ``results.json``, else from the run's data config."""
+    tasks = _results(run_dir).get("tasks")
+    if tasks:
+        return list(tasks)
+    return build_datamodule(cfg, tokenizer).task_names
+
+
+def load_run(run_dir: str | Path) -> LoadedRun:
+    """Rebuild the base model and the adapted model of a finished run (eval mode)."""
+    run_dir = Path(run_dir)
+    adapter = run_dir / "adapter"
+    if not adapter.is_dir():
+        raise FileNotFoundError(
+            f"{run_dir} has no adapter/ directory: the run saved no adapter (save_adapter=false, "
+            "method=none, or the run failed)"
+        )
+    cfg = read_run_config(run_dir)
+    meta, _ = read_adapter_meta(adapter)
+    name = OmegaConf.select(cfg, "method.name")
+    if name is not None and name != meta["method"]:
+        raise ValueError(f"{adapter} holds a {meta['method']!r} adapter but the run's config says {name!r}")
+    base, tokenizer = load_base_model(cfg.model)
+    model = load_adapter(adapter, base, adapter_dtype(cfg.model)).eval()
+    return LoadedRun(run_dir, cfg, model, tokenizer, run_tasks(run_dir, cfg, tokenizer))
+
+
+def build_datamodule(cfg: DictConfig, tokenizer: Any) -> Any:
+    """The run's datamodule, built as the run built it (same template, chat template, seed, sizes)."""
+    from hydra.utils import instantiate
+
+    datamodule = instantiate(
+        cfg.data, tokenizer=tokenizer, chat_template=bool(cfg.model.get("chat_template"))
+    )
+    return datamodule
+
+
+# -- merged standalone models ------------------------------------------------------------------------
+def export_merged(run: LoadedRun, task: str, out_dir: str | Path) -> Path:
+    """Write the standalone model of ``task`` (weights merged) and the tokenizer into ``out_dir``."""
+    task_id = run.task_id(task)
+    merged = run.model.merge_into(run.fresh_base(), task_id)
+    out_dir = Path(out_dir)
+    merged.save_pretrained(out_dir)
+    run.tokenizer.save_pretrained(out_dir)
+    _write_info(out_dir, run, {"kind": "merged", "task": task, "task_id": task_id})
+    return out_dir
+
+
+def export_base_and_adapter(run: LoadedRun, out_dir: str | Path) -> Path:
+    """Write ``base/`` (plain base model + tokenizer) and ``adapter/`` (a copy) into ``out_dir``."""
+    out_dir = Path(out_dir)
+    base = run.fresh_base()
+    base.save_pretrained(out_dir / "base")
+    run.tokenizer.save_pretrained(out_dir / "base")
+    shutil.copytree(run.run_dir / "adapter", out_dir / "adapter", dirs_exist_ok=True)
+    _write_info(out_dir, run, {"kind": "base+adapter"})
+    return out_dir
+
+
+def _write_info(out_dir: Path, run: LoadedRun, extra: dict[str, Any]) -> None:
+    info = {
+        "run_dir": str(run.run_dir.resolve()),
+        "method": run.model.method_name,
+        "tasks": run.tasks,
+        **extra,
+    }
+    (out_dir / EXPORT_INFO).write_text(json.dumps(info, indent=2))
+
+
+# -- lm-eval tasks -----------------------------------------------------------------------------------
+def lmeval_task_name(task: str, split: str) -> str:
+    """The lm-eval task name of an exported mtpeft task split."""
+    return f"mtpeft_{task}_{split}"
+
+
+def export_lmeval_task(
+    cfg: DictConfig, tokenizer: Any, task: str, split: str, out_dir: str | Path, datamodule: Any = None
+) -> Path:
+    """Write ``<name>.jsonl`` (``prompt``, ``answers``, ``index``) and ``<name>.yaml`` into ``out_dir``.
+
+    The prompts are the run's own (its template and chat template), the generation budget is the
+    task's (``evaluation.max_new_tokens`` when set), decoding is greedy, the score is exact match under
+    SQuAD normalisation. Returns the YAML path.
+    """
+    datamodule = datamodule or build_datamodule(cfg, tokenizer)
+    datamodule.setup("test")
+    if task not in datamodule.task_names:
+        raise ValueError(f"task {task!r} is not in the run's data; its tasks: {datamodule.task_names}")
+    from mtpeft.metrics.base import golds
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = lmeval_task_name(task, split)
+    data = out_dir / f"{name}.jsonl"
+    with data.open("w") as lines:
+        for index, record in enumerate(datamodule.records(split)):
+            if record["task"] == task:  # index: the record's position in the split, as in scores.jsonl.gz
+                prompt, _ = datamodule.template(record)
+                lines.write(json.dumps({"prompt": prompt, "answers": golds(record), "index": index}) + "\n")
+    budget = OmegaConf.select(cfg, "evaluation.max_new_tokens") or datamodule.max_new_tokens_for(task)
+    spec = _lmeval_spec(name, data.resolve(), int(budget))
+    path = out_dir / f"{name}.yaml"
+    path.write_text(json.dumps(spec, indent=2) + "\n")  # JSON is valid YAML, and needs no yaml writer
+    return path
+
+
+def _lmeval_spec(name: str, data: Path, max_new_tokens: int) -> dict[str, Any]:
+    """An lm-eval task config: local JSONL, greedy generation, SQuAD-normalised exact match."""
+    return {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "test_split": "test",
+        "output_type": "generate_until",
+        "doc_to_text": "{{prompt}}",
+        "doc_to_target": "answers",
+        "target_delimiter": "",
+        "generation_kwargs": {"until": [], "max_gen_toks": max_new_tokens, "do_sample": False},
+        "filter_list": [
+            {"name": "strip", "filter": [{"function": "remove_whitespace"}, {"function": "take_first"}]}
+        ],
+        "metric_list": [
+            {
+                "metric": "exact_match",
+                "aggregation": "mean",
+                "higher_is_better": True,
+                "ignore_case": True,
+                "ignore_punctuation": True,
+                # SQuAD normalisation: articles dropped, whitespace ignored
+                "regexes_to_ignore": [r"(?i)\b(a|an|the)\b", r"\s+"],
+            }
+        ],
+        "metadata": {"version": 1.0},
+    }
+
+
+# -- command line ------------------------------------------------------------------------------------
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m mtpeft.export",
+        description="Export a finished run: merged standalone models (--merge), lm-eval tasks "
+        "(--lmeval-task), or the plain base model plus the adapter (default).",
+    )
+    parser.add_argument(
+        "run_dir", type=Path, help="run directory (.hydra/config.yaml, results.json, adapter/)"
+    )
+    parser.add_argument("--task", action="append", help="task to export (repeatable; default: every task)")
+    parser.add_argument("--merge", action="store_true", help="write one merged standalone model per task")
+    parser.add_argument("--lmeval-task", action="store_true", help="write lm-eval task YAML + JSONL per task")
+    parser.add_argument("--split", default="test", choices=("val", "test"), help="records for --lmeval-task")
+    parser.add_argument("--out", type=Path, help="output directory (default: <run dir>/export)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the export; returns the exit status (2: the method cannot be merged, 1: bad input)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    out = args.out or args.run_dir / "export"
+    try:
+        written = _export(args, out)
+    except NotMergeableError as err:
+        print(f"mtpeft.export: error: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        print(f"mtpeft.export: error: {err}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(path)
+    return 0
+
+
+def _export(args: argparse.Namespace, out: Path) -> list[Path]:
+    if args.lmeval_task and not args.merge:
+        cfg = read_run_config(args.run_dir)
+        _, tokenizer = load_base_model(cfg.model)
+        datamodule = build_datamodule(cfg, tokenizer)
+        tasks = args.task or datamodule.task_names
+        return [export_lmeval_task(cfg, tokenizer, t, args.split, out / "lmeval", datamodule) for t in tasks]
+    run = load_run(args.run_dir)
+    tasks = args.task or run.tasks
+    for task in tasks:
+        run.task_id(task)  # unknown names fail before anything is written
+    written: list[Path] = []
+    if args.merge:
+        written += [export_merged(run, t, out / f"merged-{t}") for t in tasks]
+    else:
+        written.append(export_base_and_adapter(run, out))
+    if args.lmeval_task:
+        written += [export_lmeval_task(run.cfg, run.tokenizer, t, args.split, out / "lmeval") for t in tasks]
+    return written
+
+
+def _results(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "results.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""``python -m mtpeft.export``: merged standalone models per task (logits equal to the adapted model for
+that task) for the weight-delta methods, a clear refusal for input-dependent ones, and the plain
+base + adapter pair that transformers + peft load for LoRA."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mtpeft.export import EXPORT_INFO, main
+from mtpeft.methods import build_method
+from mtpeft.methods.base import NotMergeableError
+from mtpeft.models.loader import load_base_model
+from mtpeft.run import method_options
+from tests.conftest import TINY_RUN, compose_train
+
+REPO = Path(__file__).resolve().parent.parent
+TASKS = ["code", "qa", "reasoning"]  # task ids are positions in sorted order
+MERGEABLE = ["lora", "multilora", "mtl_lora", "poly", "cpoly"]
+NOT_MERGEABLE = ["hycam", "moe_lora", "peml"]
+#: Overrides giving each method a non-trivial update (identity-at-init methods would merge to the base).
+NON_IDENTITY = {
+    "lora": ["method.init_weights=false"],
+    "multilora": ["method.init_weights=false"],
+    "mtl_lora": ["method.init_weights=false"],
+    "poly": ["method.init_weights=false", "method.n_splits=2"],
+    "cpoly": ["method.init_weights=false", "method.n_splits=2"],
+    "hycam": ["method.init_weights=false"],
+    "moe_lora": [],
+    "peml": [],
+}
+
+
+def make_run(method: str, root: Path) -> tuple[Path, torch.nn.Module]:
+    """A run directory as `python -m mtpeft.train` leaves it (config, results, adapter), without training:
+    the adapter is a random non-identity one, perturbed so that every task differs."""
+    run_dir = root / f"run-{method}"
+    cfg = compose_train([*TINY_RUN, f"method={method}", *NON_IDENTITY[method]], run_dir)
+    base, _ = load_base_model(cfg.model)
+    name, options = method_options(cfg)
+    torch.manual_seed(0)
+    model = build_method(name, options, base, num_tasks=len(TASKS)).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn_like(param))
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    (run_dir / "results.json").write_text(json.dumps({"status": "success", "tasks": TASKS}))
+    model.save_adapter(run_dir / "adapter")
+    return run_dir, model
+
+
+def _inputs() -> torch.Tensor:
+    return torch.randint(3, 200, (2, 11), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("method", MERGEABLE)
+def test_merged_model_gives_the_adapted_logits_of_its_task(method: str, tmp_path: Path) -> None:
+    run_dir, model = make_run(method, tmp_path)
+    out = tmp_path / "out"
+    assert main([str(run_dir), "--merge", "--task", "qa", "--task", "reasoning", "--out", str(out)]) == 0
+    ids = _inputs()
+    plain, _ = load_base_model(OmegaConf.load(run_dir / ".hydra" / "config.yaml").model)
+    with torch.no_grad():
+        base_logits = plain(input_ids=ids).logits
+        for task in ("qa", "reasoning"):
+            merged = AutoModelForCausalLM.from_pretrained(out / f"merged-{task}", dtype=torch.float32).eval()
+            task_ids = torch.full((ids.shape[0],), TASKS.index(task))
+            expected = model(input_ids=ids, task_ids=task_ids).logits
+            got = merged(input_ids=ids).logits
+            torch.testing.assert_close(got, expected, rtol=0.0, atol=1e-5)
+            assert (got - base_logits).abs().max() > 1e-3  # the merged update is not nothing
+    info = json.loads((out / "merged-qa" / EXPORT_INFO).read_text())
+    assert info["task"] == "qa" and info["task_id"] == 1 and info["method"] == method
+    assert AutoTokenizer.from_pretrained(out / "merged-qa")("a b")["input_ids"]
+
+
+@pytest.mark.parametrize("method", ["mtl_lora", "cpoly"])
+def test_task_conditioned_merges_differ_per_task(method: str, tmp_path: Path) -> None:
+    run_dir, _ = make_run(method, tmp_path)
+    out = tmp_path / "out"
+    assert main([str(run_dir), "--merge", "--out", str(out)]) == 0  # every task
+    ids = _inputs()
+    logits = {}
+    for task in TASKS:
+        merged = AutoModelForCausalLM.from_pretrained(out / f"merged-{task}", dtype=torch.float32).eval()
+        with torch.no_grad():
+            logits[task] = merged(input_ids=ids).logits
+    assert not torch.allclose(logits["qa"], logits["code"], atol=1e-4)
+
+
+@pytest.mark.parametrize("method", NOT_MERGEABLE)
+def test_input_dependent_methods_are_refused(method: str, tmp_path: Path, capsys) -> None:
+    run_dir, model = make_run(method, tmp_path)
+    with pytest.raises(NotMergeableError, match="cannot be merged"):
+        model.merged_weight_deltas(0)
+    assert main([str(run_dir), "--merge", "--task", "qa", "--out", str(tmp_path / "out")]) == 2
+    assert "cannot be merged" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "merged-qa").exists()
+
+
+def test_cli_refusal_exits_non_zero(tmp_path: Path) -> None:
+    run_dir, _ = make_run("hycam", tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mtpeft.export", str(run_dir), "--task", "qa", "--merge"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "'hycam' cannot be merged" in proc.stderr
+
+
+def test_base_and_peft_adapter_load_with_plain_tools(tmp_path: Path) -> None:
+    run_dir, model = make_run("lora", tmp_path)
+    out = tmp_path / "out"
+    assert main([str(run_dir), "--out", str(out)]) == 0
+    base = AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, out / "adapter").eval()
+    ids = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_unknown_task_and_missing_adapter_are_clear_errors(tmp_path: Path, capsys) -> None:
+    run_dir, _ = make_run("lora", tmp_path)
+    assert main([str(run_dir), "--merge", "--task", "nope", "--out", str(tmp_path / "o")]) == 1
+    assert "task 'nope'" in capsys.readouterr().err
+    assert main([str(tmp_path), "--merge"]) == 1
+    assert "no adapter/ directory" in capsys.readouterr().err
