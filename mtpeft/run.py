@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from mtpeft.methods import build_method
 from mtpeft.models.loader import adapter_dtype, describe_model, load_base_model
 from mtpeft.module import MultiTaskModule
+from mtpeft.preflight import preflight
 from mtpeft.utils.confighash import config_hash
 from mtpeft.utils.memory import peak_memory_mb, reset_peak_memory
 from mtpeft.utils.provenance import provenance
@@ -55,6 +56,7 @@ def build_callbacks(cfg: DictConfig, has_logger: bool) -> list[Any]:
 
 def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     """Train and evaluate one configuration; return the results dict also written to ``results.json``."""
+    preflight(cfg)  # every config error before any model is loaded (mtpeft/preflight.py)
     output_dir = Path(output_dir)
     started = time.perf_counter()
     reset_peak_memory()

@@ -25,6 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from mtpeft.preflight import run_cli
 from mtpeft.utils.confighash import config_hash
 from mtpeft.utils.resolvers import register_resolvers
 from mtpeft.utils.sweep import RESULTS_FILE, failure_record, find_finished, objective, read_results
@@ -69,4 +70,4 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a failure's last stderr line is "Error: <message>"

@@ -10,8 +10,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from mtpeft.methods import available_methods, parse_method_config
+from mtpeft.preflight import preflight
 from mtpeft.run import method_options
 from tests.conftest import CONF_DIR, compose_train
+from tests.data_sources_util import alpaca_rows, write_json
 
 
 def _options(group: str) -> list[str]:
@@ -30,14 +32,37 @@ def test_method_configs_parse_into_their_dataclass(method: str, tmp_path: Path) 
     parse_method_config(name, options)
 
 
+PLUGINS = {
+    "hparams_search": ("hydra_plugins.hydra_optuna_sweeper",),
+    "launcher": ("hydra_plugins.hydra_joblib_launcher", "hydra_plugins.hydra_submitit_launcher"),
+}
+"""Groups whose options need a Hydra plugin (the ``sweeps`` extra)."""
+
+
 @pytest.mark.parametrize(
-    "group", ["model", "data", "trainer", "logger", "debug", "experiment", "hparams_search"]
+    "group",
+    [
+        "method",
+        "model",
+        "data",
+        "trainer",
+        "logger",
+        "debug",
+        "experiment",
+        "hparams_search",
+        "launcher",
+        "matched",
+    ],
 )
-def test_every_option_of_every_group_composes(group: str, tmp_path: Path) -> None:
+def test_every_option_of_every_group_composes_and_passes_preflight(group: str, tmp_path: Path) -> None:
+    """Every shipped option composes, declares every top-level key it sets and passes the pre-flight checks
+    (``mtpeft.preflight``) as shipped, so a config error is never the user's first discovery."""
+    for plugin in PLUGINS.get(group, ()):
+        pytest.importorskip(plugin)
+    data = write_json(tmp_path / "data" / "a.json", alpaca_rows(20))
     for option in _options(group):
-        if group == "hparams_search" and "optuna" in option:
-            pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-        compose_train([f"{group}={option}"], tmp_path)
+        extra = [f"data.paths=[{data}]"] if (group, option) == ("data", "files") else []
+        preflight(compose_train([f"{group}={option}", *extra], tmp_path))
 
 
 @pytest.mark.parametrize("trainer", ["default", "cpu"])

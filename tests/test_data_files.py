@@ -218,6 +218,45 @@ def test_missing_file_and_config_errors(tmp_path: Path) -> None:
         parse_sources({"x": {"files": ["a.json"], "format": "alpacca"}})
 
 
+def test_directory_is_reported_as_a_directory(tmp_path: Path) -> None:
+    write_json(tmp_path / "folder" / "inside.json", alpaca_rows(3))
+    with pytest.raises(IsADirectoryError, match=r"'.*folder' is a directory .*\(it holds inside\.json\)"):
+        _load([str(tmp_path / "folder")])
+
+
+def test_single_json_object_says_a_list_was_expected(tmp_path: Path) -> None:
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps({"instruction": "q", "output": "a"}, indent=2))
+    with pytest.raises(ValueError, match=r"one\.json: expected a list of records .*one JSON object"):
+        _load([str(path)])
+    path.write_text(json.dumps({"instruction": "q", "output": "a"}))  # one line: still not JSON Lines
+    with pytest.raises(ValueError, match=r"expected a list of records"):
+        _load([str(path)])
+    path.write_text(json.dumps({"version": 2, "data": alpaca_rows(4)}))
+    with pytest.raises(ValueError, match=r"its key 'data' holds a list of 4 items: save that list alone"):
+        _load([str(path)])
+    write_jsonl(tmp_path / "lines.json", alpaca_rows(10))  # JSON Lines named .json still reads
+    assert sum(len(s) for s in _load([str(tmp_path / "lines.json")])["lines"].splits.values()) == 10
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_non_utf8_bytes_name_file_line_and_byte_offset(tmp_path: Path, suffix: str) -> None:
+    good = "".join(json.dumps(r) + "\n" for r in alpaca_rows(3)).encode()
+    path = tmp_path / f"latin{suffix}"
+    path.write_bytes(good + b'{"instruction": "caf' + b"\xe9" + b'", "output": "x"}\n')
+    offset = len(good) + len('{"instruction": "caf')
+    with pytest.raises(
+        ValueError, match=rf"latin\{suffix} line 4: byte 0xe9 at byte offset {offset} .*UTF-8"
+    ):
+        _load([str(path)])
+
+
+def test_utf8_byte_order_mark_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(alpaca_rows(10)).encode())
+    assert sum(len(s) for s in _load([str(path)])["bom"].splits.values()) == 10
+
+
 # -- datamodule -----------------------------------------------------------------------------------
 def test_datamodule_from_files_yields_batches_with_the_tiny_tokenizer(
     tmp_path: Path, tokenizer: PreTrainedTokenizerFast
@@ -268,6 +307,19 @@ def test_generator_tasks_and_sources_mix(tmp_path: Path, tokenizer: PreTrainedTo
         MultiTaskDataModule(
             {"qa": {"train": 2}}, tokenizer, sources={"clash": {"files": [{"path": path, "task": "qa"}]}}
         ).setup()
+
+
+def test_generator_task_with_train_0_is_evaluation_only(tokenizer: PreTrainedTokenizerFast) -> None:
+    """``data.tasks.<t>.train=0``: never drawn for training, still in val and test (and in the task ids)."""
+    dm = MultiTaskDataModule(
+        {"qa": {"train": 0, "val": 2, "test": 2}, "reasoning": {"train": 6, "val": 2, "test": 2}}, tokenizer
+    )
+    dm.setup()
+    assert dm.task_names == ["qa", "reasoning"] and dm.sampler.task_names == ["reasoning"]
+    drawn = {dm.examples("train")[i].task_id for i in dm.sampler}
+    assert drawn == {dm.task_id("reasoning")}
+    for split in ("val", "test"):
+        assert [r["task"] for r in dm.records(split)] == ["qa"] * 2 + ["reasoning"] * 2
 
 
 def test_source_tasks_stay_out_of_the_global_registry(tmp_path: Path, tokenizer) -> None:

@@ -44,10 +44,41 @@ MANIFEST = "manifest.json"
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """Resolve the cache root (argument > ``$MTPEFT_CACHE_DIR`` > user cache dir) and create it."""
+    root = check_cache_dir(cache_dir)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(
+            f"cannot create the mtpeft cache directory {root} ({err.strerror}); {_setting(cache_dir)}"
+        ) from err
+    return root
+
+
+def check_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The cache root ``cache_root`` would use, checked without creating anything.
+
+    A path that exists but is not a directory (``MTPEFT_CACHE_DIR`` set to a file) is an error naming the
+    setting it came from, so that it fails before a model is loaded rather than deep inside a build.
+    """
     chosen = cache_dir or os.environ.get(CACHE_ENV) or platformdirs.user_cache_dir("mtpeft")
     root = Path(chosen).expanduser()
-    root.mkdir(parents=True, exist_ok=True)
+    existing = next((p for p in (root, *root.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        what = "is a file" if existing == root else f"lies under {existing}, which is a file"
+        raise NotADirectoryError(f"the mtpeft cache directory {root} {what}; {_setting(cache_dir)}")
     return root
+
+
+def _setting(cache_dir: str | os.PathLike[str] | None) -> str:
+    """Which setting chose the cache root, and how to change it (for error messages)."""
+    env = os.environ.get(CACHE_ENV)
+    if cache_dir and (not env or str(cache_dir) != env):
+        return "it is the cache dir argument (model.cache_dir): point it to a directory"
+    if cache_dir or env:
+        return (
+            f"it comes from the cache dir setting ${CACHE_ENV}={env!r}: point it to a directory or unset it"
+        )
+    return f"it is the default user cache dir: set ${CACHE_ENV} to a writable directory"
 
 
 def key_hash(parts: Mapping[str, Any], length: int = 12) -> str:

@@ -4,7 +4,10 @@
 ``"<file> record #i"`` (JSON list) so that a missing field can be found in the file. A ``.jsonl`` /
 ``.ndjson`` file, or any file whose first non-blank character is not ``[``, is JSON Lines (blank lines
 are allowed); a file starting with ``[`` is one JSON list. Malformed JSON raises ValueError naming the
-file, line and column; an empty file or list is an error too (an empty task would train on nothing).
+file, line and column; bytes that are not UTF-8 name the file, line and byte offset; a ``.json`` file
+holding one JSON object (not a list) is an error that says a list of records was expected; a directory
+is reported as such; an empty file or list is an error too (an empty task would train on nothing).
+``check_data_file`` runs the path checks alone, so that a run can check its files before loading a model.
 Relative paths are resolved against the directory the run was started from (``hydra.utils.
 to_absolute_path``: Hydra may change the working directory of a job).
 """
@@ -25,15 +28,30 @@ def resolve_path(path: str | Path) -> Path:
     return Path(to_absolute_path(str(Path(path).expanduser())))
 
 
-def read_rows(path: str | Path) -> list[tuple[Any, str]]:
-    """All rows of a JSON list or JSON Lines file, each with a ``where`` string for error messages."""
+def check_data_file(path: str | Path) -> Path:
+    """The resolved path of data file ``path``; a missing file or a directory is an error saying which."""
     file = resolve_path(path)
+    if file.is_dir():
+        inside = sorted(p.name for p in file.iterdir() if p.suffix.lower() in (".json", *JSONL_SUFFIXES))
+        hint = f" (it holds {', '.join(inside[:5])}{', ...' if len(inside) > 5 else ''})" if inside else ""
+        raise IsADirectoryError(
+            f"data file {str(path)!r} is a directory ({file}); list the JSON / JSON Lines files inside it"
+            f"{hint} one by one, e.g. [{file / (inside[0] if inside else 'a.json')}]"
+        )
     if not file.is_file():
         raise FileNotFoundError(
             f"data file {str(path)!r} not found (looked at {file}); relative paths are taken from the "
             "directory the run was started in"
         )
-    content = file.read_text(encoding="utf-8")
+    return file
+
+
+def read_rows(path: str | Path) -> list[tuple[Any, str]]:
+    """All rows of a JSON list or JSON Lines file, each with a ``where`` string for error messages."""
+    file = check_data_file(path)
+    content = _decode(file.read_bytes(), file)
+    if file.suffix.lower() not in JSONL_SUFFIXES and content.lstrip().startswith("{"):
+        _reject_single_object(content, file)
     if file.suffix.lower() in JSONL_SUFFIXES or not content.lstrip().startswith("["):
         rows = _json_lines(content, file)
     else:
@@ -70,3 +88,38 @@ def _json_list(content: str, file: Path) -> list[tuple[Any, str]]:
     if not isinstance(data, list):
         raise ValueError(f"{file}: expected a JSON list of records, got {type(data).__name__}")
     return [(row, f"{file} record #{i}") for i, row in enumerate(data)]
+
+
+def _decode(data: bytes, file: Path) -> str:
+    """``data`` as UTF-8 text (a leading byte-order mark is dropped); a bad byte names line and offset."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line_start = data.rfind(b"\n", 0, err.start) + 1
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(
+            f"{file} line {line}: byte 0x{data[err.start]:02x} at byte offset {err.start} (column "
+            f"{err.start - line_start + 1} in bytes) is not valid UTF-8 ({err.reason}); data files must be "
+            f"UTF-8: convert it, e.g. iconv -f latin1 -t utf-8 {file.name} > {file.stem}.utf8{file.suffix}"
+        ) from None
+
+
+def _reject_single_object(content: str, file: Path) -> None:
+    """A ``.json`` file that is one JSON object (not JSON Lines, not a list) is an error naming the fix."""
+    try:
+        data = json.loads(content)
+    except json.JSONDecodeError:
+        return  # several objects (JSON Lines named .json) or malformed: the JSON Lines reader reports it
+    if not isinstance(data, dict):
+        return
+    lists = [key for key, value in data.items() if isinstance(value, list) and value]
+    hint = (
+        f"; its key {lists[0]!r} holds a list of {len(data[lists[0]])} items: save that list alone"
+        if lists
+        else ""
+    )
+    raise ValueError(
+        f"{file}: expected a list of records ([{{...}}, {{...}}]) or JSON Lines (one record per line), got "
+        f"one JSON object with keys {sorted(data)[:8]}{hint}; a single record goes in a list, or in a "
+        ".jsonl file"
+    )

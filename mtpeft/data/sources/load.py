@@ -82,6 +82,17 @@ def load_source(cfg: SourceConfig) -> list[SourceTask]:
     return out
 
 
+def source_splits(cfg: SourceConfig) -> tuple[str, ...]:
+    """The splits source ``cfg`` is asked to fill (loading fails if one of them ends up empty).
+
+    Known from the config alone, so a run can check before loading anything that val and test will have
+    records: a ratio split fills the splits with a positive share, a dataset source the splits it maps.
+    """
+    if cfg.ratios is not None:
+        return requested_splits(cfg.ratios)
+    return tuple(cfg.splits or get_format(cfg.format).splits)
+
+
 def _from_files(cfg: SourceConfig, fmt: Format) -> tuple[dict[str, dict[str, list[Record]]], tuple[str, ...]]:
     """Each file is split on its own (HyCAM's per-file 7:2), then its records join their tasks."""
     assert cfg.ratios is not None
@@ -91,7 +102,7 @@ def _from_files(cfg: SourceConfig, fmt: Format) -> tuple[dict[str, dict[str, lis
         for split, part in ratio_split(records, cfg.ratios, cfg.split_seed).items():
             for record in part:
                 per_task.setdefault(record["task"], {s: [] for s in SPLIT_NAMES})[split].append(record)
-    return per_task, requested_splits(cfg.ratios)
+    return per_task, source_splits(cfg)
 
 
 def _from_dataset(
@@ -101,14 +112,13 @@ def _from_dataset(
     default_task = cfg.key or fmt.name
     if cfg.ratios is not None:
         records = _convert(cfg, fmt, _dataset_rows(cfg, fmt, "train"), cfg.task, default_task)
-        by_split, requested = ratio_split(records, cfg.ratios, cfg.split_seed), requested_splits(cfg.ratios)
+        by_split = ratio_split(records, cfg.ratios, cfg.split_seed)
     else:
-        mapping = cfg.splits or fmt.splits
         by_split = {
             split: _convert(cfg, fmt, _dataset_rows(cfg, fmt, spec), cfg.task, default_task)
-            for split, spec in mapping.items()
+            for split, spec in (cfg.splits or fmt.splits).items()
         }
-        requested = tuple(mapping)
+    requested = source_splits(cfg)
     per_task: dict[str, dict[str, list[Record]]] = {}
     for split, records in by_split.items():
         for record in records:

@@ -1,0 +1,229 @@
+"""Pre-flight checks (`mtpeft.preflight`): every bad input fails before any model is loaded, naming the
+key (or file) and the fix; the CLI ends a failure with one ``Error: <message>`` line."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import DictConfig
+
+import mtpeft.run
+from mtpeft.models.cache import cache_root, check_cache_dir
+from mtpeft.preflight import (
+    CONF_DIR,
+    OPTIONAL_TOP_LEVEL,
+    allowed_top_level_keys,
+    check_evaluation,
+    error_line,
+    preflight,
+)
+from tests.conftest import TINY_RUN, compose_train
+from tests.data_sources_util import alpaca_rows, write_json
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _cfg(overrides: list[str], tmp_path: Path) -> DictConfig:
+    return compose_train(overrides, tmp_path / "run")
+
+
+def _files_cfg(tmp_path: Path, *overrides: str) -> DictConfig:
+    data = write_json(tmp_path / "data" / "a.json", alpaca_rows(20))
+    return _cfg(["data=files", f"data.paths=[{data}]", *overrides], tmp_path)
+
+
+@pytest.fixture
+def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make loading a model fail loudly, so a test sees that an error came before it."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a model was loaded before the config error was reported")
+
+    monkeypatch.setattr(mtpeft.run, "load_base_model", refuse)
+
+
+# -- top-level keys ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("override", ["+seeed=1", "++seeed=1", "+seeed.inner=1"])
+def test_unknown_top_level_key_is_rejected_naming_the_valid_ones(
+    override: str, tmp_path: Path, no_model: None
+) -> None:
+    cfg = _cfg([override], tmp_path)
+    with pytest.raises(ValueError, match=r"unknown top-level key 'seeed' \(did you mean 'seed'\?\)") as err:
+        mtpeft.run.run(cfg, tmp_path)
+    assert "valid top-level keys: " in str(err.value) and ", seed, " in str(err.value)
+
+
+def test_allowed_top_level_keys_come_from_the_config_files(tmp_path: Path) -> None:
+    conf = tmp_path / "conf"
+    (conf / "experiment").mkdir(parents=True)
+    (conf / "train.yaml").write_text(
+        "defaults:\n  - _self_\n  - method: lora\n  - optional local: default\nseed: 0\n"
+    )
+    (conf / "experiment" / "study.yaml").write_text("# @package _global_\ndefaults: []\nstudy_knob: 1\n")
+    (conf / "experiment" / "plain.yaml").write_text("not_global: 1\n")
+    assert allowed_top_level_keys(conf) == {"seed", "method", "local", "study_knob", *OPTIONAL_TOP_LEVEL}
+
+
+def test_keys_that_configs_add_or_read_are_allowed(tmp_path: Path) -> None:
+    allowed = allowed_top_level_keys()
+    assert {"ablation", "optimized_metric", "cluster", "seed", "evaluation"} <= allowed  # experiment, search
+    read = set()
+    for path in CONF_DIR.rglob("*.yaml"):
+        read |= set(re.findall(r"oc\.select:([A-Za-z_]+)", path.read_text()))
+    assert read <= allowed, "a key that a config reads with oc.select must be settable"
+    preflight(_cfg(["+cluster.partition=debug"], tmp_path))
+
+
+# -- run settings and declared nodes ----------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("seed=abc", r"seed='abc' is not valid: seed must be an integer"),
+        ("seed=1.5", r"seed=1\.5 is not valid"),
+        ("test=maybe", r"test='maybe' is not valid: test must be true or false"),
+        ("+evaluation.temprature=1", r"unknown key evaluation\.temprature \(did you mean 'temperature'\?\)"),
+        ("+scheduler.warmup=0.1", r"unknown key scheduler\.warmup .*valid keys of scheduler"),
+        ("+optimizer.lrr=1", r"unknown key optimizer\.lrr \(did you mean 'lr'\?\).*torch\.optim\.AdamW"),
+        ("+trainer.ckpt_path=x.ckpt", r"unknown key trainer\.ckpt_path: it is not an argument of .*Trainer"),
+        ("+data.tasks.qa.confilct=1", r"unknown key data\.tasks\.qa\.confilct \(did you mean 'conflict'\?\)"),
+        ("data.tasks.qa.val=-1", r"data\.tasks\.qa\.val=-1 is not valid"),
+        ("+data.tasks.nope.train=3", r"unknown task 'nope'"),
+        ("+data.batchsize=3", r"unknown key data\.batchsize \(did you mean 'batch_size'\?\)"),
+    ],
+)
+def test_bad_settings_name_the_key(override: str, message: str, tmp_path: Path, no_model: None) -> None:
+    with pytest.raises(ValueError, match=message):
+        mtpeft.run.run(_cfg([override], tmp_path), tmp_path)
+
+
+def test_misspelled_method_key_fails_before_the_model_is_loaded(tmp_path: Path, no_model: None) -> None:
+    cfg = _cfg(["method=lora", "+method.rnak=4"], tmp_path)
+    with pytest.raises(ValueError, match=r"unknown key.*'rnak'.*valid keys: alpha"):
+        mtpeft.run.run(cfg, tmp_path)
+    with pytest.raises((TypeError, ValueError), match=r"method\.r"):
+        preflight(_cfg(["method=lora", "method.r=four"], tmp_path))
+
+
+# -- evaluation -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("options", "key"),
+    [
+        ({"num_samples": 4, "temperature": 0}, "evaluation.temperature"),
+        ({"num_samples": 4, "temperature": -0.5}, "evaluation.temperature"),
+        ({"num_samples": 4, "top_p": 0.0}, "evaluation.top_p"),
+        ({"num_samples": 4, "top_p": 1.5}, "evaluation.top_p"),
+        ({"num_samples": 0}, "evaluation.num_samples"),
+        ({"batch_size": 0}, "evaluation.batch_size"),
+        ({"max_new_tokens": 0}, "evaluation.max_new_tokens"),
+    ],
+)
+def test_bad_evaluation_settings_name_the_key(options: dict, key: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{re.escape(key)}="):
+        check_evaluation({"batch_size": 8, **options})
+
+
+def test_greedy_evaluation_ignores_temperature(tmp_path: Path, no_model: None) -> None:
+    check_evaluation({"num_samples": 1, "temperature": 0, "top_p": 0})
+    cfg = _cfg(["evaluation.num_samples=3", "evaluation.temperature=0"], tmp_path)
+    with pytest.raises(
+        ValueError, match=r"evaluation\.temperature=0 is not valid with evaluation\.num_samples=3"
+    ):
+        mtpeft.run.run(cfg, tmp_path)
+
+
+# -- cache directory --------------------------------------------------------------------------------
+def test_cache_dir_that_is_a_file_names_the_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_model: None
+) -> None:
+    file = tmp_path / "not_a_dir"
+    file.write_text("x")
+    monkeypatch.setenv("MTPEFT_CACHE_DIR", str(file))
+    with pytest.raises(NotADirectoryError, match=r"is a file; .*cache dir setting \$MTPEFT_CACHE_DIR"):
+        mtpeft.run.run(_cfg([], tmp_path), tmp_path)
+    with pytest.raises(NotADirectoryError, match=r"MTPEFT_CACHE_DIR"):
+        cache_root()
+    monkeypatch.setenv("MTPEFT_CACHE_DIR", str(file / "sub"))
+    with pytest.raises(NotADirectoryError, match=r"lies under .*not_a_dir, which is a file"):
+        check_cache_dir()
+    with pytest.raises(NotADirectoryError, match=r"cache dir argument \(model\.cache_dir\)"):
+        check_cache_dir(file)
+    monkeypatch.setenv("MTPEFT_CACHE_DIR", str(tmp_path / "new" / "cache"))
+    assert check_cache_dir() == tmp_path / "new" / "cache" and not (tmp_path / "new").exists()
+
+
+# -- data -------------------------------------------------------------------------------------------
+def test_zero_eval_ratios_fail_before_training_naming_data_ratios(tmp_path: Path, no_model: None) -> None:
+    cfg = _files_cfg(tmp_path, "data.ratios=[1,0,0]")
+    with pytest.raises(ValueError, match=r"no task has val and test records .*data\.ratios=\[1, 0, 0\]"):
+        mtpeft.run.run(cfg, tmp_path)
+    with pytest.raises(ValueError, match=r"no task has test records \(test=true .*data\.ratios=\[8, 1, 0\]"):
+        preflight(_files_cfg(tmp_path, "data.ratios=[8,1,0]"))
+    preflight(_files_cfg(tmp_path, "data.ratios=[8,1,0]", "test=false"))
+    preflight(_files_cfg(tmp_path, "data.ratios=[7,2]"))
+
+
+def test_generator_tasks_without_test_records_are_named(tmp_path: Path) -> None:
+    tests = [f"data.tasks.{t}.test=0" for t in ("qa", "code", "reasoning")]
+    with pytest.raises(
+        ValueError, match=r"no task has test records.*data\.tasks\.qa\.test=0, data\.tasks\.code"
+    ):
+        preflight(_cfg(tests, tmp_path))
+    preflight(_cfg([*tests[:2]], tmp_path))  # one task with test records is enough
+
+
+def test_data_file_errors_come_before_the_model(tmp_path: Path, no_model: None) -> None:
+    (tmp_path / "folder").mkdir()
+    cfg = _cfg(["data=files", f"data.paths=[{tmp_path / 'folder'}]"], tmp_path)
+    with pytest.raises(IsADirectoryError, match=r"data file '.*folder' is a directory"):
+        mtpeft.run.run(cfg, tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"data file 'nope\.json' not found"):
+        preflight(_cfg(["data=files", "data.paths=[nope.json]"], tmp_path))
+    with pytest.raises(ValueError, match=r"data\.paths is not set"):
+        preflight(_cfg(["data=files"], tmp_path))
+    sources = '+data.sources={s: {files: ["' + str(tmp_path / "folder") + '"]}}'
+    with pytest.raises(IsADirectoryError, match=r"is a directory"):
+        preflight(_cfg([sources], tmp_path))
+
+
+def test_evaluation_only_task_trains_on_the_others_and_is_scored(tmp_path: Path) -> None:
+    """``data.tasks.<t>.train=0``: the task is never sampled for training but scored on val and test."""
+    results = mtpeft.run.run(
+        compose_train([*TINY_RUN, "method=lora", "logger=none", "data.tasks.qa.train=0"], tmp_path), tmp_path
+    )
+    assert results["tasks"] == ["code", "qa", "reasoning"]
+    for split in ("val", "test"):
+        assert f"{split}/qa/score" in results["metrics"][split]
+
+
+# -- CLI --------------------------------------------------------------------------------------------
+def _cli(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mtpeft.train", *args, "logger=none"],
+        cwd=REPO,
+        env={**os.environ, "MTPEFT_ROOT": str(tmp_path), **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_cli_error_ends_with_one_error_line(full: bool, tmp_path: Path) -> None:
+    proc = _cli(["+seeed=1"], tmp_path, **({"HYDRA_FULL_ERROR": "1"} if full else {}))
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: unknown top-level key 'seeed' (did you mean 'seed'?)"), proc.stderr[-2000:]
+    assert "Traceback" in proc.stderr and ("hydra/_internal" in proc.stderr) == full
+    record = json.loads(next((tmp_path / "logs").rglob("results.json")).read_text())
+    assert record["status"] == "failed" and "seeed" in record["error"]
+
+
+def test_error_line_is_one_line() -> None:
+    assert error_line(ValueError("first\n  second\tthird")) == "Error: first second third"
+    assert error_line(KeyError()) == "Error: KeyError"
