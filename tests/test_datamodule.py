@@ -147,17 +147,46 @@ def test_train_dataloader_follows_the_trainer_epoch(tokenizer: PreTrainedTokeniz
     assert dm.sampler.epoch == 3 and list(dm.sampler) != first
 
 
-def test_state_dict_restores_the_sampler(tokenizer: PreTrainedTokenizerFast) -> None:
-    dm = _dm(tokenizer, temperature=2.0, samples_per_epoch=40)
+@pytest.mark.parametrize("grouped", [True, False])
+def test_state_dict_restores_the_sampler(tokenizer: PreTrainedTokenizerFast, grouped: bool) -> None:
+    settings = {"temperature": 2.0, "samples_per_epoch": 40, "group_by_length": grouped, "batch_size": 8}
+    dm = _dm(tokenizer, **settings)
     dm.sampler.set_epoch(2)
     iterator = iter(dm.sampler)
     head = [next(iterator) for _ in range(10)]
     state = dm.state_dict()
-    resumed = MultiTaskDataModule(TASKS, tokenizer, temperature=2.0, samples_per_epoch=40)
+    resumed = MultiTaskDataModule(TASKS, tokenizer, **settings)
     resumed.load_state_dict(state)  # Lightning restores before or after setup: both work
     resumed.setup("fit")
     dm.sampler.set_epoch(2)
     assert head + list(resumed.sampler) == list(dm.sampler)
+
+
+def test_length_grouping_keeps_the_draws_and_cuts_padding(
+    tokenizer: PreTrainedTokenizerFast, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Same examples per epoch (exact per-task counts) with and without grouping; less padding, logged."""
+    logged: list[dict] = []
+    logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.append(metrics))
+    runs = {}
+    for grouped in (False, True):
+        dm = _dm(tokenizer, group_by_length=grouped, samples_per_epoch=240)
+        dm.trainer = SimpleNamespace(current_epoch=1, loggers=[logger])
+        with caplog.at_level(logging.INFO, logger="mtpeft.data.datamodule"):
+            batches = list(dm.train_dataloader())
+        rows = [
+            (t, tuple(r[m.bool()].tolist()))
+            for b in batches
+            for t, r, m in zip(b["task_ids"].tolist(), b["input_ids"], b["attention_mask"], strict=True)
+        ]
+        real = sum(int(b["attention_mask"].sum()) for b in batches)
+        padded = sum(b["attention_mask"].numel() for b in batches)
+        assert dm.padding_fraction == pytest.approx(1 - real / padded)  # what the batches really hold
+        runs[grouped] = (sorted(rows), dm.sampler.realised_counts(), dm.padding_fraction)
+    assert runs[True][0] == runs[False][0] and runs[True][1] == runs[False][1]
+    assert runs[True][2] < runs[False][2] / 2
+    assert [m["data/padding_fraction"] for m in logged] == [runs[False][2], runs[True][2]]
+    assert caplog.text.count("training padding:") == 2 and "over 30 batches" in caplog.text
 
 
 def test_overlength_truncate_and_skip(
@@ -193,6 +222,10 @@ def test_config_errors(tokenizer: PreTrainedTokenizerFast) -> None:
         MultiTaskDataModule(TASKS, tokenizer, overlength="drop")
     with pytest.raises(RuntimeError, match="call setup"):
         MultiTaskDataModule(TASKS, tokenizer).records("val")
+    with pytest.raises(ValueError, match="data.group_pool_batches must be an int >= 1"):
+        MultiTaskDataModule(TASKS, tokenizer, group_pool_batches=0)
+    with pytest.raises(ValueError, match="data.group_by_length must be true or false"):
+        MultiTaskDataModule(TASKS, tokenizer, group_by_length="yes")
     with pytest.raises(ValueError, match="no task has training records"):
         only_eval = MultiTaskDataModule({"qa": {"val": 2}}, tokenizer)
         only_eval.setup()

@@ -3,7 +3,8 @@
 Training batches are right-padded (``input_ids``, ``attention_mask``, ``labels``, ``task_ids``).
 Evaluation batches add the prompts alone, LEFT-padded, so batched greedy generation continues every
 prompt from the same last position, plus each example's ``index`` into the split's records.
-Collators are small frozen dataclasses (picklable for DataLoader workers).
+Collators are small frozen dataclasses (picklable for DataLoader workers). ``padding_fraction`` says
+how much of a padded batch stream is padding, without collating it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,21 @@ def pad(rows: Sequence[Sequence[int]], value: int, left: bool = False) -> tuple[
         out[i, span] = torch.tensor(row, dtype=torch.long)
         mask[i, span] = 1
     return out, mask
+
+
+def padding_fraction(lengths: Sequence[int], batch_size: int) -> float:
+    """Share of padding among the tokens of ``lengths`` cut into consecutive batches padded to their longest.
+
+    What ``TrainCollator`` produces for a DataLoader of ``batch_size`` over examples of these lengths.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    real = padded = 0
+    for start in range(0, len(lengths), batch_size):
+        chunk = lengths[start : start + batch_size]
+        real += sum(chunk)
+        padded += max(chunk) * len(chunk)
+    return 1.0 - real / padded if padded else 0.0
 
 
 @dataclass(frozen=True)

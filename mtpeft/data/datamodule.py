@@ -5,7 +5,8 @@ Tasks come from two places that can be mixed: ``tasks`` (procedural generators r
 ``mtpeft.data.sources``). The datamodule keeps its own task table (name -> metrics, generation budget);
 source tasks never enter the global registry. Task ids are the positions of the task names in sorted order. Training draws from the concatenated
 train sets with a ``TemperatureSampler`` (re-seeded per epoch, state saved in checkpoints through
-``state_dict``/``load_state_dict``). Evaluation visits ``records(split)`` in order, task blocks in
+``state_dict``/``load_state_dict``), grouped by length by default so that batches carry little padding
+(the share is logged once as ``data/padding_fraction``). Evaluation visits ``records(split)`` in order, task blocks in
 task-id order, and every batch carries ``index`` into that list plus left-padded prompts for
 generation. Nothing is dropped silently: truncated or skipped over-length records are logged.
 """
@@ -23,7 +24,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
 
-from mtpeft.data.collate import EvalCollator, TrainCollator
+from mtpeft.data.collate import EvalCollator, TrainCollator, padding_fraction
 from mtpeft.data.encode import OVERLENGTH_POLICIES, EncodeStats, Example, encode_records
 from mtpeft.data.records import Record
 from mtpeft.data.sampling import TemperatureSampler
@@ -55,6 +56,10 @@ class MultiTaskDataModule(LightningDataModule):
             the first question about task names).
         chat_template: wrap each rendered prompt in the tokenizer's chat template (instruct models; set
             from ``model.chat_template`` by the run).
+        group_by_length: group training examples of similar length into batches: pools of
+            ``group_pool_batches`` batches of the temperature-sampled stream are sorted by length and the
+            batches shuffled (``mtpeft.data.sampling``); same examples per epoch, less padding.
+        group_pool_batches: batches per sorting pool (more: less padding, batches less mixed in task).
     """
 
     def __init__(
@@ -73,6 +78,8 @@ class MultiTaskDataModule(LightningDataModule):
         overlength: str = "truncate",
         sources: Mapping[str, Any] | Sequence[Any] | None = None,
         chat_template: bool = False,
+        group_by_length: bool = True,
+        group_pool_batches: int = 8,
     ) -> None:
         super().__init__()
         self.source_configs = parse_sources(_plain(sources))
@@ -87,6 +94,11 @@ class MultiTaskDataModule(LightningDataModule):
                 f"need batch_size >= 1, eval_batch_size >= 1, max_length >= 2; "
                 f"got {batch_size}, {eval_batch_size}, {max_length}"
             )
+        _check_grouping(group_by_length, group_pool_batches)
+        self.group_by_length = group_by_length
+        self.group_pool_batches = group_pool_batches
+        self.padding_fraction: float | None = None
+        """Share of padding tokens in the first training epoch's batches (set by ``train_dataloader``)."""
         self.tokenizer = tokenizer
         self.template_name = f"{template}+chat" if chat_template else template
         self.template = get_template(template)
@@ -295,7 +307,17 @@ class MultiTaskDataModule(LightningDataModule):
         sizes = {name: n for name, n in sizes.items() if n > 0}  # eval-only tasks have no train block
         if not sizes:
             raise ValueError("no task has training records; give at least one task a train size > 0")
-        return TemperatureSampler(sizes, self.temperature, self.samples_per_epoch, self.seed)
+        if not self.group_by_length:
+            return TemperatureSampler(sizes, self.temperature, self.samples_per_epoch, self.seed)
+        return TemperatureSampler(
+            sizes,
+            self.temperature,
+            self.samples_per_epoch,
+            self.seed,
+            lengths=[len(e.input_ids) for e in self.examples("train")],
+            batch_size=self.batch_size,
+            pool_batches=self.group_pool_batches,
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """Checkpointed state: the sampler's position so a resumed run sees the same sequence."""
@@ -320,6 +342,8 @@ class MultiTaskDataModule(LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
             sampler.set_epoch(trainer.current_epoch)
+        if self.padding_fraction is None:
+            self._report_padding(sampler, trainer)
         return DataLoader(
             self.examples("train"),  # type: ignore[arg-type]
             batch_size=self.batch_size,
@@ -327,6 +351,21 @@ class MultiTaskDataModule(LightningDataModule):
             collate_fn=TrainCollator(self.tokenizer.pad_token_id),
             num_workers=self.num_workers,
         )
+
+    def _report_padding(self, sampler: TemperatureSampler, trainer: Any) -> None:
+        """Log (once) the share of padding tokens in this epoch's training batches, also to the loggers."""
+        examples = self.examples("train")
+        lengths = [len(examples[i].input_ids) for i in sampler.epoch_indices()]
+        self.padding_fraction = padding_fraction(lengths, self.batch_size)
+        batches = -(-len(lengths) // self.batch_size)
+        log.info(
+            "training padding: %.1f%% of tokens over %d batches (group_by_length=%s)",
+            100 * self.padding_fraction,
+            batches,
+            self.group_by_length,
+        )
+        for logger in getattr(trainer, "loggers", None) or []:
+            logger.log_metrics({"data/padding_fraction": self.padding_fraction}, step=0)
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches in ``records("val")`` order, with left-padded prompts and ``index``."""
@@ -394,6 +433,14 @@ def _sizes_and_knobs(entry: Mapping[str, Any]) -> tuple[dict[str, int], dict[str
     sizes = {k: v for k, v in entry.items() if k in SPLITS}
     knobs = {k: v for k, v in entry.items() if k not in SPLITS}
     return sizes, knobs
+
+
+def _check_grouping(group_by_length: Any, pool_batches: Any) -> None:
+    """``group_by_length`` is a bool and ``group_pool_batches`` a positive int (YAML may give other types)."""
+    if not isinstance(group_by_length, bool):
+        raise ValueError(f"data.group_by_length must be true or false, got {group_by_length!r}")
+    if isinstance(pool_batches, bool) or not isinstance(pool_batches, int) or pool_batches < 1:
+        raise ValueError(f"data.group_pool_batches must be an int >= 1, got {pool_batches!r}")
 
 
 def _check_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:

@@ -7,12 +7,20 @@ examples (wrapping around when a small task is drawn more than ``n_i`` times). T
 depends only on ``(seed, epoch)``: each epoch mixes differently (LLaMA-Factory #10672), a rerun
 repeats it, and ``state_dict`` records the position inside the epoch so a resumed run continues the
 same sequence. Global indices address the concatenated dataset (task blocks in the given order).
+
+Length grouping (optional, ``lengths`` given): the epoch's stream is cut into pools of
+``pool_batches * batch_size`` consecutive draws; each pool is sorted by length (stable) and cut into
+batches, and the full batches of the epoch are shuffled with a generator of their own (the partial batch,
+if any, stays last so the DataLoader's consecutive batching cuts the same batches). Only the order
+changes: the epoch draws exactly the same multiset of indices, so every task's sampling probability and
+realised count are those without grouping, while each batch holds examples of similar length (less
+padding). Like HF ``group_by_length``, batches then also tend to hold fewer tasks each.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -25,7 +33,8 @@ class TemperatureSampler(Sampler[int]):
     """Draw ``num_samples`` global indices per epoch with task probabilities ``∝ n_i^(1/T)``.
 
     Lightning calls ``set_epoch`` at the start of every epoch (it does so for any sampler with that
-    method); call it yourself in a plain loop.
+    method); call it yourself in a plain loop. With ``lengths`` (one per global index) the epoch is
+    length-grouped for a DataLoader of ``batch_size`` (module docstring); ``pool_batches`` batches per pool.
     """
 
     def __init__(
@@ -34,6 +43,9 @@ class TemperatureSampler(Sampler[int]):
         temperature: float = 1.0,
         num_samples: int | None = None,
         seed: int = 0,
+        lengths: Sequence[int] | None = None,
+        batch_size: int = 1,
+        pool_batches: int = 8,
     ) -> None:
         _check_sizes(task_sizes)
         if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0):
@@ -47,6 +59,11 @@ class TemperatureSampler(Sampler[int]):
             raise ValueError(
                 f"TemperatureSampler: num_samples must be an int >= 1 or None, got {num_samples!r}"
             )
+        total_size = sum(int(n) for n in task_sizes.values())
+        _check_grouping(lengths, total_size, batch_size, pool_batches)
+        self.lengths = torch.as_tensor(list(lengths), dtype=torch.long) if lengths is not None else None
+        self.batch_size = batch_size
+        self.pool_batches = pool_batches
         self.task_names = list(task_sizes)
         self.task_sizes = [int(task_sizes[name]) for name in self.task_names]
         self.offsets = [sum(self.task_sizes[:i]) for i in range(len(self.task_sizes))]
@@ -83,6 +100,10 @@ class TemperatureSampler(Sampler[int]):
             self._position = i + 1
             yield int(indices[i])
 
+    def epoch_indices(self) -> list[int]:
+        """The current epoch's global indices in order (the position in the epoch does not move)."""
+        return self._epoch_plan()[2].tolist()
+
     def realised_counts(self) -> dict[str, int]:
         """How many samples of each task the current epoch draws."""
         _, tasks, _ = self._epoch_plan()
@@ -98,7 +119,14 @@ class TemperatureSampler(Sampler[int]):
             "temperature": self.temperature,
             "num_samples": self.num_samples,
             "task_sizes": dict(zip(self.task_names, self.task_sizes, strict=True)),
+            "length_grouping": self._grouping(),
         }
+
+    def _grouping(self) -> dict[str, int] | None:
+        """The length-grouping settings the order depends on (None: no grouping)."""
+        if self.lengths is None:
+            return None
+        return {"batch_size": self.batch_size, "pool_batches": self.pool_batches}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a ``state_dict``: the next iteration continues the saved epoch where it stopped.
@@ -107,11 +135,14 @@ class TemperatureSampler(Sampler[int]):
         sequence could not be reproduced and a ValueError names the mismatch.
         """
         current = self.state_dict()
-        for key in ("temperature", "num_samples", "task_sizes"):
-            if state[key] != current[key]:
+        for key in ("temperature", "num_samples", "task_sizes", "length_grouping"):
+            saved = state.get(key)  # checkpoints from before length grouping have no such key
+            if saved != current[key]:
                 raise ValueError(
-                    f"TemperatureSampler.load_state_dict: saved {key}={state[key]!r} differs from this "
-                    f"sampler's {current[key]!r}; build the data with the settings of the saved run"
+                    f"TemperatureSampler.load_state_dict: saved {key}={saved!r} differs from this "
+                    f"sampler's {current[key]!r}; build the data with the settings of the saved run "
+                    "(data.temperature, data.samples_per_epoch, data.batch_size, data.group_by_length, "
+                    "data.group_pool_batches)"
                 )
         self.seed = int(state["seed"])
         self.epoch = int(state["epoch"])
@@ -131,8 +162,51 @@ class TemperatureSampler(Sampler[int]):
             mask = tasks == t
             walk = torch.arange(int(mask.sum())) % size
             indices[mask] = perm[walk] + offset
+        if self.lengths is not None:
+            order = group_by_length(
+                self.lengths[indices],
+                self.batch_size,
+                self.pool_batches,
+                torch.Generator().manual_seed(derive_seed(self.seed, "length-grouping", self.epoch)),
+            )
+            tasks, indices = tasks[order], indices[order]
         self._plan = (self.epoch, tasks, indices)
         return self._plan
+
+
+def group_by_length(
+    lengths: torch.Tensor, batch_size: int, pool_batches: int, gen: torch.Generator
+) -> torch.Tensor:
+    """A permutation of ``range(len(lengths))`` whose consecutive ``batch_size`` chunks hold similar lengths.
+
+    Pools of ``pool_batches * batch_size`` consecutive positions are sorted by length (stable) and cut into
+    batches; the full batches are shuffled with ``gen`` and a final partial batch stays last.
+    """
+    pool = pool_batches * batch_size
+    batches: list[torch.Tensor] = []
+    for start in range(0, len(lengths), pool):
+        positions = torch.arange(start, min(start + pool, len(lengths)))
+        ranked = positions[torch.argsort(lengths[positions], stable=True)]
+        batches.extend(ranked.split(batch_size))
+    tail = [batches.pop()] if batches and len(batches[-1]) < batch_size else []
+    shuffled = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+    return torch.cat([*shuffled, *tail]) if batches or tail else torch.empty(0, dtype=torch.long)
+
+
+def _check_grouping(lengths: Sequence[int] | None, total: int, batch_size: int, pool_batches: int) -> None:
+    """Length grouping needs one length per global index and positive batch and pool sizes."""
+    if lengths is None:
+        return
+    if len(lengths) != total:
+        raise ValueError(
+            f"TemperatureSampler: got {len(lengths)} lengths for {total} examples; pass one length per "
+            "global index (task blocks in order)"
+        )
+    for name, value in (("batch_size", batch_size), ("pool_batches", pool_batches)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(
+                f"TemperatureSampler: {name} must be an int >= 1 for length grouping, got {value!r}"
+            )
 
 
 def _check_sizes(task_sizes: Mapping[str, int]) -> None:
