@@ -89,6 +89,13 @@ def test_unknown_group_option_lists_valid_ones(override: str, expected: str, tmp
         compose_train([override], tmp_path)
 
 
+def test_plus_experiment_is_refused_by_hydra(tmp_path: Path) -> None:
+    """``+experiment=...`` would add a second ``experiment`` entry (it is in the defaults list as null):
+    Hydra refuses it naming the group, and ``experiment=...`` is the way to pick one."""
+    with pytest.raises(ConfigCompositionException, match=r"Multiple values for experiment"):
+        compose_train(["+experiment=methods_mix3"], tmp_path)
+
+
 def test_misspelled_method_key_names_key_and_valid_keys(tmp_path: Path) -> None:
     cfg = compose_train(["method=lora", "+method.rank=4"], tmp_path)
     name, options = method_options(cfg)
