@@ -189,13 +189,13 @@ def export_lmeval_task(
                 prompt, _ = datamodule.template(record)
                 lines.write(json.dumps({"prompt": prompt, "answers": golds(record), "index": index}) + "\n")
     budget = OmegaConf.select(cfg, "evaluation.max_new_tokens") or datamodule.max_new_tokens_for(task)
-    spec = _lmeval_spec(name, data.resolve(), int(budget))
+    spec = lmeval_task_spec(name, data.resolve(), int(budget))
     path = out_dir / f"{name}.yaml"
     path.write_text(json.dumps(spec, indent=2) + "\n")  # JSON is valid YAML, and needs no yaml writer
     return path
 
 
-def _lmeval_spec(name: str, data: Path, max_new_tokens: int) -> dict[str, Any]:
+def lmeval_task_spec(name: str, data: Path, max_new_tokens: int) -> dict[str, Any]:
     """An lm-eval task config: local JSONL, greedy generation, SQuAD-normalised exact match."""
     return {
         "task": name,

@@ -1,0 +1,158 @@
+"""lm-evaluation-harness integration: mtpeft tasks exported as lm-eval tasks, and the ``mtpeft`` model type
+scoring a run's adapted model. On the exported qa test split, lm-eval's generations and exact match equal
+mtpeft's own test predictions and EM record for record (LoRA and HyCAM). lm-eval tests skip without the
+``lmeval`` extra."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mtpeft.export import build_datamodule, lmeval_task_name, lmeval_task_spec, read_run_config
+from mtpeft.export import main as export_main
+from mtpeft.metrics.base import golds
+from mtpeft.metrics.exact_match import normalize_answer
+from mtpeft.metrics.tracker import SCORES_FILE, read_example_scores
+from mtpeft.models.loader import load_base_model
+from mtpeft.run import run
+from tests.conftest import TINY_RUN, compose_train
+
+REPO = Path(__file__).resolve().parent.parent
+TASK = lmeval_task_name("qa", "test")
+#: A random (not pre-trained) base gives varied generations, so equal predictions mean something; one
+#: generation budget for every task, as lm-eval uses one per task (mtpeft otherwise uses a batch's largest).
+RUN_OVERRIDES = ["model.pretrain.steps=0", "evaluation.max_new_tokens=8", "logger=none"]
+METHODS = {"lora": ["method.init_weights=false"], "hycam": []}
+
+
+def _train(method: str, out: Path) -> Path:
+    cfg = compose_train([*TINY_RUN, *RUN_OVERRIDES, f"method={method}", *METHODS[method]], out)
+    run(cfg, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _train("lora", tmp_path_factory.mktemp("lmeval") / "run-lora")
+
+
+def test_exported_task_holds_the_runs_prompts_and_answers(lora_run: Path, tmp_path: Path) -> None:
+    assert export_main([str(lora_run), "--lmeval-task", "--task", "qa", "--out", str(tmp_path)]) == 0
+    spec = json.loads((tmp_path / "lmeval" / f"{TASK}.yaml").read_text())
+    assert spec["task"] == TASK and spec["output_type"] == "generate_until"
+    assert spec["generation_kwargs"]["max_gen_toks"] == 8
+    rows = [
+        json.loads(line)
+        for line in Path(spec["dataset_kwargs"]["data_files"]["test"]).read_text().splitlines()
+    ]
+    cfg = read_run_config(lora_run)
+    datamodule = build_datamodule(cfg, load_base_model(cfg.model)[1])
+    datamodule.setup("test")
+    records = datamodule.records("test")
+    assert [r["index"] for r in rows] == [i for i, r in enumerate(records) if r["task"] == "qa"]
+    for row in rows:
+        record = records[row["index"]]
+        assert row["prompt"] == datamodule.template(record)[0]
+        assert row["answers"] == golds(record)
+
+
+PAIRS = [
+    (" 7", "7"),
+    ("Lima.", "lima"),
+    ("the cat", "cat"),
+    ("The  New York ", "new york"),
+    (" 7 8", "7"),
+    ("13", "31"),
+    ("an apple!", "Apple"),
+    ("a", ""),
+    ("x,y", "xy"),
+    ("white", "black"),
+]
+
+
+def test_lmeval_metric_is_mtpeft_exact_match() -> None:
+    """The exported filter + metric options reproduce SQuAD-normalised EM (matches and misses)."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.metrics import exact_match_hf_evaluate
+    from lm_eval.filters.extraction import WhitespaceFilter
+
+    spec = lmeval_task_spec("t", Path("t.jsonl"), 8)
+    options = {
+        k: v
+        for k, v in spec["metric_list"][0].items()
+        if k not in ("metric", "aggregation", "higher_is_better")
+    }
+    for prediction, gold in PAIRS:
+        (filtered,) = WhitespaceFilter().apply([[prediction]], [{}])
+        theirs = exact_match_hf_evaluate(predictions=filtered, references=[gold], **options)["exact_match"]
+        ours = float(normalize_answer(prediction.strip()) == normalize_answer(gold))
+        assert theirs == ours, (prediction, gold)
+    assert sum(normalize_answer(p) == normalize_answer(g) for p, g in PAIRS) >= 5  # both outcomes covered
+
+
+def _evaluate(run_dir: Path, include: Path, **extra: str):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import mtpeft.lmeval  # noqa: F401  (registers the "mtpeft" model type)
+
+    args = ",".join(f"{k}={v}" for k, v in {"run": run_dir, **extra}.items())
+    manager = TaskManager(include_path=str(include), include_defaults=False)
+    return lm_eval.simple_evaluate(
+        model="mtpeft", model_args=args, tasks=[TASK], task_manager=manager, log_samples=True, batch_size=1
+    )
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_lmeval_em_equals_mtpeft_test_em_record_for_record(
+    method: str, lora_run: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("lm_eval")
+    run_dir = lora_run if method == "lora" else _train(method, tmp_path / f"run-{method}")
+    assert export_main([str(run_dir), "--lmeval-task", "--task", "qa", "--out", str(tmp_path / "x")]) == 0
+    results = _evaluate(run_dir, tmp_path / "x" / "lmeval", task="qa")
+    theirs = {s["doc"]["index"]: s for s in results["samples"][TASK]}
+    ours = {
+        r["index"]: r
+        for r in read_example_scores(run_dir / SCORES_FILE)
+        if r["split"] == "test" and r["task"] == "qa"
+    }
+    assert len(ours) == 6 and theirs.keys() == ours.keys()
+    for index, row in ours.items():
+        assert theirs[index]["filtered_resps"] == [row["prediction"].strip()], index
+        assert theirs[index]["exact_match"] == row["scores"]["exact_match"], index
+    mtpeft_em = json.loads((run_dir / "results.json").read_text())["metrics"]["test"]["test/qa/exact_match"]
+    assert results["results"][TASK]["exact_match,strip"] == pytest.approx(mtpeft_em)
+    if method == "lora":  # a random base with a random adapter: the generations vary with the input
+        assert len({row["prediction"] for row in ours.values()}) > 1
+
+
+def test_task_conditioned_method_needs_the_task(tmp_path: Path) -> None:
+    pytest.importorskip("lm_eval")
+    from mtpeft.lmeval import MtpeftLM
+    from tests.test_export import make_run
+
+    run_dir, _ = make_run("mtl_lora", tmp_path)
+    with pytest.raises(ValueError, match="task-conditioned: pass the task"):
+        MtpeftLM(run=str(run_dir))
+    with pytest.raises(ValueError, match="task 'nope'"):
+        MtpeftLM(run=str(run_dir), task="nope")
+
+
+@pytest.mark.slow
+def test_command_line(lora_run: Path, tmp_path: Path) -> None:
+    """``python -m mtpeft.lmeval`` is lm-eval's CLI with the mtpeft model type (indexes lm-eval's own tasks)."""
+    pytest.importorskip("lm_eval")
+    assert export_main([str(lora_run), "--lmeval-task", "--task", "qa", "--out", str(tmp_path)]) == 0
+    command = [sys.executable, "-m", "mtpeft.lmeval", "--model", "mtpeft", "--model_args"]
+    command += [f"run={lora_run},task=qa", "--tasks", TASK, "--include_path", str(tmp_path / "lmeval")]
+    command += ["--output_path", str(tmp_path / "results"), "--device", "cpu"]
+    proc = subprocess.run(command, cwd=REPO, env=os.environ, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert TASK in proc.stdout and "exact_match" in proc.stdout
+    assert list((tmp_path / "results").rglob("results_*.json"))
