@@ -10,8 +10,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from mtpeft.data import encode
 from mtpeft.data.datamodule import MultiTaskDataModule
-from mtpeft.data.encode import IGNORE_INDEX
+from mtpeft.data.encode import IGNORE_INDEX, encode_records, max_token_chars
 from mtpeft.data.synthetic.primitives import tokenizer_corpus
 from mtpeft.data.templates import get_template
 
@@ -202,6 +203,64 @@ def test_overlength_truncate_and_skip(
         assert len(records) == len(examples) < len(dm.records(split))
         assert [e.index for e in examples] == list(range(len(records)))
         assert all(len(e.input_ids) <= 34 for e in examples)
+
+
+def _record(instruction: str, output: str) -> dict:
+    return {"task": "qa", "instruction": instruction, "input": "", "output": output, "answer": "", "meta": {}}
+
+
+def _words(n: int, seed: int) -> str:
+    """``n`` varied words from the tokenizer corpus (so BPE merges across the cut are exercised)."""
+    words = " ".join(tokenizer_corpus(0)).split()
+    return " ".join(words[(seed * 7919 + 13 * i) % len(words)] for i in range(n))
+
+
+@pytest.mark.parametrize("loss_on_prompt", [False, True])
+def test_character_budget_gives_the_same_examples(
+    tokenizer: PreTrainedTokenizerFast, monkeypatch: pytest.MonkeyPatch, loss_on_prompt: bool
+) -> None:
+    """Normal records and records far over max_length encode exactly as when tokenised whole."""
+    records = [_record(_words(n, n), _words(m, m + 1)) for n, m in [(3, 2), (10, 30), (400, 5), (5, 900)]]
+    records.append(_record("x" * 5000, "y" * 300))  # one long "word" on each side of the cut
+
+    def encode_all(chosen: list[dict]):
+        return encode_records(chosen, [0] * len(chosen), tokenizer, get_template("plain"), 40, loss_on_prompt)
+
+    budget = (40 + encode.CUT_MARGIN) * max_token_chars(tokenizer)
+    assert max(len(r["instruction"]) for r in records) > budget  # the cut really happens
+    bounded, normal = encode_all(records), encode_all(records[:2])
+    monkeypatch.setattr(encode, "max_token_chars", lambda tok: 10**9)  # no cut: whole-text reference
+    reference = encode_all(records)
+    assert bounded[:2] == reference[:2]  # examples and kept records
+    assert (bounded[2].truncated, bounded[2].skipped) == (reference[2].truncated, reference[2].skipped)
+    assert bounded[2].truncated >= 3
+    assert 40 < bounded[2].longest <= reference[2].longest  # longest counts the cut part of a cut text
+    assert normal == encode_all(records[:2])  # within the budget: identical, stats included
+
+
+def test_huge_record_is_cut_before_tokenising(
+    tokenizer: PreTrainedTokenizerFast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 50 MB record gives max_length tokens, and the tokenizer never sees more than the budget."""
+    huge = _record("bob owns a owl . " * 3_000_000, "answer " * 1000)
+    assert len(huge["instruction"]) >= 50_000_000
+    seen: list[int] = []
+    real_call = type(tokenizer).__call__
+
+    def spy(self, text, *args, **kwargs):
+        seen.extend(len(t) for t in ([text] if isinstance(text, str) else text))
+        return real_call(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "__call__", spy)
+    (example,), _, stats = encode_records([huge], [0], tokenizer, get_template("plain"), 64)
+    assert len(example.input_ids) == len(example.labels) == len(example.prompt_ids) == 64
+    assert stats.truncated == 1 and stats.longest > 64
+    assert max(seen) <= (64 + encode.CUT_MARGIN) * max_token_chars(tokenizer)
+    small = _record("a", "b")
+    kept, records, stats = encode_records(
+        [huge, small], [0, 0], tokenizer, get_template("plain"), 64, False, "skip"
+    )
+    assert len(kept) == 1 and records == [small] and stats.skipped == 1
 
 
 def test_alpaca_template(tokenizer: PreTrainedTokenizerFast) -> None:

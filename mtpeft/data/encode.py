@@ -7,10 +7,18 @@ the prompt used for generation at evaluation. Labels are -100 on the prompt (ans
 LLM-Adapters / MTL-LoRA convention) unless ``loss_on_prompt`` (HyCAM's full-sequence loss).
 Sequences longer than ``max_length`` are cut on the right (``truncate``) or dropped (``skip``); the
 caller reports how many.
+
+Tokenising is bounded by a character budget (``bounded_token_ids``): a text longer than
+``(max_length + CUT_MARGIN) * longest token`` characters is cut to that length first, since no token
+covers more characters than the longest one in the vocabulary. The cut text still yields more than
+``max_length`` tokens, and only the last word or so before the cut can tokenise differently, far past
+``max_length``, so the kept tokens are the same as from the whole text while a 50 MB record costs as much
+as a normal one. Texts within the budget are tokenised whole (identical results).
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,6 +32,11 @@ IGNORE_INDEX = -100
 
 OVERLENGTH_POLICIES: tuple[str, ...] = ("truncate", "skip")
 """What happens to a sequence longer than ``max_length``."""
+
+CUT_MARGIN = 16
+"""Tokens past the limit that a cut text must still give (the tokens near a cut may differ)."""
+
+_TOKEN_CHARS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -49,6 +62,7 @@ class EncodeStats:
     truncated: int
     skipped: int
     longest: int
+    """Exact for texts within the character budget; for a longer (cut) text, the tokens of the cut part."""
 
 
 def encode_records(
@@ -72,9 +86,9 @@ def encode_records(
     if not records:  # the tokenizer rejects an empty batch
         return [], [], EncodeStats(0, 0, 0, 0)
     rendered = [template(r) for r in records]
-    prompts = tokenizer([p for p, _ in rendered], add_special_tokens=True)["input_ids"]
+    prompts = bounded_token_ids(tokenizer, [p for p, _ in rendered], max_length, add_special_tokens=True)
     prompts = [_single_bos(ids, tokenizer.bos_token_id) for ids in prompts]
-    targets = tokenizer([t for _, t in rendered], add_special_tokens=False)["input_ids"]
+    targets = bounded_token_ids(tokenizer, [t for _, t in rendered], max_length, add_special_tokens=False)
     examples: list[Example] = []
     kept: list[Record] = []
     truncated = skipped = longest = 0
@@ -92,6 +106,35 @@ def encode_records(
         )
         kept.append(record)
     return examples, kept, EncodeStats(len(records), truncated, skipped, longest)
+
+
+def max_token_chars(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Characters of the longest token string in the vocabulary (cached per tokenizer object).
+
+    An upper bound on the characters one token covers: byte-level vocabularies spell each byte as one
+    character, SentencePiece spells a space as one ``▁`` and a byte-fallback token (``<0x0A>``) is longer
+    than the byte it stands for.
+    """
+    if tokenizer not in _TOKEN_CHARS:
+        _TOKEN_CHARS[tokenizer] = max((len(token) for token in tokenizer.get_vocab()), default=1)
+    return _TOKEN_CHARS[tokenizer]
+
+
+def bounded_token_ids(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], limit: int, add_special_tokens: bool
+) -> list[list[int]]:
+    """Token ids of ``texts`` whose first ``limit`` tokens equal those of tokenising each text whole.
+
+    A text over the character budget (module docstring) is tokenised from its cut prefix; should a
+    normaliser make the cut yield fewer than ``limit + CUT_MARGIN`` tokens, the whole text is used after all.
+    """
+    budget = (limit + CUT_MARGIN) * max_token_chars(tokenizer)
+    cut = [text[:budget] for text in texts]
+    ids = tokenizer(cut, add_special_tokens=add_special_tokens)["input_ids"]
+    for i, text in enumerate(texts):
+        if len(text) > budget and len(ids[i]) < limit + CUT_MARGIN:
+            ids[i] = tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+    return ids
 
 
 def _single_bos(ids: list[int], bos_id: int | None) -> list[int]:
