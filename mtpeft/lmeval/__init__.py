@@ -14,10 +14,11 @@ a module that calls ``@register_model`` is imported and has no plugin entry poin
 model rebuilt from the run's config, the adapter loaded): every forward and ``generate`` lm-eval makes
 goes through the adapted model's own ``forward``/``generate`` with ``task_ids`` filled with the id of
 ``task`` (mtpeft's task-context mechanism; task-agnostic methods may omit ``task``). So loglikelihood and
-generation tasks both work, for merged-able and input-dependent methods alike.
+generation tasks both work, for mergeable and input-dependent methods alike.
 
 Model arguments: ``run`` (required), ``task`` (a task name of the run; required for task-conditioned
-methods), ``device`` (default ``cpu``), ``batch_size``, and HFLM's generation/tokenisation options.
+methods), ``device`` (default: ``cuda`` when available, else ``cpu``), ``batch_size``, and HFLM's
+generation/tokenisation options.
 mtpeft's own tasks are exported as lm-eval tasks with ``python -m mtpeft.export <run> --lmeval-task``
 (then ``--include_path <out>/lmeval --tasks mtpeft_<task>_test``); their prompts already carry the run's
 template and chat template, so do not add ``--apply_chat_template`` for them.
@@ -102,7 +103,7 @@ class MtpeftLM(HFLM):
         self,
         run: str,
         task: str | None = None,
-        device: str | None = "cpu",
+        device: str | None = None,
         batch_size: int | str = 1,
         **kwargs: Any,
     ) -> None:
@@ -114,7 +115,7 @@ class MtpeftLM(HFLM):
                 f"--model_args, e.g. run={run},task={loaded.tasks[0]} (its tasks: {loaded.tasks})"
             )
         task_id = loaded.task_id(task) if task is not None else None
-        adapted.to(torch.device(device or "cpu")).eval()
+        adapted.to(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))).eval()
         self.mtpeft_run = loaded
         self.mtpeft_task = task
         super().__init__(
