@@ -377,3 +377,18 @@ def test_eval_loaders_give_each_example_to_one_rank_under_ddp(
         monkeypatch.setattr(torch.distributed, "get_rank", lambda rank=rank: rank)
         seen += [i for b in dm.val_dataloader() for i in b["index"].tolist()]
     assert sorted(seen) == list(range(n)) and n % 4 != 0  # no example twice although n is not divisible
+
+
+def test_length_groups_span_all_ranks_under_ddp(
+    tokenizer: PreTrainedTokenizerFast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lightning deals the stream to ranks in turn: each rank's batch must still hold similar lengths."""
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    dm = _dm(tokenizer, samples_per_epoch=64)
+    assert dm.sampler.state_dict()["length_grouping"]["batch_size"] == 16
+    lengths = [len(dm.examples("train")[i].input_ids) for i in dm.sampler.epoch_indices()]
+    for rank in range(2):
+        mine = lengths[rank::2]  # DistributedSampler(shuffle=False) over the sampler's stream
+        for start in range(0, len(mine), 8):
+            assert mine[start : start + 8] == sorted(mine[start : start + 8])

@@ -315,9 +315,16 @@ class MultiTaskDataModule(LightningDataModule):
             self.samples_per_epoch,
             self.seed,
             lengths=[len(e.input_ids) for e in self.examples("train")],
-            batch_size=self.batch_size,
+            batch_size=self._global_batch_size(),
             pool_batches=self.group_pool_batches,
         )
+
+    def _global_batch_size(self) -> int:
+        """Examples per optimiser step over all DDP ranks: Lightning deals the sampled stream to the ranks
+        in turn (``DistributedSamplerWrapper``), so groups of this many similar lengths give every rank's
+        batch similar lengths."""
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        return self.batch_size * (torch.distributed.get_world_size() if distributed else 1)
 
     def state_dict(self) -> dict[str, Any]:
         """Checkpointed state: the sampler's position so a resumed run sees the same sequence."""
@@ -356,8 +363,8 @@ class MultiTaskDataModule(LightningDataModule):
         """Log (once) the share of padding tokens in this epoch's training batches, also to the loggers."""
         examples = self.examples("train")
         lengths = [len(examples[i].input_ids) for i in sampler.epoch_indices()]
-        self.padding_fraction = padding_fraction(lengths, self.batch_size)
-        batches = -(-len(lengths) // self.batch_size)
+        self.padding_fraction = padding_fraction(lengths, self._global_batch_size())
+        batches = -(-len(lengths) // self._global_batch_size())
         log.info(
             "training padding: %.1f%% of tokens over %d batches (group_by_length=%s)",
             100 * self.padding_fraction,
