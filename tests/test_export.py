@@ -17,11 +17,11 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mtpeft.export import EXPORT_INFO, main
-from mtpeft.methods import build_method
+from mtpeft.methods import available_methods, build_method
 from mtpeft.methods.base import NotMergeableError
 from mtpeft.models.loader import load_base_model
 from mtpeft.run import method_options
-from tests.conftest import TINY_RUN, compose_train
+from tests.conftest import TINY_RUN, compose_train, make_tiny_base
 
 REPO = Path(__file__).resolve().parent.parent
 TASKS = ["code", "qa", "reasoning"]  # task ids are positions in sorted order
@@ -141,3 +141,26 @@ def test_unknown_task_and_missing_adapter_are_clear_errors(tmp_path: Path, capsy
     assert "task 'nope'" in capsys.readouterr().err
     assert main([str(tmp_path), "--merge"]) == 1
     assert "no adapter/ directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", available_methods())
+def test_every_method_merges_exactly_or_refuses(method: str) -> None:
+    """Registry-wide: a method either merges to its own logits for every task, or says it cannot."""
+    options = {"lora": {"r": 4}, "peml": {"lora": {"r": 4}}}.get(method, {})
+    model = build_method(method, options, make_tiny_base(), num_tasks=2).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn_like(param))
+    ids = _inputs() % 128
+    for task_id in range(2):
+        try:
+            merged = model.merge_into(make_tiny_base(), task_id).eval()
+        except NotMergeableError:
+            assert method not in MERGEABLE
+            return
+        with torch.no_grad():
+            expected = model(input_ids=ids, task_ids=torch.full((2,), task_id)).logits
+            torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=0.0, atol=1e-5)
+    assert method in MERGEABLE
