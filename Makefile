@@ -10,7 +10,7 @@ ARGS ?=
 STUDY ?= methods_mix3
 
 .DEFAULT_GOAL := help
-.PHONY: help install smollm lmeval train test test-full bench results lint format clean
+.PHONY: help install smollm lmeval train test test-full bench results study lint format clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ bench: install ## Step time / memory of every method vs LoRA (writes experiments
 
 results: install ## Tables + plots of a study: logs/$(STUDY)/ -> experiments/$(STUDY)/ (STUDY=methods_mix3)
 	$(PY) -m mtpeft.results $(STUDY)
+
+study: install ## Run a study end to end: tune -> choose -> seeds -> tables (STUDY=methods_mix3_tuned ARGS=...)
+	WANDB_MODE=$${WANDB_MODE:-offline} TOKENIZERS_PARALLELISM=false $(PY) -m mtpeft.study $(STUDY) $(ARGS)
 
 lint: install ## Check formatting and lint with ruff
 	$(VENV)/bin/ruff check mtpeft tests experiments

@@ -1,0 +1,533 @@
+"""Run a study end to end: tune on validation -> choose -> final seeds on test -> tables, statistics, plots.
+
+    python -m mtpeft.study methods_mix3_tuned                  # conf/experiment/methods_mix3_tuned.yaml
+    python -m mtpeft.study methods_mix3_tuned trainer.max_steps=600 --launcher basic
+    make study STUDY=methods_mix3_tuned ARGS="..."
+
+A study is an experiment config (``conf/experiment/<name>.yaml``: ``hydra.sweeper.params`` with ``method``
+and ``seed``). Optional keys read by this runner (and removed from the runs' configs, so changing them
+never invalidates a finished job):
+
+``tune`` -- the tuning protocol::
+
+    tune:
+      seed: 0                  # the tuning seed (its data and initialisation)
+      lr: [1.0e-3, 3.0e-3, 1.0e-2, 3.0e-2]   # the grid of every method: config key -> values (lr = optimizer.lr)
+      methods:                 # per method: extra grid keys (added; same key: replaced), or null: not tuned
+        hycam: {method.routing: [hard_gumbel, softmax]}
+        none: null
+      overrides: []            # tuning stage only (e.g. [ablation.variant=default])
+
+  Stage 1 sweeps every method over its grid with the tuning seed on the validation split (``test=false``);
+  the best combination per method is the one with the highest ``val/avg/score`` (of the best checkpoint),
+  ties broken by the smaller value (numbers) or the earlier one in the grid (other values), key by key in
+  grid order. Stage 2 runs each method with its chosen values and the study's seeds on test, recording
+  them as ``tuned: {key: value}`` in the run's config (so in ``results.json``, the config hash and the
+  table's starred ``lr*`` columns). ``experiments/<name>/tuning.{md,csv}`` keeps the whole grid.
+
+``probe`` -- a capacity probe (``probe: {loss_threshold: 0.1}``, e.g. ``conf/experiment/capacity.yaml``
+with ``debug=overfit``): after the sweep, ``experiments/<name>/capacity.{md,csv}`` gives per method the
+first logged step whose training loss is at or below the threshold (updates done before that loss), the
+final and the lowest training loss, from each run's CSV log.
+
+Both stages are ordinary ``python -m mtpeft.train -m`` sweeps run as subprocesses (Hydra semantics
+unchanged) with ``skip_finished``: re-running the command resumes, redoing only missing and failed jobs.
+Each stage writes into its own sweep directory under ``<paths.log_dir>/<task_name>/multiruns/``, and the
+tables cover exactly the jobs of this invocation (skipped ones are read from the runs they point to).
+Launcher: joblib (``--n-jobs`` parallel jobs, ``cpu_threads=1``) when the plugin is installed, else
+Hydra's basic (sequential) one. Other arguments are Hydra overrides given to every job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import math
+import os
+import re
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from mtpeft.results import load_runs, summarise
+from mtpeft.results.load import CURVE_FILES
+
+log = logging.getLogger(__name__)
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+ALIASES = {"lr": "optimizer.lr"}
+"""Short names accepted in ``tune.grid``."""
+RUNNER_KEYS = ("tune", "probe")
+"""Top-level study keys this runner reads; removed from the runs' configs (``~key``)."""
+TUNE_SETTINGS = ("seed", "methods", "overrides")
+"""Keys of ``tune`` that are settings; every other key is a grid key."""
+
+
+# -- the study's declaration -----------------------------------------------------------------------
+@dataclass
+class Study:
+    """What the runner needs from a composed experiment config."""
+
+    name: str
+    methods: list[str]
+    log_dir: Path
+    task_name: str
+    tune: dict[str, Any] | None = None
+    probe: dict[str, Any] | None = None
+    runner_keys: list[str] = field(default_factory=list)
+
+    def grid(self, method: str) -> dict[str, list[Any]] | None:
+        """The tuning grid of ``method`` (key -> values), or None when it is not tuned."""
+        if self.tune is None:
+            return None
+        per_method = self.tune.get("methods") or {}
+        if method in per_method and per_method[method] is None:
+            return None
+        common = {k: v for k, v in self.tune.items() if k not in TUNE_SETTINGS}
+        grid = {**common, **(per_method.get(method) or {})}
+        return {ALIASES.get(k, k): list(v) for k, v in grid.items()}
+
+
+def split_list(value: Any) -> list[str]:
+    """``"a,b,c"`` (a sweeper param) -> ``["a", "b", "c"]``; a single value -> a one-item list."""
+    return [part.strip() for part in str(value).split(",") if part.strip()]
+
+
+def _parse(override: str) -> Any:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_overrides([override])[0]
+
+
+def _is_sweep(override: str) -> bool:
+    return _parse(override).is_sweep_override()
+
+
+@dataclass
+class Overrides:
+    """The command line's Hydra overrides, sorted by who uses them."""
+
+    methods: list[str] | None = None
+    """``method=a,b``: the study's methods instead of those its config sweeps."""
+    seeds: list[str] = field(default_factory=list)
+    """``seed=...``: the final stage's seeds (the tuning stage keeps ``tune.seed``)."""
+    runner: list[str] = field(default_factory=list)
+    """``tune.*`` / ``probe.*``: read by this runner only."""
+    jobs: list[str] = field(default_factory=list)
+    """Everything else: given to every job."""
+
+
+def split_overrides(overrides: Sequence[str]) -> Overrides:
+    """Sort ``overrides`` (see `Overrides`)."""
+    result = Overrides()
+    for text in overrides:
+        override = _parse(text)
+        key = override.key_or_group
+        if key == "method" and override.is_sweep_override():
+            result.methods = [str(v) for v in override.sweep_string_iterator()]
+        elif key == "method":
+            result.methods = [override.get_value_element_as_str()]
+        elif key == "seed":
+            result.seeds.append(text)
+        elif key.split(".")[0] in RUNNER_KEYS:
+            result.runner.append(text)
+        else:
+            result.jobs.append(text)
+    return result
+
+
+def load_study(name: str, overrides: Sequence[str] = (), conf_dir: Path = CONF_DIR) -> Study:
+    """Compose ``experiment=<name>`` (with the overrides that are not sweeps) and read the study keys."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from mtpeft.utils.resolvers import register_resolvers
+
+    if not (conf_dir / "experiment" / f"{name}.yaml").is_file():
+        known = sorted(p.stem for p in (conf_dir / "experiment").glob("*.yaml"))
+        raise SystemExit(
+            f"no study {name!r}: conf/experiment/{name}.yaml does not exist; studies: {', '.join(known)}"
+        )
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    plain = [o for o in overrides if not _is_sweep(o)]
+    with initialize_config_dir(version_base="1.3", config_dir=str(conf_dir)):
+        cfg = compose("train", overrides=[f"experiment={name}", *plain], return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    params = cfg.hydra.sweeper.get("params") or {}
+    if "method" not in params:
+        raise SystemExit(
+            f"study {name!r}: conf/experiment/{name}.yaml must sweep 'method' in hydra.sweeper.params"
+        )
+    sections = {
+        key: OmegaConf.to_container(cfg[key], resolve=True) if cfg.get(key) is not None else None
+        for key in RUNNER_KEYS
+    }
+    study = Study(
+        name=name,
+        methods=split_list(params["method"]),
+        log_dir=Path(str(cfg.paths.log_dir)).resolve(),
+        task_name=str(cfg.task_name),
+        tune=sections["tune"],
+        probe=sections["probe"],
+        runner_keys=[key for key in RUNNER_KEYS if key in cfg],
+    )
+    check_tune(study)
+    return study
+
+
+def check_tune(study: Study) -> None:
+    """A ``tune`` section has known keys, a non-empty list per grid key and only swept methods."""
+    if study.tune is None:
+        return
+    where = f"conf/experiment/{study.name}.yaml: tune"
+    for method, extra in (study.tune.get("methods") or {}).items():
+        if method not in study.methods:
+            raise SystemExit(
+                f"{where}.methods.{method}: not a method of the study ({', '.join(study.methods)})"
+            )
+        if extra is not None and not isinstance(extra, dict):
+            raise SystemExit(f"{where}.methods.{method} must be a mapping of key -> values, or null")
+    for method in study.methods:
+        for key, values in (study.grid(method) or {}).items():
+            if not isinstance(values, list) or not values:
+                raise SystemExit(
+                    f"{where}: grid key {key!r} needs a non-empty list of values, got {values!r}"
+                )
+
+
+# -- commands --------------------------------------------------------------------------------------
+_PLAIN = re.compile(r"^[A-Za-z0-9_.\-+/]+$")
+
+
+def hydra_value(value: Any) -> str:
+    """A value as Hydra override text (strings with special characters quoted)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int | float):
+        return repr(value)
+    text = str(value)
+    return text if _PLAIN.match(text) else "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def launcher_overrides(launcher: str, n_jobs: int) -> list[str]:
+    """joblib (parallel jobs, one thread each) when asked or, for ``auto``, when installed; else basic."""
+    if launcher == "auto":
+        launcher = "joblib" if importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") else "basic"
+    if launcher == "basic":
+        return []
+    return ["launcher=joblib", f"hydra.launcher.n_jobs={n_jobs}", "cpu_threads=1"]
+
+
+def sweep_dir(study: Study, stage: str) -> Path:
+    """A fresh directory for one stage's sweep: ``<log_dir>/<task_name>/multiruns/<time>_<uid>_<stage>``."""
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    return study.log_dir / study.task_name / "multiruns" / f"{stamp}_{uuid.uuid4().hex[:6]}_{stage}"
+
+
+def train_command(study: Study, overrides: Iterable[str], directory: Path) -> list[str]:
+    """``python -m mtpeft.train -m experiment=<name> ...`` writing into ``directory``."""
+    return [
+        sys.executable,
+        "-m",
+        "mtpeft.train",
+        "-m",
+        f"experiment={study.name}",
+        *(f"~{key}" for key in study.runner_keys),
+        *overrides,
+        f"hydra.sweep.dir={hydra_value(str(directory))}",
+    ]
+
+
+def tuning_commands(
+    study: Study, extra: Sequence[str], launch: Sequence[str]
+) -> list[tuple[list[str], Path]]:
+    """One sweep per distinct grid (methods with the same grid share one): tuning seed, validation only."""
+    groups: dict[str, tuple[list[str], dict[str, list[Any]]]] = {}
+    for method in study.methods:
+        grid = study.grid(method)
+        if grid is not None:
+            groups.setdefault(repr(grid), ([], grid))[0].append(method)
+    commands = []
+    for i, (methods, grid) in enumerate(groups.values()):
+        directory = sweep_dir(study, f"tune{i}")
+        overrides = [
+            *launch,
+            f"method={','.join(methods)}",
+            f"seed={study.tune.get('seed', 0)}",
+            "test=false",
+            *(f"{key}={','.join(hydra_value(v) for v in values)}" for key, values in grid.items()),
+            *(study.tune.get("overrides") or []),
+            *extra,
+        ]
+        commands.append((train_command(study, overrides, directory), directory))
+    return commands
+
+
+def final_commands(
+    study: Study, chosen: Mapping[str, dict[str, Any]], extra: Sequence[str], launch: Sequence[str]
+) -> list[tuple[list[str], Path]]:
+    """The study's own sweep (its seeds, on test): one per tuned method with its chosen values; the
+    untuned methods together in one."""
+    commands = []
+    untuned = [m for m in study.methods if study.grid(m) is None]
+    if untuned:
+        directory = sweep_dir(study, "final")
+        commands.append(
+            (train_command(study, [*launch, f"method={','.join(untuned)}", *extra], directory), directory)
+        )
+    for method, values in chosen.items():
+        directory = sweep_dir(study, f"final-{method}")
+        record = ",".join(f"{key}:{hydra_value(value)}" for key, value in values.items())
+        overrides = [
+            *launch,
+            f"method={method}",
+            *(f"{key}={hydra_value(value)}" for key, value in values.items()),
+            f"++tuned={{{record}}}",
+            *extra,
+        ]
+        commands.append((train_command(study, overrides, directory), directory))
+    return commands
+
+
+def run_sweep(command: list[str], directory: Path) -> int:
+    """Run one sweep; its output goes to this process's stdout/stderr. Returns the exit status."""
+    log.info("$ %s", " ".join(command))
+    return subprocess.run(command, env={**os.environ}, check=False).returncode
+
+
+# -- choosing --------------------------------------------------------------------------------------
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, int | float) and isinstance(b, int | float) and not isinstance(a, bool):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+    return a == b or str(a) == str(b)
+
+
+def _grid_value(grid_values: Sequence[Any], value: Any) -> Any:
+    return next((g for g in grid_values if _same(g, value)), None)
+
+
+def _order(grid: Mapping[str, Sequence[Any]], values: Mapping[str, Any]) -> tuple:
+    """Tie-break order: numbers by value, anything else by its position in the grid."""
+    return tuple(
+        values[k]
+        if isinstance(values[k], int | float) and not isinstance(values[k], bool)
+        else list(grid[k]).index(values[k])
+        for k in grid
+    )
+
+
+def tuning_table(records: Sequence[dict[str, Any]], study: Study) -> pd.DataFrame:
+    """One row per tuning job of the current grids: method, each grid key, status, val scores."""
+    rows = []
+    for record in records:
+        grid = study.grid(record["method"])
+        if grid is None:
+            continue
+        values = {key: _grid_value(grid[key], record["flat"].get(key)) for key in grid}
+        if any(v is None for v in values.values()):
+            continue  # a job from an older grid
+        scores = {f"val_{task}": score for task, score in record["scores"].items()}
+        rows.append({"method": record["method"], **values, "status": record["status"], **scores})
+    return pd.DataFrame(rows)
+
+
+def choose(table: pd.DataFrame, study: Study) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """(chosen values per method, problems): the best ``val_avg`` among successful jobs, ties broken by the
+    smaller value. Every method to tune must have one successful job."""
+    chosen, problems = {}, []
+    for method in study.methods:
+        grid = study.grid(method)
+        if grid is None:
+            continue
+        mine = table[(table["method"] == method) & (table["status"] == "success")] if len(table) else table
+        if mine.empty or mine["val_avg"].isna().all():
+            problems.append(f"{method}: no successful tuning job (see the tuning sweep's results.json files)")
+            continue
+        best = mine["val_avg"].max()
+        ties = [
+            {k: row[k] for k in grid}
+            for _, row in mine.iterrows()
+            if math.isclose(row["val_avg"], best, abs_tol=1e-12)
+        ]
+        chosen[method] = min(ties, key=lambda values: _order(grid, values))
+    return chosen, problems
+
+
+def write_tuning(
+    table: pd.DataFrame, chosen: Mapping[str, dict[str, Any]], out: Path, title: str
+) -> list[Path]:
+    """``tuning.csv`` (every job) and ``tuning.md`` (per method, val scores in percent, the choice marked)."""
+    out.mkdir(parents=True, exist_ok=True)
+    table = table.copy()
+    table["chosen"] = [
+        row["method"] in chosen and all(_same(row[k], v) for k, v in chosen[row["method"]].items())
+        for _, row in table.iterrows()
+    ]
+    table.to_csv(out / "tuning.csv", index=False)
+    score_columns = [c for c in table.columns if c.startswith("val_")]
+    keys = [c for c in table.columns if c not in ("method", "status", "chosen", *score_columns)]
+    header = ["method", *keys, *(c.removeprefix("val_") for c in score_columns), "status", ""]
+    lines = [
+        f"# {title}: tuning grid",
+        "",
+        "Validation score (%) of the best checkpoint, tuning seed; the chosen value per method is marked "
+        "(highest val avg, ties broken by the smaller value).",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
+    for _, row in table.iterrows():
+        scores = ["—" if pd.isna(row[c]) else f"{100 * row[c]:.1f}" for c in score_columns]
+        values = [
+            "—" if pd.isna(row[k]) else f"{row[k]:g}" if isinstance(row[k], float) else str(row[k])
+            for k in keys
+        ]
+        lines.append(
+            "| "
+            + " | ".join([row["method"], *values, *scores, row["status"], "chosen" if row["chosen"] else ""])
+            + " |"
+        )
+    (out / "tuning.md").write_text("\n".join(lines) + "\n")
+    return [out / "tuning.md", out / "tuning.csv"]
+
+
+# -- capacity probe --------------------------------------------------------------------------------
+def steps_to_threshold(curve: pd.DataFrame, threshold: float) -> float:
+    """The first logged step whose ``train/loss`` is <= ``threshold`` (NaN if never)."""
+    reached = curve[curve["train/loss"] <= threshold]
+    return float(reached["step"].iloc[0]) if len(reached) else math.nan
+
+
+def capacity_table(records: Sequence[dict[str, Any]], threshold: float) -> pd.DataFrame:
+    """Per run: method, seed, steps to the threshold, final and lowest training loss (from the CSV log)."""
+    rows = []
+    for record in records:
+        path = next(
+            (Path(record["path"]) / f for f in CURVE_FILES if (Path(record["path"]) / f).exists()), None
+        )
+        curve = pd.DataFrame()
+        if path is not None:
+            logged = pd.read_csv(path)
+            if "train/loss" in logged:
+                curve = logged[["step", "train/loss"]].dropna().sort_values("step")
+        rows.append(
+            {
+                "method": record["method"],
+                "seed": record["seed"],
+                "status": record["status"],
+                "steps_to_threshold": steps_to_threshold(curve, threshold) if len(curve) else math.nan,
+                "final_loss": float(curve["train/loss"].iloc[-1]) if len(curve) else math.nan,
+                "min_loss": float(curve["train/loss"].min()) if len(curve) else math.nan,
+                "logged_steps": int(curve["step"].max()) if len(curve) else 0,
+            }
+        )
+    columns = ["method", "seed", "status", "steps_to_threshold", "final_loss", "min_loss", "logged_steps"]
+    return (
+        pd.DataFrame(rows, columns=columns)
+        .sort_values(["method", "seed"], kind="stable")
+        .reset_index(drop=True)
+    )
+
+
+def write_capacity(table: pd.DataFrame, threshold: float, out: Path, title: str) -> list[Path]:
+    """``capacity.csv`` and ``capacity.md``."""
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "capacity.csv", index=False)
+    number = lambda v, fmt: "—" if pd.isna(v) else format(v, fmt)  # noqa: E731
+    lines = [
+        f"# {title}: capacity probe",
+        "",
+        f"One training batch (debug=overfit). Steps: the first logged step with training loss <= {threshold} "
+        "(optimiser updates done before that loss; — = never within the budget).",
+        "",
+        "| method | seed | steps to threshold | final loss | lowest loss | steps run | status |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for _, r in table.iterrows():
+        lines.append(
+            f"| {r['method']} | {r['seed']} | {number(r['steps_to_threshold'], '.0f')} | {number(r['final_loss'], '.3f')} "
+            f"| {number(r['min_loss'], '.3f')} | {r['logged_steps']} | {r['status']} |"
+        )
+    (out / "capacity.md").write_text("\n".join(lines) + "\n")
+    return [out / "capacity.md", out / "capacity.csv"]
+
+
+# -- the whole study -------------------------------------------------------------------------------
+def run_study(
+    name: str,
+    overrides: Sequence[str] = (),
+    launcher: str = "auto",
+    n_jobs: int = 2,
+    out: Path | None = None,
+    plots: bool = True,
+) -> dict[str, Any]:
+    """Tune (if declared), choose, run the final sweeps, write the tables; return what was done."""
+    parts = split_overrides(overrides)
+    study = load_study(name, [*parts.runner, *parts.jobs])
+    study.methods = parts.methods or study.methods
+    root = Path(os.environ.get("MTPEFT_ROOT", "."))
+    out = out or root / "experiments" / name
+    launch = launcher_overrides(launcher, n_jobs)
+    chosen: dict[str, dict[str, Any]] = {}
+    problems: list[str] = []
+    files: list[Path] = []
+    if study.tune is not None:
+        directories = []
+        for command, directory in tuning_commands(study, parts.jobs, launch):
+            if run_sweep(command, directory) != 0:
+                problems.append(f"tuning sweep {directory} exited non-zero (failed jobs?)")
+            directories.append(directory)
+        table = tuning_table(load_runs(directories, split="val"), study)
+        chosen, missing = choose(table, study)
+        problems += missing
+        files += write_tuning(table, chosen, out, name)
+        for method, values in chosen.items():
+            log.info("tuned %s: %s", method, ", ".join(f"{k}={v}" for k, v in values.items()))
+    final_dirs = []
+    for command, directory in final_commands(study, chosen, [*parts.seeds, *parts.jobs], launch):
+        if run_sweep(command, directory) != 0:
+            problems.append(f"sweep {directory} exited non-zero (failed jobs?)")
+        final_dirs.append(directory)
+    if study.probe is not None:
+        threshold = float(study.probe.get("loss_threshold", 0.1))
+        records = load_runs(final_dirs, split="val")
+        files += write_capacity(capacity_table(records, threshold), threshold, out, name)
+    else:
+        files += summarise(final_dirs, out, name, plots=plots)["files"]
+    return {"study": study, "chosen": chosen, "problems": problems, "files": files, "sweeps": final_dirs}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mtpeft.study", description=__doc__.split("\n\n")[0])
+    parser.add_argument("name", help="a study: conf/experiment/<name>.yaml")
+    parser.add_argument(
+        "overrides", nargs="*", help="Hydra overrides for every job (e.g. trainer.max_steps=600)"
+    )
+    parser.add_argument(
+        "--launcher", choices=["auto", "joblib", "basic"], default="auto", help="default: joblib if installed"
+    )
+    parser.add_argument("--n-jobs", type=int, default=2, help="parallel jobs with joblib (default 2)")
+    parser.add_argument("--out", type=Path, help="tables here instead of experiments/<name>/")
+    parser.add_argument("--no-plots", action="store_true", help="tables only")
+    args = parser.parse_args(argv)
+    result = run_study(args.name, args.overrides, args.launcher, args.n_jobs, args.out, not args.no_plots)
+    for method, values in result["chosen"].items():
+        print(f"chosen for {method}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
+    print(f"wrote {len(result['files'])} files, e.g. {result['files'][0] if result['files'] else '-'}")
+    for problem in result["problems"]:
+        print(f"problem: {problem}", file=sys.stderr)
+    return 1 if result["problems"] else 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    sys.exit(main())
