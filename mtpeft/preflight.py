@@ -13,8 +13,9 @@ data beyond a look at the data files, and each error names the key (or file and 
   argument of the ``_target_``;
 * **method**: the options parse into the method's typed config (unknown keys, types, ranges);
 * **cache**: the model cache directory (``$MTPEFT_CACHE_DIR``) is a directory;
-* **data**: generator tasks and their knobs exist, ``data.sources`` entries parse, every data file
-  exists and is a file, and the val split (and the test split when ``test=true``) will have records.
+* **data**: generator tasks and their knobs exist, ``data.sources`` entries parse, every local data file
+  reads (exists, is a file, is UTF-8 JSON or JSON Lines with records), and the val split (and the test
+  split when ``test=true``) will have records.
 
 ``run_cli(main)`` runs a Hydra entry point so that a failure's last line on stderr is ``Error: <message>``
 (after Hydra's traceback; ``HYDRA_FULL_ERROR=1`` still prints the full one).
@@ -33,6 +34,8 @@ from typing import Any
 import yaml
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
+
+from mtpeft.models.cache import check_cache_dir
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 """The config directory of ``python -m mtpeft.train`` (``conf/train.yaml`` and its groups)."""
@@ -56,8 +59,6 @@ def preflight(cfg: DictConfig, conf_dir: Path = CONF_DIR) -> None:
     check_evaluation(cfg.get("evaluation") or {})
     check_targets(cfg)
     check_method(cfg)
-    from mtpeft.models.cache import check_cache_dir
-
     check_cache_dir((cfg.get("model") or {}).get("cache_dir"))
     check_data(cfg.data, test=bool(cfg.get("test", True)))
 
@@ -134,7 +135,10 @@ RUN_SETTINGS: Mapping[str, tuple[Callable[[Any], bool], str]] = {
     "save_adapter": (lambda v: isinstance(v, bool), "true or false"),
     "gradient_checkpointing": (lambda v: isinstance(v, bool), "true or false"),
     "skip_finished": (lambda v: v is None or isinstance(v, bool), "null, true or false"),
-    "task_name": (lambda v: isinstance(v, str) and v.strip() != "" and "/" not in v, "a name without '/'"),
+    "task_name": (
+        lambda v: isinstance(v, str) and v.strip() != "",
+        "a non-empty name (logs/<task_name>/...)",
+    ),
 }
 """Top-level settings read by the run: key -> (valid?, what a valid value is)."""
 
@@ -214,13 +218,14 @@ def check_targets(cfg: DictConfig) -> None:
 
 
 def _target_nodes(cfg: DictConfig) -> Iterator[tuple[str, DictConfig]]:
+    """``(dotted key, node)`` of every ``_target_`` node at the top level or one level down (unresolved)."""
     for key, node in cfg.items_ex(resolve=False):
         if not isinstance(node, DictConfig) or key in ("method", "model", "hydra"):
             continue  # method and model have their own checks
         if "_target_" in node:
             yield str(key), node
         else:
-            for sub, child in node.items():
+            for sub, child in node.items_ex(resolve=False):
                 if isinstance(child, DictConfig) and "_target_" in child:
                     yield f"{key}.{sub}", child
 
@@ -238,7 +243,7 @@ def check_method(cfg: DictConfig) -> None:
 # -- data -----------------------------------------------------------------------------------------
 def check_data(data: DictConfig, test: bool) -> None:
     """Generator tasks, source entries and data files; val (and test when ``test``) will have records."""
-    from mtpeft.data.sources.files import check_data_file
+    from mtpeft.data.sources.files import read_rows
     from mtpeft.data.sources.load import source_splits
 
     # split -> the settings that leave it empty, or None once some task fills it
@@ -251,7 +256,9 @@ def check_data(data: DictConfig, test: bool) -> None:
             )
     for source in _sources(data):
         for entry in source.files:
-            check_data_file(entry.path)
+            read_rows(
+                entry.path
+            )  # file-level errors (not found, directory, UTF-8, JSON) come before the model
         for split in empty_by:
             _note(empty_by, split, split in source_splits(source), _split_setting(source))
     _check_eval_splits(empty_by, test)

@@ -255,6 +255,11 @@ def test_utf8_byte_order_mark_is_accepted(tmp_path: Path) -> None:
     path = tmp_path / "bom.json"
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps(alpaca_rows(10)).encode())
     assert sum(len(s) for s in _load([str(path)])["bom"].splits.values()) == 10
+    path.write_bytes(b"\xef\xbb\xbf" + b'[{"instruction": "\xff"}]')
+    with pytest.raises(
+        ValueError, match=r"bom\.json line 1: byte 0xff at byte offset 21 \(byte 22 of the line\)"
+    ):
+        _load([str(path)])
 
 
 # -- datamodule -----------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ to_absolute_path``: Hydra may change the working directory of a job).
 
 from __future__ import annotations
 
+import codecs
 import json
 from pathlib import Path
 from typing import Any
@@ -92,14 +93,16 @@ def _json_list(content: str, file: Path) -> list[tuple[Any, str]]:
 
 def _decode(data: bytes, file: Path) -> str:
     """``data`` as UTF-8 text (a leading byte-order mark is dropped); a bad byte names line and offset."""
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
-        return data.decode("utf-8-sig")
+        return data[bom:].decode("utf-8")
     except UnicodeDecodeError as err:
-        line_start = data.rfind(b"\n", 0, err.start) + 1
-        line = data.count(b"\n", 0, err.start) + 1
+        offset = bom + err.start  # in the file, byte-order mark included
+        line_start = data.rfind(b"\n", 0, offset) + 1
+        line = data.count(b"\n", 0, offset) + 1
         raise ValueError(
-            f"{file} line {line}: byte 0x{data[err.start]:02x} at byte offset {err.start} (column "
-            f"{err.start - line_start + 1} in bytes) is not valid UTF-8 ({err.reason}); data files must be "
+            f"{file} line {line}: byte 0x{data[offset]:02x} at byte offset {offset} (byte "
+            f"{offset - line_start + 1} of the line) is not valid UTF-8 ({err.reason}); data files must be "
             f"UTF-8: convert it, e.g. iconv -f latin1 -t utf-8 {file.name} > {file.stem}.utf8{file.suffix}"
         ) from None
 
