@@ -185,7 +185,9 @@ def test_data_file_errors_come_before_the_model(tmp_path: Path, no_model: None) 
     with pytest.raises(FileNotFoundError, match=r"data file 'nope\.json' not found"):
         preflight(_cfg(["data=files", "data.paths=[nope.json]"], tmp_path))
     (tmp_path / "latin.jsonl").write_bytes(b'{"instruction": "caf\xe9", "output": "x"}\n')
-    with pytest.raises(ValueError, match=r"latin\.jsonl line 1: byte 0xe9 at byte offset 20 \(byte 21 of the line\)"):
+    with pytest.raises(
+        ValueError, match=r"latin\.jsonl line 1: byte 0xe9 at byte offset 20 \(byte 21 of the line\)"
+    ):
         mtpeft.run.run(_cfg(["data=files", f"data.paths=[{tmp_path / 'latin.jsonl'}]"], tmp_path), tmp_path)
     with pytest.raises(ValueError, match=r"data\.paths is not set"):
         preflight(_cfg(["data=files"], tmp_path))
