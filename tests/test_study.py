@@ -104,6 +104,9 @@ def test_overrides_are_sorted_by_who_reads_them() -> None:
     assert parts.runner == ["tune.lr=[0.1]"] and parts.jobs == ["trainer.max_steps=4"]
     assert hydra_value(0.003) == "0.003" and hydra_value("a b") == "'a b'" and hydra_value(True) == "true"
     assert launcher_overrides("basic", 2) == []
+    with pytest.MonkeyPatch.context() as patch:  # joblib plugin not installed: the basic launcher
+        patch.setattr("importlib.util.find_spec", lambda name: None)
+        assert launcher_overrides("auto", 2) == []
     assert launcher_overrides("joblib", 3) == ["launcher=joblib", "hydra.launcher.n_jobs=3", "cpu_threads=1"]
 
 
