@@ -59,8 +59,7 @@ class TemperatureSampler(Sampler[int]):
             raise ValueError(
                 f"TemperatureSampler: num_samples must be an int >= 1 or None, got {num_samples!r}"
             )
-        total_size = sum(int(n) for n in task_sizes.values())
-        _check_grouping(lengths, total_size, batch_size, pool_batches)
+        _check_grouping(lengths, total, batch_size, pool_batches)
         self.lengths = torch.as_tensor(list(lengths), dtype=torch.long) if lengths is not None else None
         self.batch_size = batch_size
         self.pool_batches = pool_batches
