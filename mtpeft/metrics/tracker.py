@@ -169,9 +169,11 @@ def write_example_scores(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
     """Write ``rows`` (e.g. ``EvalMetrics.example_rows()`` of val and test) as gzipped JSON lines; the
     gzip header carries no time stamp, so the same rows give the same bytes."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as out:
+    partial = path.with_name(path.name + ".partial")  # renamed when complete: never a truncated file
+    with partial.open("wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as out:
         for row in rows:
             out.write((json.dumps(row, sort_keys=True) + "\n").encode())
+    partial.replace(path)
     return path
 
 
