@@ -156,3 +156,53 @@ def test_command_line(lora_run: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert TASK in proc.stdout and "exact_match" in proc.stdout
     assert list((tmp_path / "results").rglob("results_*.json"))
+
+
+REQUESTS = [("context : the owl is red . question : what is red ? answer :", " owl"), ("12 + 7 =", " 19")]
+
+
+def _loglikelihoods(lm, requests=REQUESTS) -> list[float]:
+    from lm_eval.api.instance import Instance
+
+    instances = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(requests)]
+    return [logprob for logprob, _ in lm.loglikelihood(instances)]
+
+
+def test_loglikelihood_of_a_task_conditioned_method_is_its_merged_model(tmp_path: Path) -> None:
+    """MTL-LoRA scored by ``mtpeft`` for task t equals plain HFLM on the merged model of t (and not of s)."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.models.huggingface import HFLM
+
+    from mtpeft.lmeval import MtpeftLM
+    from tests.test_export import make_run
+
+    run_dir, _ = make_run("mtl_lora", tmp_path)
+    assert export_main([str(run_dir), "--merge", "--out", str(tmp_path / "m")]) == 0
+    ours = _loglikelihoods(MtpeftLM(run=str(run_dir), task="qa", device="cpu"))
+    merged = {
+        t: _loglikelihoods(HFLM(pretrained=str(tmp_path / "m" / f"merged-{t}"), device="cpu"))
+        for t in ("qa", "code")
+    }
+    assert ours == pytest.approx(merged["qa"], abs=1e-4)
+    assert ours != pytest.approx(merged["code"], abs=1e-4)
+
+
+def test_loglikelihood_goes_through_the_methods_own_forward(tmp_path: Path) -> None:
+    """PEML (per-task prompts prepended inside its forward): lm-eval's scores equal a direct computation."""
+    pytest.importorskip("lm_eval")
+    import torch
+
+    from mtpeft.lmeval import MtpeftLM
+    from tests.test_export import TASKS, make_run
+
+    run_dir, model = make_run("peml", tmp_path)
+    lm = MtpeftLM(run=str(run_dir), task="reasoning", device="cpu")
+    for (context, continuation), got in zip(REQUESTS, _loglikelihoods(lm), strict=True):
+        context_ids, continuation_ids = lm._encode_pair(context, continuation)
+        ids = torch.tensor([context_ids + continuation_ids])
+        task_ids = torch.tensor([TASKS.index("reasoning")])
+        with torch.no_grad():
+            logprobs = model(input_ids=ids[:, :-1], task_ids=task_ids).logits.log_softmax(-1)[0]
+        start = len(context_ids) - 1
+        expected = sum(float(logprobs[start + i, token]) for i, token in enumerate(continuation_ids))
+        assert got == pytest.approx(expected, abs=1e-4)
