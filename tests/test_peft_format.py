@@ -43,7 +43,12 @@ PLAIN_PEFT = textwrap.dedent(
 
 LORA_CONFIGS = {
     "attention": {"r": 4, "alpha": 8.0, "dropout": 0.1},
-    "mlp_rslora": {"r": 2, "alpha": 4.0, "targets": ["gate_proj", "up_proj", "down_proj"], "use_rslora": True},
+    "mlp_rslora": {
+        "r": 2,
+        "alpha": 4.0,
+        "targets": ["gate_proj", "up_proj", "down_proj"],
+        "use_rslora": True,
+    },
 }
 
 
