@@ -55,18 +55,17 @@ def bootstrap(cells: Cells, n_boot: int = N_BOOT, rng: np.random.Generator | Non
     if not seeds or any(not tasks for tasks in cells.values()):
         raise ValueError("bootstrap needs at least one seed with at least one task")
     n_seeds = len(seeds)
-    picks = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
+    picks = rng.integers(0, n_seeds, size=(n_boot, n_seeds))  # replicate b draws seeds picks[b, :]
     total = np.zeros(n_boot)
-    columns = np.arange(n_boot)
-    for slot in range(n_seeds):  # an independent item resample for every drawn seed
-        per_seed = np.empty((n_seeds, n_boot))
-        for s, seed in enumerate(seeds):
-            task_means = [
-                values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(axis=1)
-                for values in cells[seed].values()
-            ]
-            per_seed[s] = np.mean(task_means, axis=0)
-        total += per_seed[picks[:, slot], columns]
+    for s, seed in enumerate(seeds):  # an independent item resample for every draw of every seed
+        replicate = np.nonzero(picks == s)[0]  # one entry per (replicate, slot) that drew this seed
+        if not len(replicate):
+            continue
+        task_means = [
+            values[rng.integers(0, len(values), size=(len(replicate), len(values)))].mean(axis=1)
+            for values in cells[seed].values()
+        ]
+        np.add.at(total, replicate, np.mean(task_means, axis=0))
     return total / n_seeds
 
 
