@@ -61,6 +61,8 @@ SYSTEM_DIRS = ("/usr", "/lib", "/lib64", "/lib32", "/libx32", "/bin", "/sbin")
 """Host directories bind-mounted read-only into the program's root (with the interpreter's prefixes)."""
 MOUNTPOINTS = ("/mnt", "/media", "/srv", "/opt", "/var/tmp", "/tmp", "/run")
 """Host directories over which the new root may be mounted inside the program's mount namespace."""
+PROBE = "import json, math\nassert json.loads(json.dumps(math.pi)) == math.pi\n"
+"""The probe program: the standard library (pure Python and extension modules) must import as nobody."""
 LAYERS = {
     "user_ns": "new user namespace",
     "pid_ns": "new PID namespace (the program is PID 1; everything dies with it)",
@@ -332,19 +334,19 @@ def _setup(python: str) -> _Setup | None:
     binds = _binds(exe, prefixes)
     readable = tuple(sorted({os.path.realpath(b) for b in binds} | {"/dev"}))
     why_no_seccomp = sandbox_seccomp.available()
-    syscalls = {} if why_no_seccomp else sandbox_seccomp.syscall_numbers()
+    syscalls = sandbox_seccomp.syscall_numbers()
     base = dict(exe=exe, binds=binds, readable=readable, mountpoint=_mountpoint(binds), syscalls=syscalls)
     first_failure = None
     for isolate in (True, False):
         bpf = b"" if why_no_seccomp else sandbox_seccomp.process_filter(isolate)
         guard = b"" if why_no_seccomp else sandbox_seccomp.thread_filter()
         setup = _Setup(**base, isolate=isolate, bpf_process=bpf, bpf_thread=guard, layers=())
-        probe = _run(setup, "pass\n", SandboxLimits(timeout=30.0, python=python))
+        probe = _run(setup, PROBE, SandboxLimits(timeout=30.0, python=python))
         if probe.passed:
             setup = _Setup(**{**setup.__dict__, "layers": probe.layers})
             _warn_missing(setup, why_no_seccomp, first_failure if not isolate else None)
             return setup
-        first_failure = probe.reason
+        first_failure = " ".join([probe.reason, probe.detail, *probe.stderr.strip().splitlines()[-1:]])
     return _Setup(**base, isolate=False, bpf_process=b"", bpf_thread=b"", layers=())
 
 

@@ -99,6 +99,8 @@ class Libc:
 
     def syscall(self, name: str, *args: object) -> int:
         """A raw system call by name (numbers resolved by the evaluating process)."""
+        if name not in self.numbers:
+            raise OSError(38, f"{name}: system call number unknown on this architecture")
         c_long = self.ctypes.c_long
         cargs = [c_long(a) if isinstance(a, int) else a for a in args]
         return self.check(self.libc.syscall(c_long(self.numbers[name]), *cargs), name)
@@ -328,8 +330,11 @@ def program_process(header: dict, source: str, libc: Libc, done: int) -> None:
             _exit(1)
         wait_thread_gone(thread_id)
         write(done, b"done " + token + b"\n")
-    except BaseException:
-        _exit(1)
+    except BaseException as err:
+        try:
+            write(2, f"sandbox setup failed: {err!r}\n".encode())
+        finally:
+            _exit(1)
     _exit(0)
 
 
