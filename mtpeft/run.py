@@ -1,19 +1,35 @@
 """One training run from a resolved config: build, fit, test, write ``results.json``.
 
 Kept apart from the Hydra entry point (`mtpeft.train`) so tests and other entry points can call it with a
-composed config.
+composed config. The lifecycle of a run directory (see README, "Reliability"):
+
+1. the run takes an exclusive lock on its directory (`mtpeft.utils.runlock`): a second live run there
+   fails at once, naming the directory and the holder's pid;
+2. it writes ``results.json`` with ``status: running`` (config, config and job hashes, inputs, start time,
+   pid, host), so a killed run stays visible as incomplete;
+3. it trains, resuming from a checkpoint if ``resume`` says so (`mtpeft.utils.resume`; ``null`` = auto in
+   sweeps). Every ``checkpoint_every_n_steps`` optimiser steps it writes ``checkpoints/last.ckpt`` (adapter,
+   optimiser, scheduler, loop, sampler and RNG states: `mtpeft.utils.callbacks.ResumeState`), so a kill
+   loses at most that many steps and the resumed run ends with the same metrics as an uninterrupted one;
+4. it replaces the record with ``status: success`` (write-once: nothing replaces a success record later)
+   or, on an exception, ``status: failed`` with the error, and re-raises.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
@@ -22,14 +38,25 @@ from mtpeft.methods import build_method
 from mtpeft.models.loader import adapter_dtype, describe_model, load_base_model
 from mtpeft.module import MultiTaskModule
 from mtpeft.preflight import preflight
-from mtpeft.utils.confighash import config_hash
+from mtpeft.utils.callbacks import PeriodicCheckpoint, ResumeState
+from mtpeft.utils.confighash import config_hash, job_hash, run_inputs
 from mtpeft.utils.memory import peak_memory_mb, reset_peak_memory
 from mtpeft.utils.provenance import provenance
+from mtpeft.utils.resume import CHECKPOINT_DIR, find_resume_checkpoint
+from mtpeft.utils.runlock import RunDirLock
+from mtpeft.utils.sweep import (
+    RESULTS_FILE,
+    failure_record,
+    is_recorded,
+    mark_recorded,
+    read_results,
+    running_record,
+    write_record,
+)
 from mtpeft.utils.tables import parameter_table, print_table, results_table
 from mtpeft.utils.threads import apply_cpu_threads
 
 log = logging.getLogger(__name__)
-RESULTS_FILE = "results.json"
 
 
 def method_options(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
@@ -54,10 +81,93 @@ def build_callbacks(cfg: DictConfig, has_logger: bool) -> list[Any]:
     return [c for c in callbacks if has_logger or not isinstance(c, LearningRateMonitor)]
 
 
+def build_module(cfg: DictConfig, model: Any, tokenizer: Any) -> MultiTaskModule:
+    """The run's `MultiTaskModule` for ``model`` (also built by the loop benchmark, ``mtpeft.bench``)."""
+    return MultiTaskModule(
+        model,
+        tokenizer,
+        optimizer=instantiate(cfg.optimizer),
+        warmup_ratio=cfg.scheduler.warmup_ratio,
+        min_lr_ratio=cfg.scheduler.min_lr_ratio,
+        weight_decay=cfg.optimizer.get("weight_decay"),
+        max_new_tokens=cfg.evaluation.max_new_tokens,
+        num_samples=cfg.evaluation.get("num_samples", 1),
+        temperature=cfg.evaluation.get("temperature", 0.8),
+        top_p=cfg.evaluation.get("top_p", 0.95),
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        compile_step=bool(cfg.get("compile", False)),
+    )
+
+
+@dataclass(frozen=True)
+class Job:
+    """What identifies a run's results: resolved config, inputs (data digests, code version), job hash."""
+
+    config: dict[str, Any]
+    inputs: dict[str, Any]
+
+    @property
+    def hash(self) -> str:
+        return job_hash(self.config, self.inputs)
+
+
 def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
-    """Train and evaluate one configuration; return the results dict also written to ``results.json``."""
+    """Train and evaluate one configuration; return the results dict also written to ``results.json``.
+
+    Holds ``output_dir``'s lock throughout and keeps its ``results.json`` current (running, then success or
+    failed; module docstring). Raises `mtpeft.utils.runlock.RunDirBusy` if another live run holds the
+    directory and ValueError if it already holds a successful run (results are never replaced).
+    """
     preflight(cfg)  # every config error before any model is loaded (mtpeft/preflight.py)
     output_dir = Path(output_dir)
+    with RunDirLock(output_dir), run_record(cfg, output_dir) as job:
+        return _train_and_evaluate(cfg, output_dir, job)
+
+
+@contextlib.contextmanager
+def run_record(cfg: DictConfig, output_dir: Path) -> Iterator[Job]:
+    """Write the ``running`` record, yield the `Job`; on an exception write the ``failed`` record."""
+    started = time.perf_counter()
+    config = OmegaConf.to_container(cfg, resolve=True)
+    existing = read_results(output_dir / RESULTS_FILE) if (output_dir / RESULTS_FILE).exists() else None
+    if existing is not None and existing.get("status") == "success":
+        raise ValueError(
+            f"{output_dir} already holds a successful run ({output_dir / RESULTS_FILE}); results are never "
+            "replaced: give this run its own directory (drop the hydra.run.dir override)"
+        )
+    job = Job(config, run_inputs(config))
+    write_record(output_dir, running_record(config, job.inputs))
+    try:
+        yield job
+    except Exception as err:
+        if not is_recorded(err):
+            wall = time.perf_counter() - started
+            write_record(output_dir, failure_record(cfg, err, config_hash(config), wall, job.inputs))
+            mark_recorded(err)
+        raise
+
+
+def resume_callbacks(cfg: DictConfig, output_dir: Path, job: Job) -> list[Any]:
+    """`ResumeState` and, with ``checkpoint_every_n_steps``, a `PeriodicCheckpoint` that writes
+    ``checkpoints/last.ckpt`` every that many optimiser steps (the best-by-validation one is unchanged)."""
+    callbacks: list[Any] = [ResumeState(job.hash)]
+    every = cfg.get("checkpoint_every_n_steps")
+    if every is not None:
+        callbacks.append(PeriodicCheckpoint(output_dir / CHECKPOINT_DIR, every))
+    return callbacks
+
+
+def _in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _resume_checkpoint(cfg: DictConfig, output_dir: Path, job: Job) -> Path | None:
+    log_root = Path(cfg.paths.log_dir) / cfg.task_name if cfg.get("paths") else output_dir
+    return find_resume_checkpoint(cfg.get("resume"), output_dir, log_root, job.hash, _in_multirun())
+
+
+def _train_and_evaluate(cfg: DictConfig, output_dir: Path, job: Job) -> dict[str, Any]:
+    """Build, fit (or resume), test, save the adapter and write the success record."""
     started = time.perf_counter()
     reset_peak_memory()
     apply_cpu_threads(cfg.get("cpu_threads", "auto"), cfg.model)  # training, pre-training and evaluation
@@ -72,27 +182,20 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     model.upcast_trainable(adapter_dtype(cfg.model))
     trainable, total = model.count_parameters()
     print_table(parameter_table(model, f"method={name}: trainable parameters"))
-    module = MultiTaskModule(
-        model,
-        tokenizer,
-        optimizer=instantiate(cfg.optimizer),
-        warmup_ratio=cfg.scheduler.warmup_ratio,
-        min_lr_ratio=cfg.scheduler.min_lr_ratio,
-        weight_decay=cfg.optimizer.get("weight_decay"),
-        max_new_tokens=cfg.evaluation.max_new_tokens,
-        num_samples=cfg.evaluation.get("num_samples", 1),
-        temperature=cfg.evaluation.get("temperature", 0.8),
-        top_p=cfg.evaluation.get("top_p", 0.95),
-        gradient_checkpointing=cfg.gradient_checkpointing,
-    )
+    module = build_module(cfg, model, tokenizer)
     loggers = build_loggers(cfg)
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=build_callbacks(cfg, bool(loggers)))
+    callbacks = build_callbacks(cfg, bool(loggers)) + resume_callbacks(cfg, output_dir, job)
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    resumed = None
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
         if cfg.train and trainable > 0:
             module.train()  # loaders return eval-mode models; Lightning keeps per-module modes
-            trainer.fit(module, datamodule=datamodule)
+            resumed = _resume_checkpoint(cfg, output_dir, job)
+            with warnings.catch_warnings():  # the sampler position is restored with the datamodule state
+                warnings.filterwarnings("ignore", message=".*checkpoint that ended before the epoch ended")
+                trainer.fit(module, datamodule=datamodule, ckpt_path=resumed, weights_only=False)
         else:
             log.info("nothing to train (method=%s, train=%s): evaluating the model as is", name, cfg.train)
             trainer.validate(module, datamodule=datamodule)
@@ -107,9 +210,10 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         for logger in loggers:
             _finish_logger(logger)
     results = _results(cfg, module, model, base_model, datamodule, started, best)
+    results.update(job_hash=job.hash, inputs=job.inputs, resumed_from=str(resumed) if resumed else None)
     module.write_example_scores(output_dir)  # scores.jsonl.gz: per-example scores for the bootstrap CIs
-    (output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
-    split = "test" if cfg.test else "val"
+    write_record(output_dir, results)
+    split = "test" if "test" in results["metrics"] else "val"
     print_table(results_table(results["metrics"][split], split, f"{name}: {split} results"))
     return results
 

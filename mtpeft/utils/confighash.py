@@ -1,14 +1,37 @@
-"""A stable hash of a resolved run config, ignoring where the run writes its files."""
+"""What identifies a run's results: a stable hash of its resolved config, and of everything else it reads.
+
+Two hashes, for two questions:
+
+- `config_hash`: the resolved config without paths and bookkeeping. Two runs with the same config hash
+  asked for the same computation (it is how tables group and label runs, and it never changes when the code
+  or a data file changes).
+- `job_hash`: the config hash plus the *inputs* the config does not spell out (`run_inputs`): a content
+  digest of every data file the config reads and the code version (a digest of the installed ``mtpeft``
+  package files and the versions of the numerical libraries). A sweep skips a job only when a finished run
+  has the same job hash, so an edited data file, an edited module or an upgraded ``torch`` never reuses a
+  stale result. Any change to the package's files counts, even a comment: the digest cannot tell which
+  edits change numbers, so it assumes all of them may (``$MTPEFT_CODE_VERSION=<label>`` pins the code part
+  to a label of your choice when you know better).
+
+Digests are cheap after the first look: files are hashed once per process and cached by path, size,
+modification time and inode.
+"""
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.metadata
 import json
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 #: Bookkeeping that never changes what a run computes: where it writes (paths, the study's directory name
-#: ``task_name``), how it reports (logger, callbacks, names, tags), where it is launched (``cluster``) and
-#: whether finished runs are skipped.
+#: ``task_name``), how it reports (logger, callbacks, names, tags), where it is launched (``cluster``),
+#: whether finished runs are skipped, how it recovers from interruptions (``resume``, the periodic
+#: checkpoint) and whether a sweep with failed jobs exits non-zero.
 IGNORED_TOP_LEVEL = (
     "paths",
     "hydra",
@@ -22,9 +45,15 @@ IGNORED_TOP_LEVEL = (
     "cpu_threads",
     "optimized_metric",
     "cluster",
+    "resume",
+    "checkpoint_every_n_steps",
+    "allow_failures",
 )
 #: Nested paths (``section.key``) that hold directories.
 IGNORED_NESTED = (("trainer", "default_root_dir"), ("model", "cache_dir"))
+
+#: Libraries whose version can change the numbers a run produces (part of `code_version`).
+NUMERIC_PACKAGES = ("torch", "transformers", "peft", "lightning", "tokenizers", "torchmetrics")
 
 
 def hashed_part(config: dict[str, Any]) -> dict[str, Any]:
@@ -37,7 +66,185 @@ def hashed_part(config: dict[str, Any]) -> dict[str, Any]:
     return kept
 
 
+def _digest(value: Any) -> str:
+    blob = json.dumps(value, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def config_hash(config: dict[str, Any]) -> str:
     """SHA-256 (first 16 hex digits) of the config without paths, loggers and other bookkeeping."""
-    blob = json.dumps(hashed_part(config), sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return _digest(hashed_part(config))
+
+
+def job_hash(config: dict[str, Any], inputs: Mapping[str, Any]) -> str:
+    """The identity of a job's results: `config_hash` plus its `run_inputs` (data digests, code version)."""
+    return _digest({"config": config_hash(config), "inputs": inputs})
+
+
+def run_inputs(config: dict[str, Any]) -> dict[str, Any]:
+    """What a run reads besides its config: ``{"data": {file: sha256}, "code": code_version()}``."""
+    data = config.get("data") if isinstance(config.get("data"), dict) else {}
+    return {"data": data_digests(data), "code": code_version()}
+
+
+# -- code --------------------------------------------------------------------------------------------
+CODE_VERSION_ENV = "MTPEFT_CODE_VERSION"
+"""Set it to a label of your choice to stand for the package digest (e.g. to keep reusing a sweep's results
+across edits you know change no number, such as comments); unset, the digest decides."""
+
+
+def code_version() -> dict[str, Any]:
+    """The code a run executes: a digest of the files of the ``mtpeft`` package (`package_digest`), or the
+    label in ``$MTPEFT_CODE_VERSION``, and the versions of `NUMERIC_PACKAGES`."""
+    from mtpeft import __version__
+
+    pinned = os.environ.get(CODE_VERSION_ENV)
+    sources = f"pinned:{pinned}" if pinned else _own_package_digest()
+    return {"mtpeft": __version__, "sources": sources, "packages": _versions()}
+
+
+@functools.cache
+def _own_package_digest() -> str:
+    return package_digest(Path(__file__).resolve().parent.parent)
+
+
+def package_digest(root: Path) -> str:
+    """Digest of every file under ``root`` (sources and packaged data; bytecode caches, hidden and
+    temporary files left out), names included: computed once per process for the installed package."""
+    digest = hashlib.sha256()
+    for path in sorted(_package_files(root)):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(bytes.fromhex(file_digest(path)))
+    return digest.hexdigest()[:16]
+
+
+def _package_files(root: Path) -> Iterator[Path]:
+    for path in root.rglob("*"):
+        parts = path.relative_to(root).parts
+        if any(p == "__pycache__" or p.startswith(".") for p in parts) or path.suffix in SKIPPED_SUFFIXES:
+            continue
+        if path.is_file():
+            yield path
+
+
+SKIPPED_SUFFIXES = (".pyc", ".pyo", ".tmp", ".swp", ".orig", ".rej", ".bak")
+
+
+def _versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in NUMERIC_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+# -- data --------------------------------------------------------------------------------------------
+_FILE_DIGESTS: dict[tuple[str, int, int, int], str] = {}
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, cached by (path, size, mtime, inode): an edited file is hashed again."""
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    if key not in _FILE_DIGESTS:
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        _FILE_DIGESTS[key] = digest.hexdigest()
+    return _FILE_DIGESTS[key]
+
+
+def path_digest(path: Path) -> str:
+    """Digest of a data file, or of every file inside a data directory (hidden entries left out);
+    ``"missing"`` when there is nothing there (the run itself reports that)."""
+    if path.is_file():
+        return file_digest(path)
+    if not path.is_dir():
+        return "missing"
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        relative = file.relative_to(path)
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        digest.update(relative.as_posix().encode() + b"\0" + bytes.fromhex(file_digest(file)))
+    return digest.hexdigest()
+
+
+def data_digests(data: Mapping[str, Any]) -> dict[str, str]:
+    """``{where: digest}`` for every local file or directory the ``data`` config reads.
+
+    ``where`` names the config entry and the path as written (``data.paths[0]: a.json``). Hub datasets
+    without a local copy are identified by id and ``revision`` (``hub:openai/gsm8k@unpinned``): pin the
+    revision to make them stale-proof too. Generator tasks read no files (their code is in `code_version`).
+    """
+    return {where: path_digest(path) if isinstance(path, Path) else path for where, path in _locations(data)}
+
+
+def _locations(data: Mapping[str, Any]) -> Iterator[tuple[str, Path | str]]:
+    from mtpeft.data.sources.files import resolve_path
+
+    paths = data.get("paths")
+    if isinstance(paths, list | tuple):
+        for i, entry in enumerate(paths):
+            path = entry.get("path") if isinstance(entry, Mapping) else entry
+            if isinstance(path, str):
+                yield f"data.paths[{i}]: {path}", resolve_path(path)
+    if data.get("sources"):
+        from mtpeft.data.sources.config import parse_sources
+
+        for source in parse_sources(data["sources"]):
+            yield from _source_locations(source, resolve_path)
+
+
+def _source_locations(source: Any, resolve_path: Any) -> Iterator[tuple[str, Path | str]]:
+    """The files of one parsed source (`mtpeft.data.sources.config.SourceConfig`)."""
+    from mtpeft.data.sources.hub import BUILDERS
+
+    for entry in source.files:
+        yield f"{source.label}.files: {entry.path}", resolve_path(entry.path)
+    if source.dataset is None:
+        return
+    if source.dataset in BUILDERS:
+        for name in _file_names(source.data_files):
+            yield f"{source.label}.data_files: {name}", _builder_file(source, name, resolve_path)
+    elif source.local_dir and resolve_path(source.local_dir).is_dir():
+        yield f"{source.label}.local_dir: {source.local_dir}", resolve_path(source.local_dir)
+    elif resolve_path(source.dataset).exists():
+        yield f"{source.label}.dataset: {source.dataset}", resolve_path(source.dataset)
+    else:
+        yield (
+            f"{source.label}.dataset: {source.dataset}",
+            f"hub:{source.dataset}@{source.revision or 'unpinned'}",
+        )
+
+
+def _file_names(data_files: Any) -> list[str]:
+    if isinstance(data_files, str):
+        return [data_files]
+    if isinstance(data_files, Mapping):
+        return [name for value in data_files.values() for name in _file_names(value)]
+    return [str(name) for name in data_files or []]
+
+
+def _builder_file(source: Any, name: str, resolve_path: Any) -> Path | str:
+    """A builder's data file as `mtpeft.data.sources.hub` finds it: local first, then the hub cache."""
+    local = resolve_path(Path(source.local_dir) / name if source.local_dir else name)
+    if local.is_file() or not source.hub_repo:
+        return local
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(source.hub_repo, name, revision=source.revision, repo_type="dataset")
+    except Exception:  # noqa: BLE001 - no cache to look at: identify the file by name
+        cached = None
+    if isinstance(cached, str):
+        return Path(cached)
+    return f"hub:{source.hub_repo}/{name}@{source.revision or 'unpinned'}"
+
+
+def clear_digest_cache() -> None:
+    """Forget cached file digests (tests; a long-lived process that wants to re-read everything)."""
+    _FILE_DIGESTS.clear()
