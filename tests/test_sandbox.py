@@ -127,3 +127,23 @@ def test_mbpp_style_records_run_setup_code_and_asserts() -> None:
     right = "def squares(n):\n    return sum(i * i for i in range(1, n + 1))"
     wrong = "def squares(n):\n    return n * n"
     assert passes([right, wrong, "  " + right + "\n\n"], [record] * 3) == [True, False, True]
+
+
+def test_cli_lists_every_layer(capsys: pytest.CaptureFixture[str]) -> None:
+    from mtpeft.metrics.sandbox import LAYERS, sandbox_layers
+    from mtpeft.metrics.sandbox.__main__ import main
+
+    code = main([])
+    out = capsys.readouterr().out
+    assert code == (0 if all(sandbox_layers().values()) else 1)
+    assert all(layer in out for layer in LAYERS) and out.count("\n") >= len(LAYERS)
+
+
+def test_correct_programs_of_awkward_shapes_pass() -> None:
+    """These failed under the audit-hook-only sandbox: no trailing newline, one print over 8 KB, asyncio."""
+    programs = [
+        "print('no newline', end='')\n",
+        "print('x' * 9000)\n",
+        "import asyncio\nasync def f():\n    return 1\nassert asyncio.run(f()) == 1\n",
+    ]
+    assert [r.passed for r in run_programs(programs, FAST)] == [True, True, True]
