@@ -204,3 +204,19 @@ def test_real_smollm2_converts_and_answers(tmp_path: Path) -> None:
     assert ids.input_ids[0, 0] != tokenizer.bos_token_id  # no BOS added
     out = model.generate(**ids, max_new_tokens=3, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, ids.input_ids.shape[1] :])
+
+
+def test_loaded_head_gets_contiguous_inputs(tiny_gguf, tmp_path: Path) -> None:
+    """generate's last-position slice reaches the head contiguous (torch's CPU bmm path copies the weight)."""
+    path, _, tokenizer = tiny_gguf
+    model, _ = load_base_model(
+        {"kind": "hub", "gguf_file": str(path), "cache_dir": str(tmp_path), "dtype": "bfloat16"}
+    )
+    seen: list[bool] = []
+    model.get_output_embeddings().register_forward_hook(
+        lambda m, args, out: seen.append(args[0].is_contiguous())
+    )
+    ids = torch.tensor([tokenizer(TEXT, add_special_tokens=False).input_ids] * 2)
+    with torch.no_grad():
+        model(input_ids=ids, logits_to_keep=1)  # the head's input is hidden[:, -1:, :]
+    assert seen == [True]

@@ -1,0 +1,109 @@
+"""Peak memory of one training step with the LM loss from full logits vs without them (`mtpeft.losses`).
+
+Usage (from the repository root; one fresh process per variant, so each peak RSS is its own)::
+
+    python experiments/bench/lm_loss_memory.py model=smollm2_135m method=lora --batch 32 --length 128
+
+Every position of a random batch is labelled (the worst case for the chunked loss: with answer-only labels
+it runs the output head on fewer rows still). A step is the forward and backward of `MultiTaskModule`'s
+loss: ``full`` is the former path (``token_losses`` on ``[B, S, V]`` logits), ``chunked`` the current one
+(``model_token_losses``). The script prints one markdown row per variant: peak RSS of the step (weights
+included), RSS after loading, the step's wall time and the loss (equal in both rows up to float rounding).
+``gradient_checkpointing=true`` recomputes each decoder layer in backward (as in training runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+VARIANTS = ("full", "chunked")
+
+
+def measure(overrides: list[str], variant: str, batch: int, length: int, seed: int = 0) -> dict[str, Any]:
+    """One step of ``variant`` on the model/method of the Hydra ``overrides``; peak memory and time."""
+    import torch
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from mtpeft.losses import model_token_losses, token_losses
+    from mtpeft.methods import build_method
+    from mtpeft.models.loader import adapter_dtype, load_base_model
+    from mtpeft.utils.memory import peak_memory_mb, reset_peak_memory
+    from mtpeft.utils.resolvers import register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        cfg = compose(config_name="train", overrides=overrides)
+    base, _ = load_base_model(cfg.model)
+    options = OmegaConf.to_container(cfg.method, resolve=True)
+    model = build_method(options.pop("name"), options, base, num_tasks=3)
+    model.upcast_trainable(adapter_dtype(cfg.model))
+    if cfg.gradient_checkpointing:  # as MultiTaskModule does
+        model.gradient_checkpointing_enable()
+    model.train()
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, base.config.vocab_size, (batch, length), generator=gen)
+    task_ids = torch.randint(0, 3, (batch,), generator=gen)
+    loaded = peak_memory_mb()["cpu_peak_rss_mb"]
+    reset_peak_memory()
+    start = time.perf_counter()
+
+    def forward() -> Any:
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids), task_ids=task_ids)
+
+    if variant == "full":
+        loss, mask = token_losses(forward().logits, ids)
+    else:
+        head = base.get_output_embeddings()
+        loss, mask = model_token_losses(forward, head, ids, head_scope=lambda: model.task_scope(task_ids))
+    total = loss.sum() / mask.sum()
+    total.backward()
+    return {
+        "variant": variant,
+        "peak_rss_mb": peak_memory_mb()["cpu_peak_rss_mb"],
+        "loaded_rss_mb": loaded,
+        "step_s": round(time.perf_counter() - start, 1),
+        "loss": round(float(total), 6),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=smollm2_135m method=lora")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--variant", choices=VARIANTS, help="measure one variant in this process (internal)")
+    args = parser.parse_args()
+    if args.variant:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        print(json.dumps(measure(args.overrides, args.variant, args.batch, args.length)))
+        return
+    print(
+        f"overrides: {' '.join(args.overrides)}; batch {args.batch} x {args.length}; {args.threads} thread(s)"
+    )
+    print("| loss | peak RSS of the step (MB) | RSS after loading (MB) | step (s) | loss value |")
+    print("|---|---:|---:|---:|---:|")
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    for variant in VARIANTS:
+        cmd = [sys.executable, __file__, *args.overrides, "--variant", variant]
+        cmd += ["--batch", str(args.batch), "--length", str(args.length), "--threads", str(args.threads)]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, check=True).stdout
+        row = json.loads(out.strip().splitlines()[-1])
+        print(
+            f"| {variant} | {row['peak_rss_mb']} | {row['loaded_rss_mb']} | {row['step_s']} | {row['loss']} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
