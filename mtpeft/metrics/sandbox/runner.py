@@ -1,8 +1,9 @@
 """The sandbox runner: the code that runs *inside* ``python -I -S`` for one untrusted program.
 
 It imports nothing but the standard library (the sandbox interpreter runs without site packages and
-without mtpeft on its path): ``mtpeft.metrics.sandbox`` passes this file's source with ``-c`` and writes a
-``marshal`` header (token, limits, layers to set up, seccomp programs) and the program on standard input.
+without mtpeft on its path): ``mtpeft.metrics.sandbox`` starts ``python -I -S -c`` with a line that imports
+this file from its directory (so its bytecode cache is used) and calls ``main()``, and writes a ``marshal``
+header (token, limits, layers to set up, seccomp programs) and the program on standard input.
 
 Process tree (one per program)::
 
@@ -16,11 +17,12 @@ Process tree (one per program)::
 The verdict is decided by the supervisor, a separate process the program can neither see (PID
 namespace) nor signal (seccomp). A program passes only if its process exits with status 0 *and* its main
 thread wrote the run's secret token to the done pipe. The main thread does that only after the program
-thread has ended (a C-level thread-state lock, ``_thread._set_sentinel``), and the program thread ends
+thread has ended (the kernel no longer knows its thread id), and the program thread ends
 normally only if ``exec`` of the program returned: any exception, ``SystemExit`` included, makes it call the
 ``os._exit`` captured before the program ran. The program thread's seccomp filter kills the whole process
 on ``exit_group`` with a status whose low byte is 0, so ``os._exit(0)`` (or ``os._exit(256)``) half way is a
-failure even if the program found the token.
+failure even if the program found the token. (Ending only the program thread early with a raw ``exit``
+system call would need native code: ctypes is refused by the audit hook, /tmp is noexec, execve is refused.)
 """
 
 from __future__ import annotations
