@@ -13,6 +13,7 @@ Checkpoints hold only the adapter state, not the frozen base model.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections import defaultdict
@@ -24,9 +25,48 @@ import lightning as L
 import torch
 
 from mtpeft.data.records import Record
-from mtpeft.losses import model_token_losses, per_task_mean
+from mtpeft.losses import model_token_losses, per_task_mean, token_losses
 from mtpeft.methods.base import AdaptedModel
 from mtpeft.metrics.tracker import SCORES_FILE, EvalMetrics, check_metric_names, write_example_scores
+
+
+def warmup_cosine(total: int, warmup_ratio: float, min_lr_ratio: float) -> Callable[[int], float]:
+    """LR multiplier per step: linear warm-up over ``warmup_ratio`` of ``total`` steps, then cosine decay
+    to ``min_lr_ratio`` (for `torch.optim.lr_scheduler.LambdaLR`)."""
+    warmup = int(warmup_ratio * total)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return schedule
+
+
+def forward_losses(
+    model: AdaptedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    task_ids: torch.Tensor,
+    labels: torch.Tensor,
+    num_tasks: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token-mean loss, per-task mean loss, per-task token counts) from the model's full logits.
+
+    What ``compile: true`` compiles: forward, cross-entropy and the per-task reduction in one graph (the
+    chunked head of `model_token_losses` swaps the head per call, which a compiled graph cannot follow).
+    """
+    out = model(input_ids=input_ids, attention_mask=attention_mask, task_ids=task_ids)
+    loss, mask = token_losses(out.logits, labels)
+    task_loss, task_tokens = per_task_mean(loss, mask, task_ids, num_tasks)
+    return loss.sum() / mask.sum().clamp_min(1), task_loss, task_tokens
+
+
+def compile_training_step(model: AdaptedModel, **options: Any) -> Callable[..., Any]:
+    """`forward_losses` of ``model`` under ``torch.compile`` (task-id hooks made static for tracing)."""
+    model.use_static_task_hooks()
+    return torch.compile(functools.partial(forward_losses, model), **options)
 
 
 class MultiTaskModule(L.LightningModule):
@@ -47,6 +87,7 @@ class MultiTaskModule(L.LightningModule):
         num_samples: int = 1,
         temperature: float = 0.8,
         top_p: float = 0.95,
+        compile_step: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
@@ -63,9 +104,11 @@ class MultiTaskModule(L.LightningModule):
         self.top_p = top_p
         if gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        # compile: true -- the training forward + loss under torch.compile (evaluation stays eager)
+        self._compiled_step = compile_training_step(model) if compile_step else None
         self.best_val: dict[str, float] = {}
         self.last_metrics: dict[str, dict[str, float]] = {}
-        self.train_tokens = 0
+        self._train_tokens: torch.Tensor | int = 0  # a device tensor once training runs
         self.train_seconds = 0.0
         self._eval = EvalMetrics("val", {})  # replaced when an eval epoch starts
         self._eval_records: list[Record] = []
@@ -104,21 +147,58 @@ class MultiTaskModule(L.LightningModule):
         self._step_start = time.perf_counter()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, task_loss, task_tokens = self._lm_loss(batch)
+        loss, task_loss, task_tokens = self._train_losses(batch)
+        aux = self.model.aux_losses()
         total = loss
-        batch_size = batch["input_ids"].shape[0]
-        for name, value in self.model.aux_losses().items():
+        for value in aux.values():
             total = total + value
+        self._train_tokens = self._train_tokens + batch["attention_mask"].sum()  # stays on device: no sync
+        if self._logs_this_step():
+            self._log_train(batch["input_ids"].shape[0], loss, aux, task_loss, task_tokens)
+        return total
+
+    def _train_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """`_lm_loss`, or with ``compile: true`` the compiled `forward_losses` (same values up to rounding)."""
+        if self._compiled_step is None:
+            return self._lm_loss(batch)
+        task_ids = batch["task_ids"]
+        task_ids = self.model.check_task_ids(task_ids, task_ids.shape[0])  # range checked eagerly
+        inputs = (batch["input_ids"], batch["attention_mask"], task_ids, batch["labels"])
+        return self._compiled_step(*inputs, len(self.task_names))
+
+    def _logs_this_step(self) -> bool:
+        """True on the steps whose logged values reach the loggers (every ``log_every_n_steps``).
+
+        Lightning keeps only the last on-step value of a key, so logging on the other steps costs time
+        (and, for the per-task losses, a device sync) without changing what is written. The same test as
+        Lightning's own `LearningRateMonitor`; if that internal ever goes away, every step logs.
+        """
+        connector = getattr(self.trainer, "_logger_connector", None)
+        return bool(getattr(connector, "should_update_logs", True))
+
+    def _log_train(
+        self,
+        batch_size: int,
+        loss: torch.Tensor,
+        aux: dict[str, torch.Tensor],
+        task_loss: torch.Tensor,
+        task_tokens: torch.Tensor,
+    ) -> None:
+        """``train/loss``, ``train/aux/<name>``, ``train/<task>/loss`` (tasks in the batch), ``routing/*``."""
+        for name, value in aux.items():
             self.log(f"train/aux/{name}", value, batch_size=batch_size)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        present = task_tokens.gt(0).tolist()  # one sync, on logging steps only
         for task_id, task in enumerate(self.task_names):
-            if task_tokens[task_id] > 0:
+            if present[task_id]:
                 self.log(f"train/{task}/loss", task_loss[task_id], batch_size=batch_size)
-        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
-            for key, value in self.model.routing_stats().items():
-                self.log(f"routing/{key}", value, batch_size=batch_size)
-        self.train_tokens += int(batch["attention_mask"].sum())
-        return total
+        for key, value in self.model.routing_stats().items():
+            self.log(f"routing/{key}", value, batch_size=batch_size)
+
+    @property
+    def train_tokens(self) -> int:
+        """Non-padding tokens trained on so far (read at the end of a run)."""
+        return int(self._train_tokens)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.train_seconds += time.perf_counter() - self._step_start
@@ -128,15 +208,7 @@ class MultiTaskModule(L.LightningModule):
         groups = self.model.parameter_groups(0.0 if weight_decay is None else weight_decay)
         optimizer = self.optimizer_factory(groups)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(self.warmup_ratio * total)
-        floor = self.min_lr_ratio
-
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
+        schedule = warmup_cosine(total, self.warmup_ratio, self.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -134,6 +134,7 @@ RUN_SETTINGS: Mapping[str, tuple[Callable[[Any], bool], str]] = {
     "test": (lambda v: isinstance(v, bool), "true or false"),
     "save_adapter": (lambda v: isinstance(v, bool), "true or false"),
     "gradient_checkpointing": (lambda v: isinstance(v, bool), "true or false"),
+    "compile": (lambda v: isinstance(v, bool), "true or false"),
     "skip_finished": (lambda v: v is None or isinstance(v, bool), "null, true or false"),
     "task_name": (
         lambda v: isinstance(v, str) and v.strip() != "",

@@ -116,7 +116,9 @@ class AdaptedModel(nn.Module):
         task_ids = torch.as_tensor(task_ids, dtype=torch.long)
         if task_ids.dim() != 1 or task_ids.shape[0] != batch_size:
             raise ValueError(f"task_ids must have shape [{batch_size}], got {tuple(task_ids.shape)}")
-        if self.requires_task_ids and (task_ids.min() < 0 or task_ids.max() >= self.num_tasks):
+        # the range check reads the ids' values; a compiled forward has them checked eagerly before
+        check_range = self.requires_task_ids and not torch.compiler.is_compiling()
+        if check_range and (task_ids.min() < 0 or task_ids.max() >= self.num_tasks):
             raise ValueError(
                 f"task_ids {task_ids.tolist()} out of range for method {self.method_name!r} "
                 f"trained with {self.num_tasks} tasks (valid: 0..{self.num_tasks - 1})"
@@ -156,11 +158,31 @@ class AdaptedModel(nn.Module):
         ``gradient_checkpointing_enable``).
         """
         previous, self._scoped_task_ids = self._scoped_task_ids, task_ids
+        static = getattr(self, "_static_task_hooks", None)
         try:
-            with task_id_scope(self.task_conditioned_modules(), task_ids):
-                yield
+            if static is None:
+                with task_id_scope(self.task_conditioned_modules(), task_ids):
+                    yield
+            else:
+                previous_static, static.task_ids = static.task_ids, task_ids
+                try:
+                    yield
+                finally:
+                    static.task_ids = previous_static
         finally:
             self._scoped_task_ids = previous
+
+    def use_static_task_hooks(self) -> None:
+        """Keep the task-id hooks registered for good; `task_scope` then only sets the ids they inject.
+
+        For ``torch.compile``: registering hooks inside a compiled forward breaks the graph, and hooks
+        registered per call outside it would be traced once and then read stale ids. A persistent hook
+        whose ids change per call traces into the graph. The same ids reach the same layers.
+        """
+        if getattr(self, "_static_task_hooks", None) is None:
+            hooks = task_id_scope(self.task_conditioned_modules(), None)
+            hooks.__enter__()  # never exited: the hooks live as long as the model
+            self._static_task_hooks = hooks
 
     def _checkpoint_contexts(self) -> tuple[AbstractContextManager, AbstractContextManager]:
         """(forward, recompute) contexts for ``torch.utils.checkpoint``: the recomputation of a layer

@@ -1,0 +1,108 @@
+"""``python -m mtpeft.bench [overrides ...] [options]``: the loop and per-method tables (see `mtpeft.bench`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from mtpeft.bench.config import RunParts, compose_run
+from mtpeft.bench.loop import describe, loop_config_overrides, loop_markdown, run_loops
+from mtpeft.bench.methods import VARIANTS, methods_markdown, run_methods
+from mtpeft.utils.threads import apply_cpu_threads
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m mtpeft.bench", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "overrides", nargs="*", help="Hydra overrides of conf/train.yaml (model=..., data=...)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: the run's cpu_threads)"
+    )
+    parser.add_argument("--out", type=Path, help="also write the markdown report to this file")
+    loop = parser.add_argument_group("loop table")
+    loop.add_argument("--no-loop", action="store_true", help="skip the loop table")
+    loop.add_argument("--loop-method", default="lora", help="method of the loop table (unless overridden)")
+    loop.add_argument("--steps", type=int, default=40, help="training steps per loop and round")
+    loop.add_argument("--skip", type=int, default=5, help="warm-up steps not timed")
+    loop.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median reported)")
+    methods = parser.add_argument_group("per-method table")
+    methods.add_argument("--no-methods", action="store_true", help="skip the per-method table")
+    methods.add_argument(
+        "--only", nargs="*", help=f"variants to run (LoRA always first): {', '.join(VARIANTS)}"
+    )
+    methods.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
+    methods.add_argument("--warmup", type=int, default=2, help="untimed rounds first (compilation included)")
+    methods.add_argument("--batch", type=int, default=32, help="rows of the random batch")
+    methods.add_argument("--length", type=int, default=96, help="tokens per row of the random batch")
+    methods.add_argument("--real-batches", type=int, default=4, help="real training batches per round")
+    methods.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=True, help="also time the compiled step"
+    )
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.only or ()) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown --only variant(s) {unknown}; valid: {', '.join(VARIANTS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> str:
+    """Run the requested tables; print (and write to ``--out``) the markdown report, and return it."""
+    logging.basicConfig(level=logging.WARNING)
+    args = parse_args(argv)
+    command = "python -m mtpeft.bench " + shlex.join(sys.argv[1:] if argv is None else argv)
+    lines = [f"`{command}`", ""]
+    with tempfile.TemporaryDirectory(prefix="mtpeft-bench-") as tmp:
+        user = list(args.overrides)
+        has_method = any(o.lstrip("+~").startswith("method=") for o in user)
+        loop_overrides = user if has_method else [f"method={args.loop_method}", *user]
+        cfg = compose_run([*loop_overrides, *loop_config_overrides(args.steps)], tmp)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        else:
+            apply_cpu_threads(cfg.get("cpu_threads", "auto"), cfg.model)
+        parts = RunParts.build(cfg)
+        lines += [f"torch {torch.__version__}, {describe(cfg)}", ""]
+        if not args.no_loop:
+            rows = run_loops(parts, args.steps, args.rounds, args.skip)
+            lines += [*loop_markdown(rows, args.steps, args.skip), ""]
+        if not args.no_methods:
+            chosen = {
+                k: v for i, (k, v) in enumerate(VARIANTS.items()) if i == 0 or not args.only or k in args.only
+            }
+            base = [o for o in user if not o.lstrip("+~").startswith("method")]
+            rows, device = run_methods(
+                parts,
+                chosen,
+                lambda overrides: compose_run([*base, *overrides], tmp),
+                batch=args.batch,
+                length=args.length,
+                real_batches=args.real_batches,
+                repeats=args.repeats,
+                warmup=args.warmup,
+                compiled=args.compile,
+            )
+            real_shape = "x".join(str(s) for s in parts.train_batches(1)[0]["input_ids"].shape)
+            lines += [
+                f"Per-method training step ({device.type}): random batch {args.batch} x {args.length}; "
+                f"real batches: the first {args.real_batches} of the run's datamodule "
+                f"(first {real_shape}); median of {args.repeats} interleaved rounds after {args.warmup} warm-up.",
+                "",
+                *methods_markdown(rows, device, args.compile),
+            ]
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report)
+    return report
+
+
+if __name__ == "__main__":
+    main()

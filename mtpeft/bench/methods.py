@@ -1,0 +1,220 @@
+"""Method benchmark: the training step of every method relative to LoRA, eager and compiled.
+
+Each variant is the run config composed with its overrides (``method=moe_lora method.num_experts=8`` ...) on
+the base model of ``model=``, so any model config can be measured. A step is forward + token-mean
+cross-entropy + per-task reduction (`mtpeft.module.forward_losses`) + aux losses + backward + AdamW update,
+timed on two kinds of input:
+
+* a fixed random batch (``--batch`` x ``--length`` tokens, no padding, random task ids);
+* real batches: the first ``--real-batches`` training batches of the run's datamodule (``data=``), with their
+  padding and lengths, one step per batch (the mean is reported).
+
+With ``--compile`` the real batches are also run through the compiled step (``compile: true``); warm-up rounds
+absorb the compilation. Variants are interleaved (warm-up rounds, then timed rounds that run every variant once
+in turn) and the median per variant is reported, so slow drifts of a shared machine hit every variant alike.
+Also reported: activation memory saved for backward on the random batch (bytes of the tensors autograd keeps;
+on CUDA the allocator's peak instead) and trainable parameters. Timings are never asserted in tests.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mtpeft.bench.config import RunParts
+from mtpeft.methods import AdaptedModel
+from mtpeft.module import compile_training_step, forward_losses
+
+#: Variant label -> overrides of the run config; the first is the reference (LoRA).
+VARIANTS: dict[str, list[str]] = {
+    "lora": ["method=lora"],
+    "hycam": ["method=hycam"],
+    "hycam dispatch=dense": ["method=hycam", "method.dispatch=dense"],
+    "mtl_lora": ["method=mtl_lora"],
+    "multilora": ["method=multilora"],
+    "poly": ["method=poly"],
+    "cpoly": ["method=cpoly"],
+    "moe_lora E=2 k=2": ["method=moe_lora", "method.num_experts=2", "method.top_k=2"],
+    "moe_lora E=8 k=2": ["method=moe_lora", "method.num_experts=8", "method.top_k=2"],
+    "peml": ["method=peml"],
+}
+
+Batch = dict[str, torch.Tensor]
+Step = Callable[[Batch], None]
+
+
+def random_batch(batch: int, length: int, vocab: int, num_tasks: int, device: torch.device) -> Batch:
+    """``batch`` x ``length`` random tokens (ids >= 3, no padding), answer loss on every token."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (batch, length), generator=gen)
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": torch.ones_like(ids).to(device),
+        "labels": ids.to(device),
+        "task_ids": torch.randint(0, num_tasks, (batch,), generator=gen).to(device),
+    }
+
+
+def make_step(model: AdaptedModel, num_tasks: int, compiled: bool) -> Step:
+    """One optimiser step of ``model`` on a batch (eager, or the compiled step of ``compile: true``)."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    losses = compile_training_step(model) if compiled else lambda *a: forward_losses(model, *a)
+
+    def step(batch: Batch) -> None:
+        inputs = (batch["input_ids"], batch["attention_mask"], batch["task_ids"], batch["labels"])
+        loss = losses(*inputs, num_tasks)[0]
+        for value in model.aux_losses().values():
+            loss = loss + value
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def saved_activation_mb(model: AdaptedModel, batch: Batch) -> float:
+    """MB of tensors autograd saves for backward in one forward (storage counted once)."""
+    seen: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], task_ids=batch["task_ids"]
+        )
+    del out
+    return sum(seen.values()) / 2**20
+
+
+@dataclass
+class Timer:
+    """Median wall and CPU time per step of one workload (a step function over a list of batches).
+
+    CPU time (this process, all its threads) is the steadier figure on a shared machine: waiting for a core
+    does not count.
+    """
+
+    step: Step
+    batches: Sequence[Batch]
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+
+    def run(self, record: bool, cuda: bool) -> None:
+        if cuda:
+            torch.cuda.synchronize()
+        start, start_cpu = time.perf_counter(), time.process_time()
+        for batch in self.batches:
+            self.step(batch)
+        if cuda:
+            torch.cuda.synchronize()
+        if record:
+            self.wall.append((time.perf_counter() - start) / len(self.batches))
+            self.cpu.append((time.process_time() - start_cpu) / len(self.batches))
+
+    @property
+    def ms(self) -> float:
+        return 1000 * statistics.median(self.wall) if self.wall else float("nan")
+
+    @property
+    def cpu_ms(self) -> float:
+        return 1000 * statistics.median(self.cpu) if self.cpu else float("nan")
+
+
+def run_methods(
+    parts: RunParts,
+    variants: dict[str, list[str]],
+    compose: Callable[[list[str]], Any],
+    *,
+    batch: int,
+    length: int,
+    real_batches: int,
+    repeats: int,
+    warmup: int,
+    compiled: bool,
+) -> tuple[list[dict[str, Any]], torch.device]:
+    """Time every variant (interleaved rounds); one row per variant with ms per step and memory."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    vocab = parts.base_model.get_input_embeddings().weight.shape[0]
+    fixed = random_batch(batch, length, vocab, parts.num_tasks, device)
+    keys = ("input_ids", "attention_mask", "labels", "task_ids")
+    real = [{k: b[k].to(device) for k in keys} for b in parts.train_batches(real_batches)]
+    timers: dict[str, dict[str, Timer]] = {}
+    models: dict[str, AdaptedModel] = {}
+    memory: dict[str, float] = {}
+    for label, overrides in variants.items():
+        model = parts.fresh_method(compose(overrides)).to(device)
+        models[label] = model
+        memory[label] = _memory_mb(model, fixed, device, make_step(model, parts.num_tasks, compiled=False))
+        timers[label] = {
+            "random": Timer(make_step(model, parts.num_tasks, compiled=False), [fixed]),
+            "real": Timer(make_step(model, parts.num_tasks, compiled=False), real),
+        }
+        if compiled:
+            twin = parts.fresh_method(compose(overrides)).to(device)  # compiled on its own copy
+            timers[label]["compiled"] = Timer(make_step(twin, parts.num_tasks, compiled=True), real)
+    for round_ in range(warmup + repeats):
+        for workloads in timers.values():
+            for timer in workloads.values():
+                timer.run(record=round_ >= warmup, cuda=device.type == "cuda")
+    rows = []
+    for label, workloads in timers.items():
+        row = {name: timer.ms for name, timer in workloads.items()}
+        row.update({f"{name}_cpu": timer.cpu_ms for name, timer in workloads.items()})
+        row.update(variant=label, memory_mb=memory[label], trainable=models[label].count_parameters()[0])
+        rows.append(row)
+    return rows, device
+
+
+def _memory_mb(model: AdaptedModel, batch: Batch, device: torch.device, step: Step) -> float:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        step(batch)
+        return torch.cuda.max_memory_allocated() / 2**20
+    return saved_activation_mb(model, batch)
+
+
+def methods_markdown(rows: list[dict[str, Any]], device: torch.device, compiled: bool) -> list[str]:
+    """The per-method table: ms/step (wall and CPU) and ratios to LoRA on random and real batches, compiled/eager."""
+    ref = rows[0]
+    memory = "peak CUDA MB" if device.type == "cuda" else "saved activations MB"
+    columns = [("random", "random"), ("real", "real"), ("real_cpu", "real, CPU")]
+    head = "| variant | " + " | ".join(f"{title} ms | x LoRA" for _, title in columns) + " |"
+    rule = "|---|" + "---:|---:|" * len(columns)
+    if compiled:
+        head += " compiled real ms | compiled / eager | compiled / eager (CPU) |"
+        rule += "---:|---:|---:|"
+    lines = [f"{head} {memory} | x LoRA | trainable |", f"{rule}---:|---:|---:|"]
+    for row in rows:
+        cells = [row["variant"]]
+        for key, _ in columns:
+            cells += [f"{row[key]:.1f}", f"{row[key] / ref[key]:.2f}"]
+        if compiled:
+            cells += [
+                f"{row['compiled']:.1f}",
+                f"{row['compiled'] / row['real']:.2f}",
+                f"{row['compiled_cpu'] / row['real_cpu']:.2f}",
+            ]
+        cells += [
+            f"{row['memory_mb']:.1f}",
+            f"{row['memory_mb'] / ref['memory_mb']:.2f}",
+            f"{row['trainable']:,}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    by = {row["variant"]: row for row in rows}
+    moe, small = by.get("moe_lora E=8 k=2"), by.get("moe_lora E=2 k=2")
+    if moe is not None and "lora" in by:
+        lines.append("")
+        for key, title in columns:
+            text = f"MoE-LoRA E=8,k=2 ({title} batches): {moe[key] / by['lora'][key]:.2f} x LoRA"
+            if small is not None:
+                text += f", {moe[key] / small[key]:.2f} x E=2,k=2"
+            lines.append(f"- {text}")
+    return lines

@@ -1,0 +1,92 @@
+"""``python -m mtpeft.bench``: the loop table (mtpeft / bare / Trainer+peft) and the per-method table run on a
+shrunk composed config, and the bare loop trains exactly like mtpeft's Lightning loop. No timing assertions."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from mtpeft.bench.__main__ import main
+from mtpeft.bench.config import RunParts, compose_run
+from mtpeft.bench.loop import bare_loop, lightning_loop, loop_config_overrides
+from tests.conftest import TINY_RUN
+
+#: The shrunk test config, minus the step budget (the bench sets its own).
+TINY = [o for o in TINY_RUN if not o.startswith("trainer.max_steps")]
+
+
+@pytest.mark.slow
+def test_cli_prints_and_writes_both_tables(tmp_path):
+    out = tmp_path / "results.md"
+    options = ["--steps", "4", "--skip", "1", "--rounds", "1", "--repeats", "1", "--warmup", "0"]
+    options += ["--real-batches", "2", "--batch", "4", "--length", "16", "--no-compile", "--threads", "1"]
+    report = main([*TINY, *options, "--only", "moe_lora E=8 k=2", "--out", str(out)])
+    assert out.read_text() == report
+    rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ")}
+    for loop in ("mtpeft (Lightning)", "bare PyTorch", "transformers.Trainer + peft"):
+        assert loop in rows
+    assert "lora" in rows and "moe_lora E=8 k=2" in rows and "hycam" not in rows
+    bare_cells = rows["bare PyTorch"].split("|")
+    assert float(bare_cells[3]) == 1.0 and float(bare_cells[2]) > 0  # x bare of the bare loop itself
+    assert "MoE-LoRA E=8,k=2 (real batches)" in report
+    assert report.startswith("`python -m mtpeft.bench ")
+
+
+def test_bare_loop_trains_like_the_lightning_loop(tmp_path):
+    """Same batches, loss, clipping, AdamW and schedule: the adapters end up equal (dropout off)."""
+    cfg = compose_run([*TINY, "method=mtl_lora", "method.dropout=0.0", *loop_config_overrides(3)], tmp_path)
+    parts = RunParts.build(cfg)
+    trained = {}
+
+    def keep(name, fresh_method):
+        def fresh(*args, **kwargs):
+            model = fresh_method(*args, **kwargs)
+            trained[name] = model
+            return model
+
+        return fresh
+
+    for name, loop in (("lightning", lightning_loop), ("bare", bare_loop)):
+        parts.fresh_method = keep(name, RunParts.fresh_method.__get__(parts))
+        clock = loop(parts, 3, tmp_path / name)
+        assert len(clock.ends) == 3 and math.isfinite(clock.ms_per_step(0))
+    lightning, bare = (trained[n].adapter_state_dict() for n in ("lightning", "bare"))
+    L.seed_everything(cfg.seed, verbose=False)  # as the loops do before building the method
+    initial = RunParts.fresh_method(parts).adapter_state_dict()
+    assert any(not torch.equal(lightning[k], initial[k]) for k in initial)  # it trained
+    for key in initial:
+        torch.testing.assert_close(bare[key], lightning[key], rtol=1e-4, atol=1e-6)
+
+
+def test_cli_methods_table_only(tmp_path):
+    options = ["--no-loop", "--only", "lora", "--repeats", "1", "--warmup", "0", "--real-batches", "1"]
+    report = main([*TINY, *options, "--batch", "2", "--length", "8", "--no-compile", "--threads", "1"])
+    assert "| lora | " in report and "Loop benchmark" not in report and "MoE-LoRA" not in report
+
+
+def test_unknown_variant_is_rejected():
+    with pytest.raises(SystemExit):
+        main(["--only", "moe"])
+
+
+def test_lightning_loop_logs_on_logging_steps_only(tmp_path):
+    """Training metrics reach the logger every ``log_every_n_steps`` with the same names as before."""
+    import pandas as pd
+
+    overrides = [o for o in TINY if not o.startswith("trainer.log_every_n_steps")]
+    cfg = compose_run(
+        [*overrides, "method=moe_lora", "trainer.log_every_n_steps=2", *loop_config_overrides(4)], tmp_path
+    )
+    lightning_loop(RunParts.build(cfg), 4, tmp_path / "fit")
+    metrics = pd.read_csv(next(tmp_path.glob("csv/**/metrics.csv")))
+    logged = metrics.dropna(subset=["train/loss"])
+    assert sorted(logged["step"]) == [1, 3]  # Lightning's logging steps for log_every_n_steps=2
+    for key in ("train/aux/load_balance", "routing/entropy", "routing/layer0/expert0_load"):
+        assert logged[key].notna().all(), key
+    tasks = [
+        c for c in metrics.columns if c.startswith("train/") and c.endswith("/loss") and c != "train/loss"
+    ]
+    assert tasks and set(tasks) <= {"train/qa/loss", "train/code/loss", "train/reasoning/loss"}
