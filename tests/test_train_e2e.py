@@ -31,6 +31,9 @@ RESULT_KEYS = {
     "eval_batch_size",
     "template",
     "provenance",
+    "job_hash",
+    "inputs",
+    "resumed_from",
 }
 
 
@@ -44,7 +47,8 @@ def test_each_method_trains_and_writes_results(method: str, tmp_path: Path) -> N
     results = _run([f"method={method}"], tmp_path)
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["status"] == "success" and on_disk.keys() >= RESULT_KEYS
-    assert on_disk["method"] == method
+    assert on_disk["method"] == method and on_disk["resumed_from"] is None
+    assert set(on_disk["inputs"]) == {"data", "code"} and "host" not in on_disk  # host: running record only
     for split in ("val", "test"):
         metrics = on_disk["metrics"][split]
         assert 0.0 <= metrics[f"{split}/avg/score"] <= 1.0
