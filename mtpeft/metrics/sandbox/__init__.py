@@ -221,7 +221,7 @@ def _run(setup: _Setup, program: str, limits: SandboxLimits) -> ProgramResult:
         os.close(verdict_w)
     try:
         with contextlib.suppress(BrokenPipeError):
-            proc.stdin.write(len(header).to_bytes(4, "big") + header + program.encode())  # type: ignore[union-attr]
+            proc.stdin.write(len(header).to_bytes(4, "big") + header + program.encode(errors="surrogatepass"))  # type: ignore[union-attr]
             proc.stdin.close()  # type: ignore[union-attr]
         streams = _collect(proc, verdict_r, limits)
     finally:

@@ -151,7 +151,7 @@ def read_input() -> tuple[dict, str]:
         chunks.append(chunk)
     data = b"".join(chunks)
     size = int.from_bytes(data[:4], "big")
-    return marshal.loads(data[4 : 4 + size]), data[4 + size :].decode()
+    return marshal.loads(data[4 : 4 + size]), data[4 + size :].decode(errors="surrogatepass")
 
 
 def write_map(pid: int | str, name: str, text: str) -> None:
@@ -353,16 +353,17 @@ def program_thread(box: list, ready: _thread.LockType) -> None:
         forget_ctypes()
         if hook is not None:
             sys.addaudithook(hook)
-        del hook
-        code = compile(source, "<program>", "exec")
-        del source, box
+        del hook, box
         ready.release()
         del ready
-    except BaseException:
-        _exit(1)
+    except BaseException as err:
+        try:
+            os.write(2, f"sandbox setup failed: {err!r}\n".encode())
+        finally:
+            _exit(1)
     try:
-        exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
-    except BaseException:  # SystemExit included: leaving early is a failure
+        exec(compile(source, "<program>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+    except BaseException:  # SystemExit included: leaving early is a failure; a SyntaxError too
         try:
             sys.excepthook(*sys.exc_info())
             sys.stderr.flush()
