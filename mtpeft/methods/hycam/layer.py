@@ -147,7 +147,8 @@ class CAMLayer(nn.Module):
             return shared.to(u.dtype).view_as(u)
         logits = F.linear(x.float(), self.router.weight.float(), self.router.bias.float())  # fp32 router
         gates, index = self.route(logits)
-        if index is not None and cfg.dispatch == "sparse":
+        # torch.compile: the dense form (same sum), as the sparse one's per-CAM slice sizes are data
+        if index is not None and cfg.dispatch == "sparse" and not torch.compiler.is_compiling():
             out = self.sparse_specialised(x, gates.gather(1, index[:, None]), index, shared)
         else:
             spec = torch.einsum("tn,tnd->td", gates.to(x.dtype), self.dense_specialised(x))
