@@ -309,9 +309,14 @@ class MultiTaskModule(L.LightningModule):
 
     def write_example_scores(self, output_dir: Path) -> Path:
         """Write ``<output_dir>/scores.jsonl.gz``: the per-example rows of the best validation epoch and of
-        the test epoch (`mtpeft.metrics.tracker`), read by the bootstrap statistics of `mtpeft.results`."""
-        rows = [*self.example_rows.get("val", []), *self.example_rows.get("test", [])]
-        return write_example_scores(Path(output_dir) / SCORES_FILE, rows)
+        the test epoch (`mtpeft.metrics.tracker`), read by the bootstrap statistics of `mtpeft.results`.
+        Under DDP every rank holds every row (gathered at epoch end); only global rank 0 writes."""
+        path = Path(output_dir) / SCORES_FILE
+        trainer = self._trainer
+        if trainer is None or trainer.is_global_zero:
+            rows = [*self.example_rows.get("val", []), *self.example_rows.get("test", [])]
+            write_example_scores(path, rows)
+        return path
 
     # -- checkpoints ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
