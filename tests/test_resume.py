@@ -114,28 +114,36 @@ def test_module_state_names_exist() -> None:
         assert f"self.{name} =" in source or f"self.{name}:" in source, name
 
 
-def _cli(args: list[str], root: Path, **kwargs: Any) -> subprocess.Popen:
+def _cli(args: list[str], root: Path, log: Path | None = None) -> subprocess.Popen:
+    """``python -m mtpeft.train`` in the background; output to ``log`` (a pipe nobody reads could fill up
+    and block the run) or, without one, to pipes for ``communicate``."""
     # the code version is pinned: other edits of the package while the test runs must not change job hashes
     env = {**os.environ, "MTPEFT_ROOT": str(root), "MTPEFT_CODE_VERSION": "test"}
     return subprocess.Popen(
         [sys.executable, "-m", "mtpeft.train", *args],
         cwd=REPO,
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stdout=log.open("w") if log else subprocess.PIPE,
+        stderr=subprocess.STDOUT if log else subprocess.PIPE,
         text=True,
         start_new_session=True,
-        **kwargs,
     )
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+def kill_when(marker: Path, proc: subprocess.Popen, log: Path, timeout: float = 600) -> None:
+    """SIGKILL ``proc``'s process group as soon as ``marker`` exists (the run stalled at a known point);
+    fail if the run ends first or the marker does not appear in time (the group is killed either way)."""
     deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended before {path} appeared:\n{proc.stderr.read()[-3000:]}")
-        assert time.monotonic() < deadline, f"{path} did not appear"
-        time.sleep(0.2)
+    try:
+        while not marker.exists():
+            if proc.poll() is not None:
+                raise AssertionError(f"the run ended before {marker} appeared:\n{log.read_text()[-3000:]}")
+            assert time.monotonic() < deadline, f"{marker} did not appear within {timeout} s"
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 @pytest.mark.slow
@@ -145,10 +153,8 @@ def test_sigkilled_run_resumes_with_resume_auto(tmp_path: Path) -> None:
     run_dir, marker = tmp_path / "run", tmp_path / "stalled"
     args = [*SMALL, "checkpoint_every_n_steps=2", f"hydra.run.dir={run_dir}"]
     proc = _cli([*args, "+callbacks.stall._target_=tests.test_resume.Stall", "+callbacks.stall.at_step=3",
-                 f"+callbacks.stall.marker={marker}"], tmp_path)  # fmt: skip
-    _wait_for(marker, proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+                 f"+callbacks.stall.marker={marker}"], tmp_path, log=tmp_path / "killed.log")  # fmt: skip
+    kill_when(marker, proc, tmp_path / "killed.log")
     record = json.loads((run_dir / "results.json").read_text())
     assert record["status"] == "running" and record["pid"] == int(marker.read_text())
     assert not is_locked(run_dir)  # the kernel dropped the killed run's lock

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from mtpeft.utils.callbacks import FailOnNonFiniteLoss, TrainingDiverged
 from mtpeft.utils.confighash import config_hash, job_hash, package_digest, run_inputs
 from mtpeft.utils.sweep import SweepReport, find_finished, running_record
 from tests.conftest import CONF_DIR, TINY_RUN, compose_train
+from tests.test_resume import kill_when
 
 REPO = Path(__file__).resolve().parent.parent
 SKIP_LINE = "skipping: identical job finished in"
@@ -215,15 +215,12 @@ def test_sweep_killed_mid_job_and_rerun(tmp_path: Path) -> None:
     stall = ["+callbacks.stall._target_=tests.test_resume.Stall", "+callbacks.stall.at_step=3",
              f"+callbacks.stall.marker={marker}", "+callbacks.stall.seed=${seed}", "+callbacks.stall.only_seed=2"]  # fmt: skip
     cmd, env = _command([*args, *stall], tmp_path)
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
-    )
-    deadline = time.monotonic() + 600
-    while not marker.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    log = tmp_path / "killed.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    kill_when(marker, proc, log)
     first = _results(tmp_path / "logs")
     assert sorted(r["status"] for r in first.values()) == ["running", "success", "success"]
     (killed,) = [p for p, r in first.items() if r["status"] == "running"]
