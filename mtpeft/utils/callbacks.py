@@ -146,7 +146,8 @@ class PeriodicCheckpoint(Checkpoint):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if trainer.fast_dev_run or step % self.every_n_steps or step == self._saved_step:
+        # global_step counts optimiser steps: with gradient accumulation, save right after one, never between
+        if trainer.fast_dev_run or step == 0 or step % self.every_n_steps or step == self._saved_step:
             return
         if _validation_follows(trainer):
             self._due_after_validation = True
