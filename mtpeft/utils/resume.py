@@ -78,9 +78,14 @@ def find_resume_checkpoint(
     if own.is_file():
         stored = checkpoint_job(own)
         if stored != job:
+            why = (
+                f"belongs to another job (hash {stored}, this run {job}): the config, data or code changed "
+                "since it was written"
+                if stored
+                else "cannot be read, or was not written by mtpeft"
+            )
             raise ValueError(
-                f"resume=auto: {own} belongs to another job (hash {stored}, this run {job}): the config, data "
-                "or code changed since it was written. Use a new run directory, or resume=<path> to use it anyway."
+                f"resume=auto: {own} {why}. Use a new run directory, or resume=<path> to use it anyway."
             )
         log.info("resuming from %s", own)
         return adopt(own, output_dir)
