@@ -133,7 +133,7 @@ def run_record(cfg: DictConfig, output_dir: Path) -> Iterator[Job]:
     if existing is not None and existing.get("status") == "success":
         raise ValueError(
             f"{output_dir} already holds a successful run ({output_dir / RESULTS_FILE}); results are never "
-            "replaced: give this run its own directory (drop the hydra.run.dir override)"
+            "replaced: give this run its own directory (drop the hydra.run.dir / hydra.sweep.dir override)"
         )
     job = Job(config, run_inputs(config))
     write_record(output_dir, running_record(config, job.inputs))
