@@ -13,6 +13,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import textwrap
 import time
 import uuid
 from pathlib import Path
@@ -163,6 +164,15 @@ HOSTILE: dict[str, str] = {
         "import sys\nf = sys._getframe()\nvalues = []\nwhile f is not None:\n"
         "    values += f.f_locals.values()\n    f = f.f_back\n" + "{hunt}"
     ),
+    "finalizer_in_main_thread": (
+        "import sys, threading, time\nme = threading.get_native_id()\nclass Bomb:\n"
+        "    def __init__(self):\n        self.me = self\n    def __del__(self):\n"
+        "        if threading.get_native_id() == me:\n            return\n        values = []\n"
+        "        f = sys._getframe()\n        while f is not None:\n            values += f.f_locals.values()\n"
+        "            f = f.f_back\n{hunt_in_method}"
+        "for _ in range(100000):\n    Bomb()\n    if _ % 1000 == 0:\n        time.sleep(0.002)\n"
+        "time.sleep(0.5)\nassert False\n"
+    ),
     "current_frames_token": (
         "import sys\nvalues = []\nfor f in sys._current_frames().values():\n    while f is not None:\n"
         "        values += f.f_locals.values()\n        f = f.f_back\n" + "{hunt}"
@@ -211,6 +221,7 @@ def attack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         "repo": repo,
     }
     fields["hunt"] = HUNT.format(**fields)
+    fields["hunt_in_method"] = textwrap.indent(fields["hunt"], " " * 8)
     before = _snapshot(outside)
     programs = [HOSTILE[name].format(**fields) for name in HOSTILE]
     started = time.perf_counter()

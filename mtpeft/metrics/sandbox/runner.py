@@ -31,6 +31,7 @@ import _thread
 import marshal
 import os
 import sys
+import time
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
@@ -268,6 +269,9 @@ def make_audit_hook(root: str, readable: tuple[str, ...]):  # noqa: ANN201 (retu
             return False
         return any(real == r or real.startswith(r + sep) for r in roots)
 
+    def guarded(function: object) -> bool:
+        return getattr(function, "__module__", None) in ("posixpath", "genericpath", "os", "stat")
+
     def hook(event: str, args: tuple) -> None:
         if event in FORBIDDEN_EVENTS or event.startswith("ctypes.") or event == "import" and args[0] in FFI:
             raise PermissionError("sandbox: " + event + " is not allowed")
@@ -283,8 +287,10 @@ def make_audit_hook(root: str, readable: tuple[str, ...]):  # noqa: ANN201 (retu
             for path in args:
                 if isinstance(path, (str, bytes, os.PathLike)) and not inside(path, roots):
                     raise PermissionError("sandbox: " + event + " outside the working directory")
-        elif event == "object.__setattr__" and args[0] is hook:
-            raise PermissionError("sandbox: the audit hook is read-only")
+        elif event == "object.__setattr__" and (
+            args[0] is hook or args[1] == "__code__" and guarded(args[0])
+        ):
+            raise PermissionError("sandbox: the audit hook and the path functions it uses are read-only")
 
     return hook
 
@@ -299,9 +305,7 @@ def program_process(header: dict, source: str, libc: Libc, done: int) -> None:
             build_root(libc, header)
             layers += ["mount_ns", "readonly_root", "tmpfs_disk_cap"]
             layers += drop_privileges(libc, header)
-        libc.prctl(
-            PR_SET_PDEATHSIG, 9
-        )  # after the uid change, which clears it: the supervisor's death kills us
+        libc.prctl(PR_SET_PDEATHSIG, 9)  # after the uid change, which clears it
         os.chdir(header["workdir"])
         set_limits(header["limits"])
         layers.append("rlimits")
@@ -323,20 +327,44 @@ def program_process(header: dict, source: str, libc: Libc, done: int) -> None:
         ready.acquire()
         del source, libc, hook
         header.clear()
-        _thread.stack_size(64 * 2**20)
-        _thread.start_new_thread(program_thread, (box, ready))
-        _thread.stack_size(0)
-        ready.acquire()  # the program thread has handed over its id and is about to run the program
-        thread_id = box.pop()
-        if box:
-            _exit(1)
-        wait_thread_gone(thread_id)
-        write(done, b"done " + token + b"\n")
     except BaseException as err:
         try:
             write(2, f"sandbox setup failed: {err!r}\n".encode())
         finally:
             _exit(1)
+    supervise(box, ready, done, token)
+
+
+def supervise(box: list, ready: _thread.LockType, done: int, token: bytes) -> None:
+    """The main thread from the program's start: wait until the kernel no longer knows the program
+    thread, then write the token and exit 0.
+
+    Once the program runs, this thread executes nothing the program could have replaced or reached: every
+    function is bound before the program starts (no module attribute, global or builtin lookups), and the
+    waiting loop allocates no objects that the garbage collector tracks, so no finalizer of the program can
+    run here; Python-level signal handlers run only in this thread and none is set (SIGINT is ignored, and
+    ``signal.signal`` refuses other threads). Thread ids are not reused: the PID namespace is fresh and
+    cannot fork. (A lock or the ``threading`` module's records would be Python objects the program could
+    reach or replace.)"""
+    _exit, write, gone, getscheduler = os._exit, os.write, ProcessLookupError, os.sched_getscheduler
+    sleep, start, stack_size = time.sleep, _thread.start_new_thread, _thread.stack_size
+    try:
+        stack_size(64 * 2**20)  # the program thread only: deep recursion
+        start(program_thread, (box, ready))
+        stack_size(0)
+        ready.acquire()  # the program thread has handed over its id and is about to run the program
+        thread_id = box.pop()
+        if box:
+            _exit(1)
+        while True:
+            try:
+                getscheduler(thread_id)
+            except gone:
+                break
+            sleep(0.001)
+        write(done, b"done " + token + b"\n")
+    except BaseException:
+        _exit(1)
     _exit(0)
 
 
@@ -376,21 +404,6 @@ def program_thread(box: list, ready: _thread.LockType) -> None:
         pass
 
 
-def wait_thread_gone(thread_id: int) -> None:
-    """Return once the kernel no longer knows the program thread: it has ended. (Polling the kernel, not
-    a Python object such as a lock or the ``threading`` module's records, which the program could reach
-    or replace.) Thread ids are not reused here: the PID namespace is fresh and cannot fork."""
-    import time
-
-    getaffinity, sleep = os.sched_getaffinity, time.sleep
-    while True:
-        try:
-            getaffinity(thread_id)
-        except ProcessLookupError:
-            return
-        sleep(0.001)
-
-
 def wait_for(pid: int, timeout: float) -> int | None:
     """The child's wait status, or None when it is still running after ``timeout`` seconds."""
     import select
@@ -406,8 +419,6 @@ def wait_for(pid: int, timeout: float) -> int | None:
             os.close(fd)
         done, status = os.waitpid(pid, os.WNOHANG)
         return status if done else None
-    import time
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         done, status = os.waitpid(pid, os.WNOHANG)
