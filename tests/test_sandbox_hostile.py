@@ -173,6 +173,12 @@ HOSTILE: dict[str, str] = {
         "for _ in range(100000):\n    Bomb()\n    if _ % 1000 == 0:\n        time.sleep(0.002)\n"
         "time.sleep(0.5)\nassert False\n"
     ),
+    "audit_hook_in_main_thread": (
+        "import sys, threading, time\nme = threading.get_native_id()\ndef spy(event, args):\n"
+        "    if threading.get_native_id() == me:\n        return\n    values = []\n"
+        "    f = sys._getframe()\n    while f is not None:\n        values += f.f_locals.values()\n"
+        "        f = f.f_back\n{hunt_in_function}\nsys.addaudithook(spy)\ntime.sleep(0.5)\nassert False\n"
+    ),
     "current_frames_token": (
         "import sys\nvalues = []\nfor f in sys._current_frames().values():\n    while f is not None:\n"
         "        values += f.f_locals.values()\n        f = f.f_back\n" + "{hunt}"
@@ -222,6 +228,7 @@ def attack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     }
     fields["hunt"] = HUNT.format(**fields)
     fields["hunt_in_method"] = textwrap.indent(fields["hunt"], " " * 8)
+    fields["hunt_in_function"] = textwrap.indent(fields["hunt"], " " * 4)
     before = _snapshot(outside)
     programs = [HOSTILE[name].format(**fields) for name in HOSTILE]
     started = time.perf_counter()

@@ -49,7 +49,7 @@ FORBIDDEN_EVENTS = frozenset(
         "socket.bind", "socket.getaddrinfo", "socket.sendto", "ctypes.dlopen", "ctypes.dlsym",
         "ctypes.cdata", "ctypes.call_function", "sys._current_frames", "gc.get_objects",
         "gc.get_referrers", "gc.get_referents", "sys.setprofile", "sys.settrace", "os.setuid",
-        "os.chroot", "resource.setrlimit", "os.putenv", "os.unsetenv",
+        "os.chroot", "resource.setrlimit", "os.putenv", "os.unsetenv", "sys.addaudithook",
     )
 )  # fmt: skip
 PATH_EVENTS = frozenset(
@@ -342,12 +342,14 @@ def supervise(box: list, ready: _thread.LockType, done: int, token: bytes) -> No
     Once the program runs, this thread executes nothing the program could have replaced or reached: every
     function is bound before the program starts (no module attribute, global or builtin lookups), and the
     waiting loop allocates no objects that the garbage collector tracks, so no finalizer of the program can
-    run here; Python-level signal handlers run only in this thread and none is set (SIGINT is ignored, and
+    run here, and raises no audit event, so no audit hook the program added runs here; Python-level signal handlers run only in this thread and none is set (SIGINT is ignored, and
     ``signal.signal`` refuses other threads). Thread ids are not reused: the PID namespace is fresh and
     cannot fork. (A lock or the ``threading`` module's records would be Python objects the program could
     reach or replace.)"""
     _exit, write, gone, getscheduler = os._exit, os.write, ProcessLookupError, os.sched_getscheduler
-    sleep, start, stack_size = time.sleep, _thread.start_new_thread, _thread.stack_size
+    start, stack_size, pause = _thread.start_new_thread, _thread.stack_size, _thread.allocate_lock()
+    pause.acquire()
+    sleep = pause.acquire  # sleep(True, seconds): a timed wait that raises no audit event (time.sleep may)
     try:
         stack_size(64 * 2**20)  # the program thread only: deep recursion
         start(program_thread, (box, ready))
@@ -361,7 +363,7 @@ def supervise(box: list, ready: _thread.LockType, done: int, token: bytes) -> No
                 getscheduler(thread_id)
             except gone:
                 break
-            sleep(0.001)
+            sleep(True, 0.001)
         write(done, b"done " + token + b"\n")
     except BaseException:
         _exit(1)
