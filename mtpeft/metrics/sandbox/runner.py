@@ -465,6 +465,7 @@ def main() -> None:
         if header["isolate"]:
             enter_namespaces(libc, header)
             namespaces = ["user_ns", "pid_ns", "net_ns", "ipc_ns", "uts_ns"]
+        libc.prctl(PR_SET_PDEATHSIG, 9)  # the evaluating process gone (killed), this supervisor goes too
         done_r, done_w = os.pipe()
         pid = os.fork()
         if pid == 0:

@@ -53,7 +53,7 @@ def available() -> str | None:
     """None when filters can be built here, else why not (pyseccomp or libseccomp missing)."""
     try:
         import pyseccomp  # noqa: F401
-    except (ImportError, OSError) as err:  # OSError: the package loads libseccomp.so.2 at import
+    except (ImportError, OSError, RuntimeError) as err:  # it loads libseccomp.so.2 when imported
         return f"seccomp unavailable: {err} (pip install pyseccomp; Debian package libseccomp2)"
     return None
 
