@@ -202,6 +202,26 @@ def test_job_hash_covers_data_and_code(tmp_path: Path) -> None:
     assert package_digest(package) != digest
 
 
+def test_code_part_of_the_job_hash(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Default: the results version (a study survives unrelated edits); a new version or a new torch re-runs
+    jobs; ``MTPEFT_CODE_VERSION=digest`` keys on the package files; the digest itself is audit-only."""
+    import mtpeft
+
+    config = {"seed": 0, "method": {"name": "lora"}}
+    monkeypatch.delenv("MTPEFT_CODE_VERSION", raising=False)
+    inputs = run_inputs(config)
+    assert inputs["code"]["sources"] == f"results-version:{mtpeft.RESULTS_VERSION}"
+    audited = {**inputs, "code": {**inputs["code"], "sources_digest": "another-edit"}}
+    assert job_hash(config, audited) == job_hash(config, inputs)
+    monkeypatch.setattr(mtpeft, "RESULTS_VERSION", mtpeft.RESULTS_VERSION + "-next")
+    assert job_hash(config, run_inputs(config)) != job_hash(config, inputs)
+    upgraded = {**inputs, "code": {**inputs["code"], "packages": {"torch": "9.9"}}}
+    assert job_hash(config, upgraded) != job_hash(config, inputs)
+    monkeypatch.setenv("MTPEFT_CODE_VERSION", "digest")
+    strict = run_inputs(config)["code"]
+    assert strict["sources"] == strict["sources_digest"] != inputs["code"]["sources"]
+
+
 def record_hash(record: dict) -> str:
     return config_hash(record["config"])
 

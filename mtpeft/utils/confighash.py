@@ -6,12 +6,14 @@ Two hashes, for two questions:
   asked for the same computation (it is how tables group and label runs, and it never changes when the code
   or a data file changes).
 - `job_hash`: the config hash plus the *inputs* the config does not spell out (`run_inputs`): a content
-  digest of every data file the config reads and the code version (a digest of the installed ``mtpeft``
-  package files and the versions of the numerical libraries). A sweep skips a job only when a finished run
-  has the same job hash, so an edited data file, an edited module or an upgraded ``torch`` never reuses a
-  stale result. Any change to the package's files counts, even a comment: the digest cannot tell which
-  edits change numbers, so it assumes all of them may (``$MTPEFT_CODE_VERSION=<label>`` pins the code part
-  to a label of your choice when you know better).
+  digest of every data file the config reads and the code version (``mtpeft.RESULTS_VERSION``, bumped by
+  every commit that changes what a run computes, and the versions of the numerical libraries). A sweep
+  skips a job only when a finished run has the same job hash, so an edited data file, a results-changing
+  release or an upgraded ``torch`` never reuses a stale result, while a study started in one session can
+  be finished in the next after unrelated edits. ``$MTPEFT_CODE_VERSION=digest`` keys the code part on a
+  digest of every file of the installed package instead (strict: any edit, even a comment, counts);
+  any other value is used as a label of your choice. The package digest is always recorded
+  (``inputs.code.sources_digest`` is not part of the job hash), so a reused result can be audited.
 
 Digests are cheap after the first look: files are hashed once per process and cached by path, size,
 modification time and inode.
@@ -78,7 +80,7 @@ def config_hash(config: dict[str, Any]) -> str:
 
 def job_hash(config: dict[str, Any], inputs: Mapping[str, Any]) -> str:
     """The identity of a job's results: `config_hash` plus its `run_inputs` (data digests, code version)."""
-    return _digest({"config": config_hash(config), "inputs": inputs})
+    return _digest({"config": config_hash(config), "inputs": job_inputs(inputs)})
 
 
 def run_inputs(config: dict[str, Any]) -> dict[str, Any]:
@@ -87,20 +89,34 @@ def run_inputs(config: dict[str, Any]) -> dict[str, Any]:
     return {"data": data_digests(data), "code": code_version()}
 
 
+def job_inputs(inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of `run_inputs` that identifies a job: everything but the audit-only package digest."""
+    code = inputs.get("code")
+    if isinstance(code, dict):
+        code = {k: v for k, v in code.items() if k != "sources_digest"}
+    return {**inputs, "code": code}
+
+
 # -- code --------------------------------------------------------------------------------------------
 CODE_VERSION_ENV = "MTPEFT_CODE_VERSION"
-"""Set it to a label of your choice to stand for the package digest (e.g. to keep reusing a sweep's results
-across edits you know change no number, such as comments); unset, the digest decides."""
+"""Unset: the code part of a job's identity is ``mtpeft.RESULTS_VERSION``. ``digest``: a digest of every file
+of the installed package (strict). Any other value: that label (e.g. to pin a sweep's identity in tests)."""
 
 
 def code_version() -> dict[str, Any]:
-    """The code a run executes: a digest of the files of the ``mtpeft`` package (`package_digest`), or the
-    label in ``$MTPEFT_CODE_VERSION``, and the versions of `NUMERIC_PACKAGES`."""
-    from mtpeft import __version__
+    """The code a run executes: ``mtpeft.RESULTS_VERSION`` (or what ``$MTPEFT_CODE_VERSION`` asks for), the
+    versions of `NUMERIC_PACKAGES`, and the package digest for audit (``sources_digest``, not hashed)."""
+    from mtpeft import RESULTS_VERSION, __version__
 
-    pinned = os.environ.get(CODE_VERSION_ENV)
-    sources = f"pinned:{pinned}" if pinned else _own_package_digest()
-    return {"mtpeft": __version__, "sources": sources, "packages": _versions()}
+    choice = os.environ.get(CODE_VERSION_ENV)
+    digest = _own_package_digest()
+    if choice == "digest":
+        sources = digest
+    elif choice:
+        sources = f"pinned:{choice}"
+    else:
+        sources = f"results-version:{RESULTS_VERSION}"
+    return {"mtpeft": __version__, "sources": sources, "packages": _versions(), "sources_digest": digest}
 
 
 @functools.cache
