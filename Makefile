@@ -40,7 +40,7 @@ test: install ## Run the fast test suite (what CI runs)
 test-full: install ## Run all tests, including slow learning checks
 	$(OFFLINE) $(PY) -m pytest -q -p no:cacheprovider -m "not gpu"
 
-bench: install ## Step time / memory of every method vs LoRA (writes experiments/bench/results.md)
+bench: install ## Loop table (mtpeft / bare PyTorch / Trainer+peft) + per-method step time, eager and compiled (writes experiments/bench/results.md; ARGS="model=... --only ...")
 	$(OFFLINE) $(PY) -m mtpeft.bench --out experiments/bench/results.md $(ARGS)
 
 results: install ## Tables + plots of a study: logs/$(STUDY)/ -> experiments/$(STUDY)/ (STUDY=methods_mix3)

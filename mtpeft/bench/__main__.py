@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     methods.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, default=True, help="also time the compiled step"
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     unknown = sorted(set(args.only or ()) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown --only variant(s) {unknown}; valid: {', '.join(VARIANTS)}")

@@ -60,6 +60,8 @@ class RoutingRecord:
 
 def _in_backward() -> bool:
     """True while autograd runs a backward pass (e.g. a gradient-checkpointing recompute)."""
+    if torch.compiler.is_compiling():  # compiled recomputes run inside the compiled backward, not here
+        return False
     task_id = getattr(torch._C, "_current_graph_task_id", None)
     return task_id is not None and task_id() != -1
 
@@ -147,9 +149,10 @@ class CAMLayer(nn.Module):
             return shared.to(u.dtype).view_as(u)
         logits = F.linear(x.float(), self.router.weight.float(), self.router.bias.float())  # fp32 router
         gates, index = self.route(logits)
-        # torch.compile: the dense form (same sum), as the sparse one's per-CAM slice sizes are data
-        if index is not None and cfg.dispatch == "sparse" and not torch.compiler.is_compiling():
-            out = self.sparse_specialised(x, gates.gather(1, index[:, None]), index, shared)
+        if index is not None and cfg.dispatch == "sparse":
+            # torch.compile: per-CAM slice sizes are data, so every CAM runs and each token's is gathered
+            sparse = self.gathered_specialised if torch.compiler.is_compiling() else self.sparse_specialised
+            out = sparse(x, gates.gather(1, index[:, None]), index, shared)
         else:
             spec = torch.einsum("tn,tnd->td", gates.to(x.dtype), self.dense_specialised(x))
             out = spec if shared is None else shared + spec
@@ -212,6 +215,17 @@ class CAMLayer(nn.Module):
             routed = routed * gate.index_select(0, order).to(routed.dtype)
         base = shared if shared is not None else x.new_zeros(x.shape[0], routed.shape[1])
         return base.index_add(0, order, routed)
+
+    def gathered_specialised(
+        self, x: torch.Tensor, gate: torch.Tensor, index: torch.Tensor, shared: torch.Tensor | None
+    ) -> torch.Tensor:
+        """`sparse_specialised` with static shapes (for torch.compile): every CAM on every token, each
+        token's own CAM gathered; the same values and gradients (unchosen CAMs and gates get none)."""
+        dense = self.dense_specialised(x)
+        routed = dense.gather(1, index[:, None, None].expand(-1, 1, dense.shape[-1])).squeeze(1)
+        if gate.requires_grad:
+            routed = routed * gate.to(routed.dtype)
+        return routed if shared is None else shared + routed
 
     def _record(self, logits: torch.Tensor, gates: torch.Tensor) -> None:
         mask = self.context.token_mask

@@ -92,6 +92,15 @@ class HyCAM(AdaptedModel):
             self._context.token_mask = None
 
     def forward(self, input_ids=None, attention_mask=None, task_ids=None, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():  # a hook added per call breaks the graph: set the one call's mask
+            call = dict(kwargs, input_ids=input_ids, attention_mask=attention_mask)
+            self._context.token_mask = _token_mask((), call)
+            try:
+                return super().forward(
+                    input_ids=input_ids, attention_mask=attention_mask, task_ids=task_ids, **kwargs
+                )
+            finally:
+                self._context.token_mask = None
         with self._token_mask_scope():
             return super().forward(
                 input_ids=input_ids, attention_mask=attention_mask, task_ids=task_ids, **kwargs
