@@ -43,11 +43,12 @@ def _reference(layer: CPolyLinear, x: torch.Tensor, task_ids: torch.Tensor, cfg:
     for n, t in enumerate(task_ids.tolist()):
         z = torch.sigmoid(layer.cpoly_logits[t]).view(h_, k_)
         if cfg.specific_weight == "fixed":
-            v = torch.ones(h_, b_)
+            v = torch.ones(b_)
         elif cfg.specific_weight == "learned_raw":
             v = layer.cpoly_specific_w[t]
         else:
             v = torch.sigmoid(layer.cpoly_specific_w[t])
+        v = v.expand(h_, b_)  # one weight per task and skill, shared by every head
         if cfg.normalize_jointly:
             total = z.sum(-1, keepdim=True) + v.sum(-1, keepdim=True)
             w, u = z / total, v / total
@@ -84,6 +85,18 @@ def test_forward_matches_the_equations(specific_weight: str, normalize_jointly: 
     task_ids = torch.tensor([2, 0, 1, 2, 1])
     with torch.no_grad():
         torch.testing.assert_close(layer(x, task_ids=task_ids), _reference(layer, x, task_ids, cfg))
+
+
+def test_specific_weights_are_one_per_task_shared_by_heads() -> None:
+    """docs/methods.md §6.2: a task's own skills get one weight per task (T x B), not one per MHR head."""
+    cfg = CPolyConfig(r=2, n_specific_skills=2, n_splits=2, specific_weight="learned_raw")
+    layer = CPolyLinear(nn.Linear(8, 6), cfg, num_tasks=NUM_TASKS)
+    assert layer.cpoly_specific_w.shape == (NUM_TASKS, 2)
+    with torch.no_grad():
+        layer.cpoly_specific_w.copy_(torch.arange(NUM_TASKS * 2.0).view(NUM_TASKS, 2))
+    _, specific = layer.mixing_weights(torch.tensor([2, 0]))
+    torch.testing.assert_close(specific[:, 0], specific[:, 1])
+    torch.testing.assert_close(specific[:, 0], torch.tensor([[4.0, 5.0], [0.0, 1.0]]))
 
 
 def test_training_mode_samples_the_allocation() -> None:
@@ -181,9 +194,7 @@ def test_parameter_count_matches_formula(options: dict, num_tasks: int) -> None:
     model = build_method("cpoly", options, make_tiny_base(), num_tasks=num_tasks)
     c, t = model.config, num_tasks
     sizes = {"q_proj": 64, "k_proj": 48, "v_proj": 48, "o_proj": 64, "down_proj": 96}  # d_in + d_out
-    learned = (
-        t * c.n_splits * c.n_specific_skills if c.n_specific_skills and c.specific_weight != "fixed" else 0
-    )
+    learned = t * c.n_specific_skills if c.n_specific_skills and c.specific_weight != "fixed" else 0
     per_layer = sum(
         (c.n_skills + t * c.n_specific_skills) * c.r * sizes[name] + t * c.n_splits * c.n_skills + learned
         for name in c.targets

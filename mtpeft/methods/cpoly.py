@@ -7,7 +7,7 @@ that only that task can use. Per adapted linear, for a sequence of task t and MH
         │                                                           (+)──► y = W0 x + (1/r) · x A_t B_t
         └──► A_t (d_in×r) ──► B_t (r×d_out) ────────────────────────┘
                ▲                 ▲
-               └─ Σ_k ŵ_{t,h,k} φ_{h,k}  +  Σ_j w̃_{t,h,j} φ^t_{h,j}     (φ = (A, B), mixed separately)
+               └─ Σ_k ŵ_{t,h,k} φ_{h,k}  +  Σ_j w̃_{t,j} φ^t_{h,j}       (φ = (A, B), mixed separately)
                   K shared skills           B skills owned by task t
 
     shared:   ẑ_t = GumbelSigmoid(Z[t])  (training: RelaxedBernoulli(τ=1).rsample; eval: sigmoid)
@@ -20,13 +20,14 @@ A and B are averaged separately, as in Poly, so shared and task-specific skills 
 zero (``init_weights=False``: Kaiming), logits U(-1e-3, 1e-3); ``learned_raw`` weights start at 1 (the
 author's identity ``C``). With B = 0 this is exactly peft's Poly/MHR (same layouts, same router).
 
-Exclusivity is structural (METHODS.md 6.2i): the task-specific skills are stored as ``[T, H, B, ...]``
-and row b only ever indexes the slice of its own task, so task t can neither read nor send gradients to
+The task-specific weights are one per task and skill (``[T, B]``), shared by all MHR heads, as the spec
+has them: only the shared allocation is per head. Exclusivity is structural (docs/methods.md §6.2(i)): the
+task-specific skills are stored as ``[T, H, B, ...]`` and row b only ever indexes the slice of its own task, so task t can neither read nor send gradients to
 task s's skills or weights. This is the masked form ``mask_t ⊙ v[t]`` of METHODS.md without its zero
 entries; the author's fork instead learns a full T×T matrix ``C`` (tasks borrow each other's skills) and
 expands it with ``expand((1, n_splits, 1))``, which fails for batch > 1; neither is reproduced.
 
-Trainable parameters per adapted linear: ``(K + T·B)·r·(d_in + d_out) + T·H·K`` plus ``T·H·B`` for the
+Trainable parameters per adapted linear: ``(K + T·B)·r·(d_in + d_out) + T·H·K`` plus ``T·B`` for the
 learned specific weights (METHODS.md 6.2h). Sources: TaoSunVoyage/peft @ fde7b65
 ``src/peft/tuners/poly/{config,router,layer}.py`` (closed PR huggingface/peft#1297); peft Poly.
 """
@@ -92,7 +93,7 @@ class CPolyConfig(MethodConfig):
 
     @property
     def learned_specific(self) -> bool:
-        """Whether each task has learned weights for its own skills (T·H·B parameters per linear)."""
+        """Whether each task has learned weights for its own skills (T·B parameters per linear)."""
         return self.n_specific_skills > 0 and self.specific_weight != "fixed"
 
 
@@ -123,7 +124,7 @@ class CPolyLinear(LowRankLinear):
             self.cpoly_specific_A = self.new_parameter(t, h, b, d_in, r)
             self.cpoly_specific_B = self.new_parameter(t, h, b, r, d_out)
             if config.learned_specific:
-                self.cpoly_specific_w = nn.Parameter(torch.empty(t, h, b, device=self.cpoly_A.device))
+                self.cpoly_specific_w = nn.Parameter(torch.empty(t, b, device=self.cpoly_A.device))
         self.reset_parameters(config.init_weights)
 
     @torch.no_grad()
@@ -148,17 +149,19 @@ class CPolyLinear(LowRankLinear):
                 self.cpoly_specific_w.uniform_(-1e-3, 1e-3)
 
     def mixing_weights(self, task_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Weights of the shared skills [N, H, K] and of the task's own skills [N, H, B] (or None)."""
+        """Weights of the shared skills [N, H, K] and of the task's own skills [N, H, B] (or None); the
+        latter are one per task and skill, the same for every head."""
         n, h = task_ids.shape[0], self.n_splits
         shared = _relaxed_bernoulli(self.cpoly_logits[task_ids].view(n, h, self.n_skills), self.training)
         specific = None
         if self.n_specific:
             if self.specific_weight == "fixed":
-                specific = shared.new_ones(n, h, self.n_specific)
+                specific = shared.new_ones(n, self.n_specific)
             elif self.specific_weight == "learned_raw":
                 specific = self.cpoly_specific_w[task_ids].float()
             else:
                 specific = _relaxed_bernoulli(self.cpoly_specific_w[task_ids], self.training)
+            specific = specific.unsqueeze(1).expand(n, h, self.n_specific)
         if self.normalize_jointly and specific is not None:
             total = shared.sum(-1, keepdim=True) + specific.sum(-1, keepdim=True) + EPS
             return shared / total, specific / total
@@ -219,7 +222,7 @@ class CPoly(AdaptedModel):
     def expected_trainable_parameters(self) -> int:
         cfg, t = self.config, self.num_tasks
         h, k, b = cfg.n_splits, cfg.n_skills, cfg.n_specific_skills
-        weights = t * h * k + (t * h * b if cfg.learned_specific else 0)
+        weights = t * h * k + (t * b if cfg.learned_specific else 0)
         return sum(
             (k + t * b) * cfg.r * (d_in + d_out) + weights
             for d_in, d_out in target_shapes(self.base_model.config, self.adapted)
