@@ -3,7 +3,7 @@ losses and gradients on fixed batches, for every method, in one graph where the 
 
 The default suite checks one task-conditioned method with the ``aot_eager`` backend (Dynamo tracing with
 ``fullgraph=True`` and AOT autograd, no code generation: seconds). The slow suite compiles every method with
-inductor (the backend ``compile: true`` uses), ``fullgraph=True`` except for the documented graph breaks.
+inductor (the backend ``compile: true`` uses), ``fullgraph=True``: no method has a graph break.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from mtpeft.module import compile_training_step, forward_losses
 from tests.conftest import TINY_RUN, make_tiny_base
 
 T = 3
-#: Methods whose training forward has graph breaks, and why (README, torch.compile).
-GRAPH_BREAKS = {"poly": "peft's PolyRouter.forward checks the task ids' range with .item()"}
 METHODS = ("lora", "hycam", "mtl_lora", "multilora", "poly", "cpoly", "moe_lora", "peml")
 
 
@@ -91,17 +89,7 @@ def test_static_task_hooks_keep_eager_outputs():
 def test_every_method_compiles_with_inductor(name):
     torch._dynamo.reset()
     with torch._inductor.config.patch(fallback_random=True):  # eager RNG: the same dropout and noise
-        check_compiled_matches_eager(name, fullgraph=name not in GRAPH_BREAKS)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(GRAPH_BREAKS))
-def test_documented_graph_breaks_are_real(name):
-    """Drop an entry from GRAPH_BREAKS (and the README) once its break is gone."""
-    torch._dynamo.reset()
-    model = _perturbed(name)
-    explain = torch._dynamo.explain(lambda *a: forward_losses(model, *a))(*_batches()[0], T)
-    assert explain.graph_break_count > 0
+        check_compiled_matches_eager(name, fullgraph=True)
 
 
 @pytest.mark.slow

@@ -31,7 +31,10 @@ from typing import Literal
 import torch
 from peft import PolyConfig, inject_adapter_in_model
 from peft.tuners.poly.layer import Linear as PeftPolyLinear
+from peft.tuners.poly.router import EPS as POLY_EPS
+from peft.tuners.poly.router import PolyRouter
 from torch import nn
+from torch.distributions.relaxed_bernoulli import RelaxedBernoulli
 
 from mtpeft.methods.base import AdaptedModel, MethodConfig
 from mtpeft.methods.inject import find_modules
@@ -63,6 +66,23 @@ class PolyMethodConfig(MethodConfig):
                 raise ValueError(f"method.{name} must be a positive integer, got {value!r}")
         if not self.targets:
             raise ValueError("method.targets must name at least one linear layer, e.g. [q_proj, v_proj]")
+
+
+class TraceablePolyRouter(PolyRouter):
+    """peft's `PolyRouter` that ``torch.compile`` traces into one graph: the same computation, without the
+    ``task_ids.max().item()`` range check (a graph break) and the distribution's argument validation (a
+    data-dependent check) while compiling. The adapted model checks the ids' range before the call."""
+
+    def forward(self, task_ids: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            return super().forward(task_ids=task_ids, input_ids=input_ids)
+        logits = self.module_logits[task_ids.to(self.module_logits.device)]
+        logits = logits.view(-1, self.n_splits, self.n_skills)
+        if self.training:
+            logits = RelaxedBernoulli(temperature=1.0, logits=logits, validate_args=False).rsample()
+        else:
+            logits = torch.sigmoid(logits)
+        return logits / (logits.sum(dim=-1, keepdim=True) + POLY_EPS)
 
 
 def check_splits(model: nn.Module, names: Sequence[str], n_splits: int) -> None:
@@ -110,6 +130,9 @@ class Poly(AdaptedModel):
         )
         inject_adapter_in_model(self.peft_config, self.base_model)
         self._poly_layers = [m for m in self.base_model.modules() if isinstance(m, PeftPolyLinear)]
+        for module in self.base_model.modules():
+            if type(module) is PolyRouter:
+                module.__class__ = TraceablePolyRouter
 
     def task_conditioned_modules(self) -> list[nn.Module]:
         return self._poly_layers
