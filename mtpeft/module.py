@@ -110,6 +110,9 @@ class MultiTaskModule(L.LightningModule):
         self.last_metrics: dict[str, dict[str, float]] = {}
         self._train_tokens: torch.Tensor | int = 0  # a device tensor once training runs
         self.train_seconds = 0.0
+        self.eval_seconds = 0.0  # evaluation batches (loss + generation), val and test
+        self.eval_prompts = 0
+        self._eval_start = 0.0
         self._eval = EvalMetrics("val", {})  # replaced when an eval epoch starts
         self._eval_records: list[Record] = []
         self.example_rows: dict[str, list[dict[str, Any]]] = {}  # per-example scores: best val, last test
@@ -202,6 +205,23 @@ class MultiTaskModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.train_seconds += time.perf_counter() - self._step_start
+
+    def on_validation_batch_start(self, batch: Any, *args: Any, **kwargs: Any) -> None:
+        self._eval_start = time.perf_counter()
+
+    def on_test_batch_start(self, batch: Any, *args: Any, **kwargs: Any) -> None:
+        self._eval_start = time.perf_counter()
+
+    def on_validation_batch_end(self, outputs: Any, batch: Any, *args: Any, **kwargs: Any) -> None:
+        self._count_eval(batch)
+
+    def on_test_batch_end(self, outputs: Any, batch: Any, *args: Any, **kwargs: Any) -> None:
+        self._count_eval(batch)
+
+    def _count_eval(self, batch: dict[str, torch.Tensor]) -> None:
+        """Evaluation time and prompts (``eval_s_per_1000_prompts`` in results.json)."""
+        self.eval_seconds += time.perf_counter() - self._eval_start
+        self.eval_prompts += batch["input_ids"].shape[0]
 
     def configure_optimizers(self) -> dict[str, Any]:
         weight_decay = self.weight_decay

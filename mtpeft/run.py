@@ -275,6 +275,9 @@ def _results(cfg, module, model, base_model, datamodule, started, best) -> dict[
         "train_tokens_per_s": round(module.train_tokens / module.train_seconds, 1)
         if module.train_seconds
         else None,
+        "eval_s_per_1000_prompts": round(1000 * module.eval_seconds / module.eval_prompts, 2)
+        if module.eval_prompts
+        else None,
         "peak_memory_mb": peak_memory_mb(),
         "eval_batch_size": cfg.evaluation.batch_size,
         "template": datamodule.template_name,

@@ -90,3 +90,18 @@ def test_lightning_loop_logs_on_logging_steps_only(tmp_path):
         c for c in metrics.columns if c.startswith("train/") and c.endswith("/loss") and c != "train/loss"
     ]
     assert tasks and set(tasks) <= {"train/qa/loss", "train/code/loss", "train/reasoning/loss"}
+
+
+def test_evaluation_time_is_counted_per_prompt(tmp_path):
+    """``eval_s_per_1000_prompts`` in results.json comes from these counters (val and test batches)."""
+    from hydra.utils import instantiate
+
+    from mtpeft.run import build_module
+
+    cfg = compose_run([*TINY, "method=lora", "+trainer.limit_val_batches=1"], tmp_path)
+    parts = RunParts.build(cfg)
+    module = build_module(cfg, parts.fresh_method(), parts.tokenizer)
+    trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
+    trainer.validate(module, datamodule=parts.fresh_datamodule(), verbose=False)
+    assert module.eval_prompts == cfg.evaluation.batch_size  # one batch of 9 of the 18 val prompts
+    assert module.eval_seconds > 0
