@@ -51,8 +51,9 @@ def dense_reference(layer, x: torch.Tensor, probs: torch.Tensor, k: int, scale: 
         {"num_experts": 4, "top_k": 4},  # dense, LoRAMoE-style
     ],
 )
-def test_token_routing_matches_dense_masked_reference(cfg):
-    model = moe(**cfg)
+@pytest.mark.parametrize("dispatch", ["sparse", "dense"])
+def test_token_routing_matches_dense_masked_reference(cfg, dispatch):
+    model = moe(dispatch=dispatch, **cfg)
     randomize(model)
     layer = model.base_model.get_submodule(K0)
     x = torch.randn(3, 7, layer.in_features)
@@ -177,7 +178,7 @@ def test_gradients_survive_gradient_checkpointing(gate_input):
 
 
 def test_experts_without_tokens_get_zero_gradient():
-    model = moe(num_experts=8, top_k=1, init_weights=False).train()
+    model = moe(num_experts=8, top_k=1, init_weights=False, dispatch="sparse").train()
     randomize(model)
     ids = torch.randint(0, 128, (1, 2))
     model(ids, labels=ids).loss.backward()
@@ -231,6 +232,7 @@ def test_parameter_count_worked_example():
         ({"gate_input": "sample"}, "method.gate_input"),
         ({"balance_loss_coef": -0.1}, "method.balance_loss_coef"),
         ({"task_embedding_dim": 0}, "method.task_embedding_dim"),
+        ({"dispatch": "grouped"}, "method.dispatch"),
     ],
 )
 def test_bad_config_names_the_field(cfg, field):
@@ -265,7 +267,7 @@ def test_dispatch_is_bit_identical_to_the_expert_loop(monkeypatch, cfg):
     results = []
     for dispatch in (moe_lora.dispatch_experts, _looped_dispatch_reference):
         monkeypatch.setattr(moe_lora, "dispatch_experts", dispatch)
-        model = moe(init_weights=False, **cfg).train()
+        model = moe(init_weights=False, dispatch="sparse", **cfg).train()
         randomize(model)
         out = model(ids, attention_mask=mask, labels=ids)
         total = out.loss + sum(model.aux_losses().values())
@@ -291,3 +293,31 @@ def test_dense_formulation_matches_dispatch():
     torch.testing.assert_close(
         dense_experts(h, weights, selected, a, b), dispatch_experts(h, weights, selected, a, b)
     )
+
+
+@pytest.mark.parametrize(
+    ("experts", "rank", "dense"), [(8, 8, True), (4, 8, True), (16, 8, False), (8, 16, False)]
+)
+def test_auto_dispatch_is_dense_for_small_total_rank(experts, rank, dense):
+    model = moe(num_experts=experts, r=rank)
+    assert model.base_model.get_submodule(K0).dense is dense
+
+
+def test_dense_and_sparse_dispatch_train_alike():
+    """Same logits, loss (aux included) and gradients on a fixed padded batch, up to rounding."""
+    ids = torch.randint(3, 128, (4, 11), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[2, 6:] = 0
+    results = []
+    for dispatch in ("sparse", "dense"):
+        model = moe(num_experts=8, top_k=2, init_weights=False, dispatch=dispatch).train()
+        randomize(model)
+        out = model(ids, attention_mask=mask, labels=ids)
+        total = out.loss + sum(model.aux_losses().values())
+        total.backward()
+        results.append((out.logits, total, [p.grad for p in model.parameters() if p.requires_grad]))
+    (logits, total, grads), (ref_logits, ref_total, ref_grads) = results
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(total, ref_total)
+    for grad, ref in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(grad, ref, rtol=1e-4, atol=1e-6)

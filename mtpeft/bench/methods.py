@@ -42,6 +42,8 @@ VARIANTS: dict[str, list[str]] = {
     "moe_lora E=2 k=2": ["method=moe_lora", "method.num_experts=2", "method.top_k=2"],  # dense: k = E
     "moe_lora E=4 k=2": ["method=moe_lora", "method.num_experts=4", "method.top_k=2"],  # the default
     "moe_lora E=8 k=2": ["method=moe_lora", "method.num_experts=8", "method.top_k=2"],
+    "moe_lora E=4 k=2 sparse": ["method=moe_lora", "method.num_experts=4", "method.dispatch=sparse"],
+    "moe_lora E=8 k=2 sparse": ["method=moe_lora", "method.num_experts=8", "method.dispatch=sparse"],
     "peml": ["method=peml"],
 }
 
@@ -210,12 +212,18 @@ def methods_markdown(rows: list[dict[str, Any]], device: torch.device, compiled:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     by = {row["variant"]: row for row in rows}
-    moe, small = by.get("moe_lora E=8 k=2"), by.get("moe_lora E=4 k=2")
-    if moe is not None and "lora" in by:
+    lora, moe = by["lora"], by.get("moe_lora E=8 k=2")
+    sparse, sparse4 = by.get("moe_lora E=8 k=2 sparse"), by.get("moe_lora E=4 k=2 sparse")
+    if moe is not None or sparse is not None:
         lines.append("")
-        for key, title in columns:
-            text = f"MoE-LoRA E=8,k=2 ({title} batches): {moe[key] / by['lora'][key]:.2f} x LoRA"
-            if small is not None:
-                text += f", {moe[key] / small[key]:.2f} x E=4,k=2 (cost ~ k, not E)"
-            lines.append(f"- {text}")
+    for key, title in columns:
+        parts = []
+        if moe is not None:
+            parts.append(f"{moe[key] / lora[key]:.2f} x LoRA (dispatch auto)")
+        if sparse is not None:
+            parts.append(f"sparse {sparse[key] / lora[key]:.2f} x LoRA")
+            if sparse4 is not None:
+                parts.append(f"sparse E=8 / E=4 {sparse[key] / sparse4[key]:.2f} (cost ~ k, not E)")
+        if parts:
+            lines.append(f"- MoE-LoRA E=8,k=2 ({title} batches): " + "; ".join(parts))
     return lines

@@ -18,11 +18,13 @@ perfect balance; ``f_i`` share of routed slots, ``P_i`` mean router probability)
 ``gate_input: task`` replaces the token routers by MOELoRA's single model-level gate
 ``g = softmax(W_G Emb(t))`` (then task ids are required and there is no balance loss).
 
-Sparse dispatch: the (token, slot) pairs are sorted by expert, each expert runs its A/B on its own tokens
-only (on CPU two grouped GEMMs per layer, whatever E), and the gate-weighted outputs are scatter-added
-back, so the cost grows with k, not with E (under ``torch.compile``: all experts, zero gates; see
-`dispatch_experts`). Experts that get no token run on an empty slice, so their gradient is
-zero rather than missing.
+Dispatch (``dispatch``, same sum either way): ``sparse`` sorts the (token, slot) pairs by expert, runs
+each expert's A/B on its own tokens only (on CPU two grouped GEMMs per layer, whatever E) and scatter-adds
+the gate-weighted outputs back, so the cost grows with k, not with E; ``dense`` runs every expert on every
+token with zero gates for the unchosen ones (two large products, cost ~ E), which is cheaper while E·r_e is
+small; ``auto`` (default) picks dense up to E·r_e = 64 (`AUTO_DENSE_MAX_RANK`), else sparse. Under
+``torch.compile`` sparse runs as dense (static shapes; see `dispatch_experts`). Experts that get no token
+have a zero gradient rather than a missing one.
 
 The routers keep the fp32 logits of their last call; `aux_losses` and `routing_stats` combine them with the
 attention mask recorded by `MoELoRA.forward` (the record of the last forward, like the logits). The layers
@@ -54,6 +56,10 @@ from mtpeft.methods.lowrank import (
 )
 from mtpeft.methods.registry import register_method
 
+#: ``dispatch: auto`` runs the experts densely up to this total rank E·r_e (CPU, tiny model: dense E=8, r=8
+#: 1.29x LoRA per training step vs sparse 1.44x; at E=16 sparse 1.47x vs dense 1.52x).
+AUTO_DENSE_MAX_RANK = 64
+
 
 @dataclass
 class MoELoRAConfig(LowRankConfig):
@@ -76,9 +82,16 @@ class MoELoRAConfig(LowRankConfig):
     ``router``: mean of one loss per router (ours; balances each router's own experts)."""
     router_z_loss_coef: float = 0.0
     """Weight of the router z-loss mean(logsumexp(logits)^2) (ours: off; MixLoRA switch config: 0.01)."""
+    dispatch: Literal["auto", "sparse", "dense"] = "auto"
+    """How the chosen experts run (the same sum; results agree to rounding): ``sparse``, each expert on its
+    own tokens (cost ~ k, plus sorting and gather/scatter); ``dense``, every expert on every token with zero
+    gates for the unchosen ones (cost ~ E, in two large products); ``auto`` (ours): dense when
+    E·r_e <= 64, the crossover measured on CPU with the tiny model, else sparse. ``top_k = E`` is always dense."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.dispatch not in ("auto", "sparse", "dense"):
+            raise ValueError(f"method.dispatch must be auto, sparse or dense, got {self.dispatch!r}")
         if self.num_experts < 1:
             raise ValueError(f"method.num_experts must be >= 1, got {self.num_experts}")
         if not 1 <= self.top_k <= self.num_experts:
@@ -95,6 +108,13 @@ class MoELoRAConfig(LowRankConfig):
         for name in ("router_init_std", "balance_loss_coef", "router_z_loss_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"method.{name} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def dense_dispatch(self) -> bool:
+        """Whether every expert runs on every token (``dispatch``; always for ``top_k = num_experts``)."""
+        if self.top_k == self.num_experts or self.dispatch == "dense":
+            return True
+        return self.dispatch == "auto" and self.num_experts * self.rank_per_expert <= AUTO_DENSE_MAX_RANK
 
     @property
     def rank_per_expert(self) -> int:
@@ -121,6 +141,7 @@ class MoELoRALinear(LowRankLinear):
         super().__init__(base_layer, config.r, config.alpha, config.dropout)
         e, r_e = config.num_experts, config.rank_per_expert
         self.num_experts, self.top_k = e, config.top_k
+        self.dense = config.dense_dispatch
         self.lora_A = self.new_parameter(e, r_e, self.in_features)
         self.lora_B = self.new_parameter(e, self.out_features, r_e)
         kaiming_uniform_(self.lora_A)
@@ -161,7 +182,7 @@ class MoELoRALinear(LowRankLinear):
         flat = x.reshape(-1, self.in_features)
         weights, selected = self.route(flat, task_ids)
         h = self.dropout(flat.to(self.lora_A.dtype))
-        if self.top_k == self.num_experts:
+        if self.dense:
             out = dense_experts(h, weights, selected, self.lora_A, self.lora_B)
         else:
             out = dispatch_experts(h, weights, selected, self.lora_A, self.lora_B)
@@ -210,7 +231,8 @@ def _grouped_gemm_ok(h: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
 def dense_experts(
     h: torch.Tensor, weights: torch.Tensor, selected: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
 ) -> torch.Tensor:
-    """All experts on every token (``top_k = E``): one LoRA of rank E·r with gate-scaled rank slices."""
+    """All experts on every token, unchosen ones with gate 0: one LoRA of rank E·r with gate-scaled rank
+    slices (``top_k = E``, ``dispatch: dense``, and the small E·r of ``dispatch: auto``)."""
     num_experts, r, d_in = lora_a.shape
     probs = weights.new_zeros(h.shape[0], num_experts).scatter_(1, selected, weights)  # expert order
     z = h @ lora_a.reshape(num_experts * r, d_in).T
