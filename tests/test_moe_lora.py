@@ -218,7 +218,10 @@ def test_parameter_count_worked_example():
     shapes = [(32, 32), (32, 16), (32, 16), (32, 32)]
     assert moe().expected_trainable_parameters() == 2 * sum(4 * 8 * (i + o) + 4 * i for i, o in shapes)
     task = moe(gate_input="task", expert_rank="r/E")
-    assert task.expected_trainable_parameters() == 2 * sum(8 * (i + o) for i, o in shapes) + T * 64 + 64 * 4
+    assert (
+        task.expected_trainable_parameters()
+        == 2 * sum(8 * (i + o) for i, o in shapes) + (T + 1) * 64 + 64 * 4
+    )
 
 
 @pytest.mark.parametrize(
@@ -321,3 +324,22 @@ def test_dense_and_sparse_dispatch_train_alike():
     torch.testing.assert_close(total, ref_total)
     for grad, ref in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(grad, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_moelora_preset_is_exactly_moelora(tmp_path, caplog):
+    """method=moe_lora/moelora: task gate over T + 1 embedding rows, dense, rank r/E, A ~ N(0, 0.01)."""
+    from omegaconf import OmegaConf
+
+    from tests.conftest import compose_train
+
+    options = OmegaConf.to_container(compose_train(["method=moe_lora/moelora"], tmp_path).method)
+    assert options.pop("name") == "moe_lora"
+    with caplog.at_level("WARNING", logger="mtpeft.methods.moe_lora"):
+        model = moe(**options)
+    assert model.config.is_moelora and not caplog.records
+    assert model.task_gate.embedding.num_embeddings == T + 1
+    layer = model.base_model.get_submodule(K0)
+    assert layer.lora_A.shape[1] == 8 // 4 and abs(float(layer.lora_A.detach().std()) - 0.01) < 0.003
+    with caplog.at_level("WARNING", logger="mtpeft.methods.moe_lora"):
+        moe(gate_input="task")  # top-2 of 4 with rank r: a MOELoRA-style variant, said so
+    assert "not MOELoRA" in caplog.text and "method=moe_lora/moelora" in caplog.text

@@ -16,7 +16,10 @@ perfect balance; ``f_i`` share of routed slots, ``P_i`` mean router probability)
 (MixLoRA README). Variants by flag: ``top_k = num_experts`` is dense (LoRAMoE-style; no dispatch),
 ``expert_rank: r/E`` splits the rank over the experts (parameter-matched to LoRA r, as MOELoRA), and
 ``gate_input: task`` replaces the token routers by MOELoRA's single model-level gate
-``g = softmax(W_G Emb(t))`` (then task ids are required and there is no balance loss).
+``g = softmax(W_G Emb(t))`` (then task ids are required and there is no balance loss). MOELoRA itself is
+that gate, dense (``top_k = num_experts``), with the rank split (``expert_rank: r/E``) and expert A's drawn
+from N(0, 0.01) (``expert_init: normal``): the preset ``method=moe_lora/moelora``. Other combinations with
+the task gate are MOELoRA-style variants, and building one logs a warning saying so.
 
 Dispatch (``dispatch``, same sum either way): ``sparse`` sorts the (token, slot) pairs by expert, runs
 each expert's A/B on its own tokens only (on CPU two grouped GEMMs per layer, whatever E) and scatter-adds
@@ -31,11 +34,13 @@ attention mask recorded by `MoELoRA.forward` (the record of the last forward, li
 themselves never read the mask, so a gradient-checkpointing recompute runs exactly the same computation,
 and because the losses are built from tensors of the checkpointed forward (non-reentrant), their gradient
 reaches the routers. Trainable parameters per adapted linear: ``E·r_e·(d_in + d_out) + E·d_in``
-(task gate: no per-linear router, plus ``T·64 + 64·E`` once), METHODS.md 7h.
+(task gate: no per-linear router, plus ``(T+1)·64 + 64·E`` once: MOELoRA's embedding table has T + 1
+rows, of which task ids 0..T-1 use the first T), docs/methods.md §7(h).
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -59,6 +64,9 @@ from mtpeft.methods.registry import register_method
 #: ``dispatch: auto`` runs the experts densely up to this total rank E·r_e (CPU, tiny model: dense E=8, r=8
 #: 1.29x LoRA per training step vs sparse 1.44x; at E=16 sparse 1.47x vs dense 1.52x).
 AUTO_DENSE_MAX_RANK = 64
+#: Std of MOELoRA's normal init of the expert A matrices (``expert_init: normal``).
+MOELORA_A_STD = 0.01
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -82,6 +90,8 @@ class MoELoRAConfig(LowRankConfig):
     ``router``: mean of one loss per router (ours; balances each router's own experts)."""
     router_z_loss_coef: float = 0.0
     """Weight of the router z-loss mean(logsumexp(logits)^2) (ours: off; MixLoRA switch config: 0.01)."""
+    expert_init: Literal["kaiming", "normal"] = "kaiming"
+    """Init of the experts' A matrices: Kaiming-uniform (LoRA, MixLoRA, LoRAMoE) or N(0, 0.01) (MOELoRA)."""
     dispatch: Literal["auto", "sparse", "dense"] = "auto"
     """How the chosen experts run (the same sum; results agree to rounding): ``sparse``, each expert on its
     own tokens (cost ~ k, plus sorting and gather/scatter); ``dense``, every expert on every token with zero
@@ -108,6 +118,26 @@ class MoELoRAConfig(LowRankConfig):
         for name in ("router_init_std", "balance_loss_coef", "router_z_loss_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"method.{name} must be >= 0, got {getattr(self, name)}")
+        if self.gate_input == "task" and not self.is_moelora:
+            log.warning(
+                "moe_lora with gate_input=task, top_k=%d, expert_rank=%s, expert_init=%s is a MOELoRA-style "
+                "variant, not MOELoRA (dense gate top_k=num_experts=%d, expert_rank=r/E, expert_init=normal): "
+                "use method=moe_lora/moelora for MOELoRA itself",
+                self.top_k,
+                self.expert_rank,
+                self.expert_init,
+                self.num_experts,
+            )
+
+    @property
+    def is_moelora(self) -> bool:
+        """Whether this is exactly MOELoRA: task gate, dense, rank split, A ~ N(0, 0.01)."""
+        return (
+            self.gate_input == "task"
+            and self.top_k == self.num_experts
+            and self.expert_rank == "r/E"
+            and self.expert_init == "normal"
+        )
 
     @property
     def dense_dispatch(self) -> bool:
@@ -126,7 +156,7 @@ class TaskGate(nn.Module):
 
     def __init__(self, num_tasks: int, dim: int, num_experts: int, device: torch.device) -> None:
         super().__init__()
-        self.embedding = nn.Embedding(num_tasks, dim, device=device)  # N(0, 1), as MOELoRA
+        self.embedding = nn.Embedding(num_tasks + 1, dim, device=device)  # T + 1 rows, N(0, 1), as MOELoRA
         self.proj = nn.Linear(dim, num_experts, bias=False, device=device)  # nn.Linear default, as MOELoRA
 
     def forward(self, task_ids: torch.Tensor) -> torch.Tensor:
@@ -144,7 +174,10 @@ class MoELoRALinear(LowRankLinear):
         self.dense = config.dense_dispatch
         self.lora_A = self.new_parameter(e, r_e, self.in_features)
         self.lora_B = self.new_parameter(e, self.out_features, r_e)
-        kaiming_uniform_(self.lora_A)
+        if config.expert_init == "normal":
+            nn.init.normal_(self.lora_A, std=MOELORA_A_STD)
+        else:
+            kaiming_uniform_(self.lora_A)
         if config.init_weights:
             nn.init.zeros_(self.lora_B)
         else:
@@ -284,7 +317,7 @@ class MoELoRA(AdaptedModel):
         shapes = target_shapes(self.base_model.config, self.adapted)
         experts = sum(e * r_e * (d_in + d_out) for d_in, d_out in shapes)
         if cfg.gate_input == "task":
-            return experts + self.num_tasks * cfg.task_embedding_dim + cfg.task_embedding_dim * e
+            return experts + (self.num_tasks + 1) * cfg.task_embedding_dim + cfg.task_embedding_dim * e
         return experts + sum(e * d_in for d_in, _ in shapes)
 
     # -- router bookkeeping ------------------------------------------------------------------------
