@@ -385,7 +385,7 @@ def test_length_groups_span_all_ranks_under_ddp(
     """Lightning deals the stream to ranks in turn: each rank's batch must still hold similar lengths."""
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
-    dm = _dm(tokenizer, samples_per_epoch=64)
+    dm = _dm(tokenizer, samples_per_epoch=64, group_by_length=True)
     assert dm.sampler.state_dict()["length_grouping"]["batch_size"] == 16
     lengths = [len(dm.examples("train")[i].input_ids) for i in dm.sampler.epoch_indices()]
     for rank in range(2):

@@ -132,6 +132,18 @@ def test_tokenizer_save_load(tokenizer, tmp_path):
 # ----------------------------------------------------------------------------------------- tiny model
 
 
+def test_weights_digest_names_the_base(tokenizer):
+    """results.json's model.weights_sha256: equal for equal weights, different after any weight change."""
+    first = build_tiny_model(TinyModelConfig(), tokenizer)
+    second = build_tiny_model(TinyModelConfig(), tokenizer)
+    second.load_state_dict(first.state_dict())
+    digest = describe_model(first)["weights_sha256"]
+    assert len(digest) == 16 and describe_model(second)["weights_sha256"] == digest
+    with torch.no_grad():
+        next(second.parameters()).view(-1)[0] += 1e-6
+    assert describe_model(second)["weights_sha256"] != digest
+
+
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_tiny_model_builds(tokenizer, arch):
     model = build_tiny_model(TinyModelConfig(arch=arch), tokenizer)

@@ -78,7 +78,7 @@ class MultiTaskDataModule(LightningDataModule):
         overlength: str = "truncate",
         sources: Mapping[str, Any] | Sequence[Any] | None = None,
         chat_template: bool = False,
-        group_by_length: bool = True,
+        group_by_length: bool = False,
         group_pool_batches: int = 8,
     ) -> None:
         super().__init__()

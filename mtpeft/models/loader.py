@@ -13,6 +13,7 @@ Two kinds:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Mapping
@@ -325,7 +326,27 @@ def describe_model(model: PreTrainedModel) -> dict[str, Any]:
         "vocab_size": getattr(config, "vocab_size", None),
         "total_params": count_parameters(model),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "weights_sha256": weights_digest(model),
     }
+
+
+#: Models up to this many parameters get a weights digest in results.json (hashing costs ~1 s per 100 M).
+DIGEST_MAX_PARAMS = 200_000_000
+
+
+def weights_digest(model: PreTrainedModel) -> str | None:
+    """SHA-256 (16 hex digits) of the base model's weights, names included, or None for large models.
+
+    Two runs with the same config can still differ if their base was built differently (the tiny model is
+    pre-trained locally): this digest says which base a result was measured on.
+    """
+    if count_parameters(model) > DIGEST_MAX_PARAMS or any(p.is_meta for p in model.parameters()):
+        return None
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode() + b"\0")
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _check_keys(cfg: Mapping[str, Any], valid: frozenset[str], kind: str, prefix: str = "model.") -> None:
