@@ -62,12 +62,9 @@ def arch(request: pytest.FixtureRequest) -> str:
 # -- composed Hydra configs ------------------------------------------------------------------------
 from pathlib import Path  # noqa: E402
 
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.global_hydra import GlobalHydra  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig, open_dict  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
-from mtpeft.utils.resolvers import register_resolvers  # noqa: E402
+from mtpeft.bench.config import compose_run  # noqa: E402
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -103,19 +100,7 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def compose_train(overrides: list[str], output_dir: Path) -> DictConfig:
     """Compose conf/train.yaml as ``python -m mtpeft.train`` would, writing under ``output_dir``."""
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        cfg = compose(
-            config_name="train",
-            return_hydra_config=True,
-            overrides=[*overrides, f"hydra.run.dir={output_dir}", f"paths.log_dir={output_dir}/logs"],
-        )
-    HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-        del cfg.hydra
-    return cfg
+    return compose_run(overrides, output_dir)
 
 
 # -- shared builders for method-specific tests -----------------------------------------------------
