@@ -36,6 +36,16 @@ Each stage writes into its own sweep directory under ``<paths.log_dir>/<task_nam
 tables cover exactly the jobs of this invocation (skipped ones are read from the runs they point to).
 Launcher: joblib (``--n-jobs`` parallel jobs, ``cpu_threads=1``) when the plugin is installed, else
 Hydra's basic (sequential) one. Other arguments are Hydra overrides given to every job.
+
+Publishing (across sessions and fresh checkouts, where ``logs/`` is empty): after each sweep the runner
+copies every successful run under ``<paths.log_dir>/<task_name>/`` into
+``<paths.published_dir>/<task_name>/runs/<name>/`` (``experiments/<name>/runs/`` by default; `publish`):
+``results.json``, the metrics CSV, ``scores.jsonl.gz`` and ``.hydra/{config,overrides}.yaml``, never
+checkpoints or wandb files. Names are stable (``tune_lora_lr=0.01_s0_<job hash prefix>``) and a job
+already published is not copied again. `mtpeft.train` also looks there for finished jobs, so committing
+``experiments/<name>/runs/`` and re-running the command in a new checkout runs only what is missing.
+``python -m mtpeft.study <name> --publish`` publishes without running anything (e.g. for a plain
+``python -m mtpeft.train experiment=<name>`` sweep); ``--no-publish`` turns the automatic copy off.
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import uuid
@@ -56,9 +67,20 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
+from omegaconf import DictConfig
 
 from mtpeft.results import load_runs, summarise
 from mtpeft.results.load import CURVE_FILES
+from mtpeft.results.stats import SCORES_FILE
+from mtpeft.utils.confighash import IGNORED_TOP_LEVEL
+from mtpeft.utils.sweep import (
+    RESULTS_FILE,
+    finished_roots,
+    run_records,
+    stored_hash,
+    stored_job_hash,
+)
 
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -79,6 +101,8 @@ class Study:
     methods: list[str]
     log_dir: Path
     task_name: str
+    published_dir: Path | None = None
+    """Where finished runs are published (``<paths.published_dir>/<task_name>/runs``); None: nowhere."""
     tune: dict[str, Any] | None = None
     probe: dict[str, Any] | None = None
     runner_keys: list[str] = field(default_factory=list)
@@ -143,11 +167,11 @@ def split_overrides(overrides: Sequence[str]) -> Overrides:
     return result
 
 
-def load_study(name: str, overrides: Sequence[str] = (), conf_dir: Path = CONF_DIR) -> Study:
-    """Compose ``experiment=<name>`` (with the overrides that are not sweeps) and read the study keys."""
+def compose_study(name: str, overrides: Sequence[str] = (), conf_dir: Path = CONF_DIR) -> DictConfig:
+    """``conf/train.yaml`` with ``experiment=<name>`` and the overrides that are not sweeps (Hydra keys
+    included)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
 
     from mtpeft.utils.resolvers import register_resolvers
 
@@ -162,6 +186,21 @@ def load_study(name: str, overrides: Sequence[str] = (), conf_dir: Path = CONF_D
     with initialize_config_dir(version_base="1.3", config_dir=str(conf_dir)):
         cfg = compose("train", overrides=[f"experiment={name}", *plain], return_hydra_config=True)
     GlobalHydra.instance().clear()
+    return cfg
+
+
+def study_roots(cfg: DictConfig) -> tuple[Path, Path]:
+    """(where the study's runs are written, where its published runs go): ``<paths.log_dir>/<task_name>``
+    and ``<paths.published_dir>/<task_name>/runs`` (the roots `mtpeft.train` looks in for finished jobs)."""
+    log_root, published = finished_roots(cfg)
+    return log_root.resolve(), published.resolve()
+
+
+def load_study(name: str, overrides: Sequence[str] = (), conf_dir: Path = CONF_DIR) -> Study:
+    """Compose ``experiment=<name>`` (with the overrides that are not sweeps) and read the study keys."""
+    from omegaconf import OmegaConf
+
+    cfg = compose_study(name, overrides, conf_dir)
     params = cfg.hydra.sweeper.get("params") or {}
     if "method" not in params:
         raise SystemExit(
@@ -176,6 +215,7 @@ def load_study(name: str, overrides: Sequence[str] = (), conf_dir: Path = CONF_D
         methods=split_list(params["method"]),
         log_dir=Path(str(cfg.paths.log_dir)).resolve(),
         task_name=str(cfg.task_name),
+        published_dir=study_roots(cfg)[1],
         tune=sections["tune"],
         probe=sections["probe"],
         runner_keys=[key for key in RUNNER_KEYS if key in cfg],
@@ -461,6 +501,120 @@ def write_capacity(table: pd.DataFrame, threshold: float, out: Path, title: str)
     return [out / "capacity.md", out / "capacity.csv"]
 
 
+# -- publishing ------------------------------------------------------------------------------------
+PUBLISHED_FILES = (RESULTS_FILE, SCORES_FILE, ".hydra/config.yaml", ".hydra/overrides.yaml")
+"""What a published run keeps, with its metrics CSV (as ``metrics.csv``): small files only, never
+checkpoints, adapters or wandb directories."""
+NAME_SKIPPED = frozenset({"experiment", "launcher", "method", "seed", "tuned", "test"})
+"""Override keys left out of a published run's name (named elsewhere in it, or the stage), with every key
+under a bookkeeping section (`IGNORED_TOP_LEVEL`: paths, hydra, logger, ...). ``method.*`` keys stay."""
+NAME_VALUES_MAX = 60
+"""At most this many characters of override values in a published run's name (the hash keeps it unique)."""
+_STAGE = re.compile(r"^\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}_[0-9a-f]+_(?P<stage>[a-z]+)")
+"""A sweep directory of this runner (`sweep_dir`): ``<time>_<uid>_<stage>`` (tune0, final-lora -> tune, final)."""
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+=-]+")
+
+
+def run_identity(results: Mapping[str, Any]) -> str | None:
+    """What makes two records the same job: the job hash, or for records without inputs (older versions)
+    the config hash."""
+    return stored_job_hash(dict(results)) or stored_hash(dict(results))
+
+
+def _override_values(path: Path) -> list[str]:
+    """``key=value`` parts of a job's ``.hydra/overrides.yaml`` that tell it apart (last key part only)."""
+    try:
+        overrides = yaml.safe_load(path.read_text()) or []
+    except (OSError, yaml.YAMLError):
+        return []
+    parts = []
+    for text in overrides if isinstance(overrides, list) else []:
+        key, _, value = str(text).partition("=")
+        key = key.lstrip("+")
+        if key.startswith("~") or key in NAME_SKIPPED or key.split(".")[0] in IGNORED_TOP_LEVEL or not value:
+            continue
+        parts.append(f"{key.split('.')[-1]}={value}")
+    return parts
+
+
+def published_name(run_dir: Path, log_root: Path, results: Mapping[str, Any], identity: str) -> str:
+    """A run's directory name among the published ones: ``[<stage>_]<method>[_<key>=<value>...]_s<seed>_
+    <first 8 digits of its job hash>``, e.g. ``tune_lora_lr=0.01_s0_3f2a9c1e``: the stage from the sweep
+    directory of this runner between ``log_root`` and ``run_dir``, the values from the job's overrides."""
+    relative = run_dir.relative_to(log_root)
+    stage = next((m["stage"] for part in relative.parts if (m := _STAGE.match(part))), None)
+    config = results.get("config") or {}
+    method = results.get("method") or (config.get("method") or {}).get("name") or "run"
+    seed = results.get("seed", config.get("seed"))
+    values: list[str] = []
+    for part in _override_values(run_dir / ".hydra" / "overrides.yaml"):
+        if sum(len(v) + 1 for v in values) + len(part) > NAME_VALUES_MAX:
+            break
+        values.append(part)
+    parts = [stage, str(method), *values, f"s{seed}" if seed is not None else None, identity[:8]]
+    return _UNSAFE.sub("-", "_".join(p for p in parts if p))
+
+
+def _copy_run(run_dir: Path, destination: Path) -> None:
+    """Copy the small files of ``run_dir`` into ``destination`` via a temporary sibling (a kill never
+    leaves a half-published run); modification times are kept (tables prefer the newest run)."""
+    staging = destination.with_name(f".{destination.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    curves = next((run_dir / f for f in CURVE_FILES if (run_dir / f).is_file()), None)
+    files = {name: run_dir / name for name in PUBLISHED_FILES if (run_dir / name).is_file()}
+    if curves is not None:
+        files["metrics.csv"] = curves
+    for name, source in files.items():
+        (staging / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, staging / name)
+    staging.rename(destination)
+
+
+def publish(log_root: Path, published: Path) -> tuple[list[Path], int]:
+    """Copy every successful run under ``log_root`` into ``published/<name>/`` (`published_name`, small
+    files only: `PUBLISHED_FILES`), unless a run of the same job is already published there. Returns (the
+    new directories, how many runs were published before). Idempotent: re-publishing copies nothing."""
+    log_root, published = Path(log_root).resolve(), Path(published).resolve()
+    published.mkdir(parents=True, exist_ok=True)
+    for leftover in published.glob(".*.tmp"):  # from a publish that was killed
+        shutil.rmtree(leftover, ignore_errors=True)
+    known = {run_identity(results): directory for directory, results in run_records(published)}
+    new, before = [], 0
+    for run_dir, results in run_records(log_root):
+        if results.get("status") != "success" or published in run_dir.parents:
+            continue
+        identity = run_identity(results)
+        if identity is None:
+            continue  # no config: not a run record
+        if identity in known:
+            before += 1
+            continue
+        name = published_name(run_dir, log_root, results, identity)
+        if (published / name).exists():
+            raise SystemExit(
+                f"cannot publish {run_dir}: {published / name} exists and holds another run "
+                "(a hash-prefix clash or a hand-made directory); move it away and publish again"
+            )
+        _copy_run(run_dir, published / name)
+        known[identity] = published / name
+        new.append(published / name)
+    return new, before
+
+
+def publish_study(study: Study) -> list[Path]:
+    """Publish the finished runs of ``study`` (`publish`) and log what was done."""
+    if study.published_dir is None:
+        return []
+    new, before = publish(study.log_dir / study.task_name, study.published_dir)
+    log.info(
+        "published %d new run(s) to %s (%d were there already); commit it to keep them",
+        len(new),
+        study.published_dir,
+        before,
+    )
+    return new
+
+
 # -- the whole study -------------------------------------------------------------------------------
 def run_study(
     name: str,
@@ -469,8 +623,12 @@ def run_study(
     n_jobs: int = 2,
     out: Path | None = None,
     plots: bool = True,
+    publish_runs: bool = True,
 ) -> dict[str, Any]:
-    """Tune (if declared), choose, run the final sweeps, write the tables; return what was done."""
+    """Tune (if declared), choose, run the final sweeps, write the tables; return what was done.
+
+    After each sweep the study's finished runs are published (`publish_study`; ``publish_runs=False``:
+    not), so committing ``experiments/`` keeps what finished even if the study is stopped later."""
     parts = split_overrides(overrides)
     study = load_study(name, [*parts.runner, *parts.jobs])
     study.methods = parts.methods or study.methods
@@ -480,12 +638,14 @@ def run_study(
     chosen: dict[str, dict[str, Any]] = {}
     problems: list[str] = []
     files: list[Path] = []
+    published: list[Path] = []
     if study.tune is not None:
         directories = []
         for command, directory in tuning_commands(study, parts.jobs, launch):
             if run_sweep(command, directory) != 0:
                 problems.append(f"tuning sweep {directory} exited non-zero (failed jobs?)")
             directories.append(directory)
+            published += publish_study(study) if publish_runs else []
         table = tuning_table(load_runs(directories, split="val"), study)
         chosen, missing = choose(table, study)
         problems += missing
@@ -497,13 +657,35 @@ def run_study(
         if run_sweep(command, directory) != 0:
             problems.append(f"sweep {directory} exited non-zero (failed jobs?)")
         final_dirs.append(directory)
+        published += publish_study(study) if publish_runs else []
     if study.probe is not None:
         threshold = float(study.probe.get("loss_threshold", 0.1))
         records = load_runs(final_dirs, split="val")
         files += write_capacity(capacity_table(records, threshold), threshold, out, name)
     else:
         files += summarise(final_dirs, out, name, plots=plots)["files"]
-    return {"study": study, "chosen": chosen, "problems": problems, "files": files, "sweeps": final_dirs}
+    return {
+        "study": study,
+        "chosen": chosen,
+        "problems": problems,
+        "files": files,
+        "sweeps": final_dirs,
+        "published": published,
+    }
+
+
+def publish_main(name: str, overrides: Sequence[str]) -> int:
+    """``--publish``: publish the finished runs of study ``name`` (any experiment config; ``task_name`` and
+    ``paths.*`` overrides respected) and print where they went."""
+    log_root, published = study_roots(compose_study(name, split_overrides(overrides).jobs))
+    if not log_root.is_dir():
+        print(f"nothing to publish: {log_root} does not exist (no run of {name!r} here)", file=sys.stderr)
+        return 1
+    new, before = publish(log_root, published)
+    print(f"published {len(new)} new run(s) to {published} ({before} were there already)")
+    if new:
+        print(f"keep them: git add {published} && git commit -m 'publish {name} runs'")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -518,8 +700,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n-jobs", type=int, default=2, help="parallel jobs with joblib (default 2)")
     parser.add_argument("--out", type=Path, help="tables here instead of experiments/<name>/")
     parser.add_argument("--no-plots", action="store_true", help="tables only")
+    parser.add_argument(
+        "--publish",
+        action="store_true",
+        help="only copy the study's finished runs from logs/<task_name>/ to experiments/<task_name>/runs/ "
+        "(small files; a fresh checkout then skips them) and exit",
+    )
+    parser.add_argument(
+        "--no-publish", action="store_true", help="do not publish finished runs after each sweep"
+    )
     args = parser.parse_args(argv)
-    result = run_study(args.name, args.overrides, args.launcher, args.n_jobs, args.out, not args.no_plots)
+    if args.publish:
+        return publish_main(args.name, args.overrides)
+    result = run_study(
+        args.name,
+        args.overrides,
+        args.launcher,
+        args.n_jobs,
+        args.out,
+        not args.no_plots,
+        publish_runs=not args.no_publish,
+    )
     for method, values in result["chosen"].items():
         print(f"chosen for {method}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
     print(f"wrote {len(result['files'])} files, e.g. {result['files'][0] if result['files'] else '-'}")

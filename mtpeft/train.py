@@ -9,8 +9,9 @@ Jobs are idempotent, failure-tolerant and resumable (`mtpeft.utils.sweep`, `mtpe
 - every run holds an exclusive lock on its directory (taken before Hydra writes ``.hydra/``): a second
   live run in the same directory fails at once, naming it and the holder's pid;
 - a job whose *job hash* (resolved config minus paths and bookkeeping, plus a digest of every data file
-  it reads and of the code) already finished successfully under ``<paths.log_dir>/<task_name>/`` is skipped
-  and returns the stored score (``skip_finished=false`` forces a re-run), so re-running a sweep redoes only
+  it reads and of the code) already finished successfully under ``<paths.log_dir>/<task_name>/`` or among
+  the study's published runs (``<paths.published_dir>/<task_name>/runs/``) is skipped and returns the
+  stored score (``skip_finished=false`` forces a re-run), so re-running a sweep redoes only
   missing, failed and interrupted jobs, and never reuses a result of other data or code;
 - a run writes ``results.json`` with ``status: running`` when it starts, so a killed run is listed as
   incomplete; a sweep re-run resumes it from its last checkpoint (``resume``: null = auto in sweeps;
@@ -43,6 +44,7 @@ from mtpeft.utils.sweep import (
     SKIPPED_FILE,
     failure_record,
     find_finished,
+    finished_roots,
     is_recorded,
     now_iso,
     objective,
@@ -85,7 +87,7 @@ def _job(cfg: DictConfig, output_dir: Path, multirun: bool) -> float:
         if multirun if skip is None else skip:
             inputs = run_inputs(config)
             job = job_hash(config, inputs)
-            finished = find_finished(Path(cfg.paths.log_dir) / cfg.task_name, job)
+            finished = find_finished(finished_roots(cfg), job)
             if finished is not None:
                 return _skip(finished, output_dir, digest, job)
         from mtpeft.run import run  # heavy imports only for jobs that train

@@ -9,8 +9,10 @@ so it stays visible as incomplete. Records are replaced atomically (a kill never
 
 **Idempotent jobs.** A job is identified by `mtpeft.utils.confighash.job_hash`: the config hash plus a
 digest of the data files it reads and of the code. Before training, `mtpeft.train` looks for a
-``results.json`` with ``status: success`` and the same job hash under ``<paths.log_dir>/<task_name>/`` and,
-if there is one, skips the job (writing ``skipped.json``, which points to the finished run). Hashes are
+``results.json`` with ``status: success`` and the same job hash under ``<paths.log_dir>/<task_name>/`` and
+then under the study's published runs, ``<paths.published_dir>/<task_name>/runs/`` (committed copies of
+finished runs, `mtpeft.study.publish`, so a fresh checkout skips what an earlier session finished), and, if
+there is one, skips the job (writing ``skipped.json``, which points to the finished run). Hashes are
 recomputed from the stored config and inputs rather than read from the record, so results written before a
 change of what the config hash ignores still match; records without inputs (older versions) never match.
 A ``running`` record whose directory is not locked by a live process (`mtpeft.utils.runlock`) is an
@@ -36,7 +38,7 @@ import os
 import socket
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,8 @@ from mtpeft.utils.runlock import RunDirBusy, RunDirLock, is_locked
 log = logging.getLogger(__name__)
 RESULTS_FILE = "results.json"
 SKIPPED_FILE = "skipped.json"
+PUBLISHED_RUNS = "runs"
+"""A study's published runs live in ``<paths.published_dir>/<task_name>/<PUBLISHED_RUNS>/<run name>/``."""
 POST_SUCCESS_FAILURE_FILE = "failure_after_success.json"
 """Where a failure of a run that already wrote its success record goes (the record is never replaced)."""
 
@@ -175,7 +179,8 @@ def stored_job_hash(results: dict[str, Any]) -> str | None:
     return None
 
 
-def _records(root: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+def run_records(root: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """``(run directory, record)`` for every readable ``results.json`` under ``root``, in path order."""
     if not root.is_dir():
         return
     for path in sorted(root.rglob(RESULTS_FILE)):
@@ -184,14 +189,26 @@ def _records(root: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
             yield path.parent, results
 
 
-def find_finished(root: Path, job: str, exclude: Path | None = None) -> Path | None:
-    """The directory of a successful run under ``root`` whose job hash is ``job``, if any."""
+def finished_roots(cfg: DictConfig) -> list[Path]:
+    """Where a job looks for its finished twin: ``<paths.log_dir>/<task_name>/``, then the study's
+    published runs ``<paths.published_dir>/<task_name>/runs/`` (when the paths config names that dir)."""
+    roots = [Path(str(cfg.paths.log_dir)) / str(cfg.task_name)]
+    published = cfg.paths.get("published_dir")
+    if published:
+        roots.append(Path(str(published)) / str(cfg.task_name) / PUBLISHED_RUNS)
+    return roots
+
+
+def find_finished(roots: Path | Iterable[Path], job: str, exclude: Path | None = None) -> Path | None:
+    """The directory of a successful run whose job hash is ``job`` under ``roots`` (one directory or
+    several, searched in order), if any."""
     exclude = exclude.resolve() if exclude is not None else None
-    for directory, results in _records(root):
-        if exclude is not None and directory.resolve() == exclude:
-            continue
-        if results.get("status") == "success" and stored_job_hash(results) == job:
-            return directory
+    for root in [roots] if isinstance(roots, Path | str) else roots:
+        for directory, results in run_records(Path(root)):
+            if exclude is not None and directory.resolve() == exclude:
+                continue
+            if results.get("status") == "success" and stored_job_hash(results) == job:
+                return directory
     return None
 
 
@@ -200,7 +217,7 @@ def find_interrupted(root: Path, job: str, exclude: Path | None = None) -> list[
     gone (nobody holds their lock) and that no other run took over yet, newest first."""
     exclude = exclude.resolve() if exclude is not None else None
     found = []
-    for directory, results in _records(root):
+    for directory, results in run_records(root):
         if exclude is not None and directory.resolve() == exclude:
             continue
         if (

@@ -1,0 +1,198 @@
+"""Published study runs: `mtpeft.study.publish` copies finished runs (small files only, stable names, once)
+into ``experiments/<task_name>/runs/``, the study runner publishes after each sweep, and a sweep job whose
+published record has its job hash is skipped (in a fresh checkout, where ``logs/`` is empty)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+import mtpeft.study as study_module
+from mtpeft.results import load_runs
+from mtpeft.study import main, publish, published_name
+from mtpeft.utils.confighash import config_hash, job_hash, run_inputs
+from mtpeft.utils.sweep import find_finished, finished_roots
+from tests.conftest import TINY_RUN, compose_train
+
+REPO = Path(__file__).resolve().parent.parent
+#: The code part of the job hash is pinned here and in the subprocess (others may edit the package meanwhile).
+CODE_VERSION = {"MTPEFT_CODE_VERSION": "test-publish"}
+SMALL_FILES = {
+    "results.json",
+    "metrics.csv",
+    "scores.jsonl.gz",
+    ".hydra/config.yaml",
+    ".hydra/overrides.yaml",
+}
+
+
+def _config(method: str = "lora", seed: int = 0, lr: float = 0.01) -> dict:
+    return {
+        "seed": seed,
+        "method": {"name": method},
+        "optimizer": {"lr": lr},
+        "data": {"tasks": {"qa": {}}},
+        "test": True,
+        "paths": {"output_dir": "/elsewhere"},
+    }
+
+
+def _fake_run(run_dir: Path, config: dict, overrides: list[str], status: str = "success") -> str:
+    """A finished job's directory as `mtpeft.train` leaves it (big files included); returns its job hash."""
+    inputs = run_inputs(config)
+    record = {
+        "status": status,
+        "method": config["method"]["name"],
+        "seed": config["seed"],
+        "config": config,
+        "inputs": inputs,
+        "job_hash": job_hash(config, inputs),
+        "metrics": {"val": {"val/avg/score": 0.25}, "test": {"test/qa/score": 0.5, "test/avg/score": 0.5}},
+    }
+    files = {
+        "results.json": json.dumps(record),
+        "csv/metrics.csv": "step,train/loss\n1,2.0\n",
+        ".hydra/config.yaml": "seed: 0\n",
+        ".hydra/overrides.yaml": "".join(f"- {o}\n" for o in overrides),
+        ".hydra/hydra.yaml": "hydra: {}\n",
+        "checkpoints/last.ckpt": "weights",
+        "adapter/adapter_model.safetensors": "weights",
+        "wandb/offline-run-1/run.wandb": "log",
+    }
+    for name, text in files.items():
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / name).write_text(text)
+    with gzip.open(run_dir / "scores.jsonl.gz", "wt") as handle:
+        handle.write('{"split": "test", "task": "qa", "index": 0, "em": 1.0}\n')
+    return record["job_hash"]
+
+
+def _listing(directory: Path) -> set[str]:
+    return {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()}
+
+
+def test_publish_copies_small_files_once_under_stable_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MTPEFT_CODE_VERSION", CODE_VERSION["MTPEFT_CODE_VERSION"])
+    logs, published = tmp_path / "logs" / "study", tmp_path / "experiments" / "study" / "runs"
+    sweep = logs / "multiruns" / "2026-01-02_03-04-05_ab12cd_tune0"
+    overrides = ["method=lora", "seed=0", "test=false", "optimizer.lr=0.01", "launcher=joblib", "~tune"]
+    job = _fake_run(sweep / "0", _config(), overrides)
+    _fake_run(sweep / "1", _config(lr=0.1), [*overrides[:3], "optimizer.lr=0.1"], status="failed")
+    _fake_run(sweep / "2", _config(seed=1), ["method=lora", "seed=1"], status="running")
+    twin = logs / "multiruns" / "2026-01-03_00-00-00_ef34ab_tune0" / "0"  # the same job run again
+    _fake_run(twin, _config(), overrides)
+    (published / ".tune_lora_s0_x.tmp").mkdir(parents=True)  # left by a killed publish
+
+    new, before = publish(logs, published)
+    name = f"tune_lora_lr=0.01_s0_{job[:8]}"
+    assert [p.name for p in new] == [name] and before == 1  # the twin counts as published
+    assert sorted(p.name for p in published.iterdir()) == [name]  # no failed, running or leftover dirs
+    assert _listing(published / name) == SMALL_FILES  # no checkpoint, adapter, wandb or hydra.yaml
+    assert (published / name / "results.json").read_bytes() == (sweep / "0" / "results.json").read_bytes()
+    assert (published / name / "metrics.csv").read_text() == "step,train/loss\n1,2.0\n"
+
+    assert publish(logs, published) == ([], 2)  # idempotent
+    assert sorted(p.name for p in published.iterdir()) == [name]
+    # a fresh checkout: logs/ is empty, the published run is the finished job
+    assert find_finished([tmp_path / "missing", published], job) == published / name
+    assert find_finished(published, job_hash(_config(seed=1), run_inputs(_config(seed=1)))) is None
+
+
+def test_names_are_deterministic_and_without_bookkeeping(tmp_path: Path) -> None:
+    config = _config(method="hycam", seed=2)
+    run = tmp_path / "logs" / "multiruns" / "2026-01-02_03-04-05_ab12cd" / "7"  # a plain sweep: no stage
+    (run / ".hydra").mkdir(parents=True)
+    overrides = ["method=hycam", "seed=2", "method.routing=softmax", "cpu_threads=1", "++tuned={a:1}"]
+    (run / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    record = {"config": config, "method": "hycam", "seed": 2}
+    name = published_name(run, tmp_path / "logs", record, "0123456789abcdef")
+    assert name == "hycam_routing=softmax_s2_01234567"
+    assert published_name(run, tmp_path / "logs", record, "0123456789abcdef") == name
+    final = tmp_path / "logs" / "multiruns" / "2026-01-02_03-04-05_ab12cd_final-hycam" / "0"
+    (final / ".hydra").mkdir(parents=True)
+    long = [f"data.tasks.t{i}.path='/some/dir/file {i}.jsonl'" for i in range(9)]
+    (final / ".hydra" / "overrides.yaml").write_text("".join(f"- {json.dumps(o)}\n" for o in long))
+    name = published_name(final, tmp_path / "logs", record, "0123456789abcdef")
+    assert name.startswith("final_hycam_path=") and name.endswith("_s2_01234567") and len(name) < 100
+    assert " " not in name and "/" not in name and "'" not in name
+
+
+def test_study_runner_publishes_after_each_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`run_study` (its sweeps faked) publishes the finished job; ``--publish`` alone publishes once."""
+    monkeypatch.setenv("MTPEFT_ROOT", str(tmp_path))
+    monkeypatch.setenv("MTPEFT_CODE_VERSION", CODE_VERSION["MTPEFT_CODE_VERSION"])
+    published = tmp_path / "experiments" / "methods_mix3" / "runs"
+    sweeps = []
+
+    def fake_sweep(command: list[str], directory: Path) -> int:
+        assert not published.exists() or not any(published.iterdir())  # nothing before the sweep ran
+        sweeps.append(directory)
+        _fake_run(directory / "0", _config(), ["method=lora", "seed=0"])
+        return 0
+
+    monkeypatch.setattr(study_module, "run_sweep", fake_sweep)
+    monkeypatch.setattr(study_module, "summarise", lambda *args, **kwargs: {"files": []})
+    result = study_module.run_study("methods_mix3", ["method=lora", "seed=0"], launcher="basic")
+    (sweep,) = sweeps
+    assert (
+        sweep.name.endswith("_final")
+        and sweep.parent == (tmp_path / "logs" / "methods_mix3" / "multiruns").resolve()
+    )
+    (run,) = result["published"]
+    assert run.parent == published.resolve() and run.name.startswith("final_lora_s0_")
+    assert _listing(run) == SMALL_FILES
+
+    assert main(["methods_mix3", "--publish"]) == 0  # already there: nothing copied
+    assert [p.name for p in published.iterdir()] == [run.name]
+    shutil.rmtree(run)
+    assert main(["methods_mix3", "--publish"]) == 0
+    assert [p.name for p in published.iterdir()] == [run.name]
+
+
+def test_published_dir_is_a_path_outside_the_config_hash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MTPEFT_ROOT", str(tmp_path))
+    cfg = compose_train(["task_name=mine"], tmp_path / "run")
+    assert finished_roots(cfg) == [
+        tmp_path / "run" / "logs" / "mine",
+        tmp_path / "experiments" / "mine" / "runs",
+    ]
+    moved = compose_train(["task_name=mine", "paths.published_dir=/elsewhere"], tmp_path / "run")
+    digest = config_hash(OmegaConf.to_container(cfg, resolve=True))
+    assert digest == config_hash(OmegaConf.to_container(moved, resolve=True))
+
+
+def test_sweep_job_with_a_published_record_is_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh checkout (no logs/) whose experiments/<task_name>/runs/ holds the job: the CLI sweep skips it,
+    its skipped.json points to the published run and the results tables read that run."""
+    monkeypatch.setenv("MTPEFT_ROOT", str(tmp_path))
+    monkeypatch.setenv("MTPEFT_CODE_VERSION", CODE_VERSION["MTPEFT_CODE_VERSION"])
+    args = ["method=none", "seed=0", "task_name=pubtest", *TINY_RUN, "logger=none"]
+    config = OmegaConf.to_container(compose_train(args, tmp_path / "composed"), resolve=True)
+    published = tmp_path / "experiments" / "pubtest" / "runs" / "none_s0_published"
+    job = _fake_run(published, config, ["method=none", "seed=0"])
+
+    env = {**os.environ, "MTPEFT_ROOT": str(tmp_path), **CODE_VERSION}
+    command = [sys.executable, "-m", "mtpeft.train", "-m", *args]
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 jobs: 0 ran, 1 skipped, 0 failed" in proc.stdout, proc.stdout[-2000:]
+    (skipped,) = (tmp_path / "logs" / "pubtest").rglob("skipped.json")
+    record = json.loads(skipped.read_text())
+    assert Path(record["finished_in"]).resolve() == published.resolve() and record["job_hash"] == job
+    assert not list((tmp_path / "logs").rglob("results.json"))  # nothing ran
+    (run,) = load_runs([skipped.parent.parent])  # the sweep directory's table reads the published run
+    assert Path(run["path"]).resolve() == published.resolve() and run["scores"]["avg"] == 0.5
