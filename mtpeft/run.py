@@ -125,8 +125,9 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def run_record(cfg: DictConfig, output_dir: Path) -> Iterator[Job]:
-    """Write the ``running`` record, yield the `Job`; on an exception write the ``failed`` record."""
+def run_record(cfg: DictConfig, output_dir: Path, **extra: Any) -> Iterator[Job]:
+    """Write the ``running`` record, yield the `Job`; on an exception write the ``failed`` record.
+    ``extra`` fields go into both records (`mtpeft.eval` marks its records ``kind: eval``)."""
     started = time.perf_counter()
     config = OmegaConf.to_container(cfg, resolve=True)
     existing = read_results(output_dir / RESULTS_FILE) if (output_dir / RESULTS_FILE).exists() else None
@@ -136,13 +137,14 @@ def run_record(cfg: DictConfig, output_dir: Path) -> Iterator[Job]:
             "replaced: give this run its own directory (drop the hydra.run.dir / hydra.sweep.dir override)"
         )
     job = Job(config, run_inputs(config))
-    write_record(output_dir, running_record(config, job.inputs))
+    write_record(output_dir, running_record(config, job.inputs, **extra))
     try:
         yield job
     except Exception as err:
         if not is_recorded(err):
             wall = time.perf_counter() - started
-            write_record(output_dir, failure_record(cfg, err, config_hash(config), wall, job.inputs))
+            failure = failure_record(cfg, err, config_hash(config), wall, job.inputs)
+            write_record(output_dir, {**failure, **extra})
             mark_recorded(err)
         raise
 
@@ -207,8 +209,7 @@ def _train_and_evaluate(cfg: DictConfig, output_dir: Path, job: Job) -> dict[str
         for split, metrics in module.last_metrics.items():
             log_task_table(loggers, split, metrics)
     finally:
-        for logger in loggers:
-            _finish_logger(logger)
+        close_loggers(loggers)
     results = _results(cfg, module, model, base_model, datamodule, started, best)
     results.update(job_hash=job.hash, inputs=job.inputs, resumed_from=str(resumed) if resumed else None)
     module.write_example_scores(output_dir)  # scores.jsonl.gz: per-example scores for the bootstrap CIs
@@ -240,6 +241,12 @@ def _best_checkpoint(trainer: L.Trainer) -> str | None:
     callback = trainer.checkpoint_callback
     path = getattr(callback, "best_model_path", "") if callback is not None else ""
     return path or None
+
+
+def close_loggers(loggers: list[Any]) -> None:
+    """Close every logger (`_finish_logger`): at the end of a run, also after a failure."""
+    for logger in loggers:
+        _finish_logger(logger)
 
 
 def _finish_logger(logger: Any) -> None:
@@ -275,15 +282,20 @@ def _results(cfg, module, model, base_model, datamodule, started, best) -> dict[
         "train_tokens_per_s": round(module.train_tokens / module.train_seconds, 1)
         if module.train_seconds
         else None,
-        "eval_s_per_1000_prompts": round(1000 * module.eval_seconds / module.eval_prompts, 2)
-        if module.eval_prompts
-        else None,
+        "eval_s_per_1000_prompts": eval_s_per_1000_prompts(module),
         "peak_memory_mb": peak_memory_mb(),
         "eval_batch_size": cfg.evaluation.batch_size,
         "template": datamodule.template_name,
         "torch_threads": torch.get_num_threads(),
         "provenance": provenance(Path(__file__).resolve().parent.parent),
     }
+
+
+def eval_s_per_1000_prompts(module: MultiTaskModule) -> float | None:
+    """Seconds of evaluation batches (loss + generation, val and test) per 1000 prompts; None if none ran."""
+    if not module.eval_prompts:
+        return None
+    return round(1000 * module.eval_seconds / module.eval_prompts, 2)
 
 
 def _test(module: MultiTaskModule) -> dict[str, dict[str, float]]:

@@ -12,7 +12,10 @@ CSV and per-example ``scores.jsonl.gz``). What is read:
 * runs with ``status: running`` (started, then killed or still going) come back with that status and are
   listed as incomplete, never averaged in;
 * for the test split, runs made with ``test=false`` (validation only, e.g. a study's tuning jobs) are left
-  out: they have no test score.
+  out: they have no test score;
+* evaluation records (``kind: eval``, written by ``python -m mtpeft.eval``) are left out with a note: they
+  re-score the adapter of a training run, which is tabled itself, so counting them would count that
+  run twice (and their config names an adapter, not a training configuration).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ COSTS = ["trainable_params", "total_params", "trainable_percent", "wall_time_s",
 MISSING = "—"
 SKIPPED_FILE = "skipped.json"
 """Written by `mtpeft.train` in the directory of a skipped sweep job; ``finished_in`` names the run."""
+EVAL_KIND = "eval"
+"""``kind`` of the records `mtpeft.eval` writes (training runs have no ``kind``)."""
 STATUSES = ("success", "failed", "running")
 """Statuses of a run record: finished, failed (error recorded), started but not finished."""
 CURVE_FILES = ("csv/metrics.csv", "metrics.csv")
@@ -151,12 +156,15 @@ def load_runs(
     Files that are not run records are appended to ``problems`` as ``(path, reason)`` and logged."""
     problems = [] if problems is None else problems
     roots = list(roots)
-    records, validation_only = [], 0
+    records, validation_only, evaluations = [], 0, 0
     for path in result_files(roots, problems):
         data, problem = _read_json(path)
         problem = problem or record_problem(data)
         if problem:
             problems.append((str(path), problem))
+            continue
+        if data.get("kind") == EVAL_KIND:
+            evaluations += 1
             continue
         if split == "test" and data["config"].get("test") is False:
             validation_only += 1
@@ -166,6 +174,12 @@ def load_runs(
         log.warning("skipping %s: %s", path, problem)
     if validation_only:
         log.info("left out %d validation-only run(s) (test=false) from the test table", validation_only)
+    if evaluations:
+        log.info(
+            "left out %d evaluation record(s) (kind: eval, python -m mtpeft.eval): they re-score trained "
+            "runs' adapters and are not training runs",
+            evaluations,
+        )
     return records
 
 
