@@ -58,8 +58,11 @@ class AdaptedModel(nn.Module):
 
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     method_name: ClassVar[str] = ""
-    #: True when the adapter needs one task id per sequence at training and inference.
-    requires_task_ids: ClassVar[bool] = False
+    #: True when the adapter needs one task id per sequence at training and inference. Read it on the
+    #: instance: this class-level value is the default of methods where it never varies (a class attribute
+    #: ``requires_task_ids = True`` for Poly), a method whose config decides overrides it with a property
+    #: computed from ``self.config`` (MoE-LoRA: only its task gate needs ids).
+    requires_task_ids: bool = False
     #: True when, with default init, the adapted model's logits equal the base model's.
     identity_at_init: ClassVar[bool] = True
 

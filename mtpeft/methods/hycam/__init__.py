@@ -19,7 +19,8 @@ Load balancing (README formula, over the non-padding tokens of all layers, weigh
 ``(d² + d) + N_s(2dr + r² + 2r + d) + (d N_s + N_s) [+ 2d with train_layernorms]``.
 
 Files: `config.py` (the switches and their sources), `layer.py` (the CAMs of one layer and the hooks
-around ``self_attn``), `model.py` (the registered `HyCAM` adapted model).
+around ``self_attn``), `model.py` (the registered `HyCAM` adapted model). The routing record, the balance
+loss and the statistics use the functions shared with MoE-LoRA (`mtpeft.methods.routing`).
 """
 
 from mtpeft.methods.hycam.config import HyCAMConfig

@@ -17,7 +17,6 @@ record (for the balance loss and statistics) is written only by the real forward
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,36 +25,13 @@ from torch import nn
 
 from mtpeft.methods.hycam.config import HyCAMConfig
 from mtpeft.methods.lowrank import kaiming_uniform_
+from mtpeft.methods.routing import RouterRecord
 
 
 class CallContext:
     """Per-call state shared by a model's CAM layers: the non-padding mask of the tokens being run."""
 
     token_mask: torch.Tensor | None = None  # float [B·S] of the current base-model call, or None (all real)
-
-
-@dataclass
-class RoutingRecord:
-    """Routing of one layer in the last forward; reduced over non-padding tokens only when read, so that
-    the layer itself never touches the mask (a checkpoint recompute then saves the same tensors)."""
-
-    logits: torch.Tensor  # router logits z             [T, N_s] fp32
-    gates: torch.Tensor  # routing weights g (one-hot + straight-through for hard routing)  [T, N_s] fp32
-    mask: torch.Tensor | None  # 1.0 real token, 0.0 padding  [T], None = all real
-
-    def reduced(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(Σ_tokens g [N_s], Σ_tokens softmax(z) [N_s], number of tokens), over non-padding tokens."""
-        probs = self.logits.softmax(dim=-1)
-        if self.mask is None:
-            return self.gates.sum(0), probs.sum(0), self.logits.new_tensor(float(self.logits.shape[0]))
-        mask = self.mask.to(device=self.logits.device, dtype=self.logits.dtype)
-        return mask @ self.gates, mask @ probs, mask.sum()
-
-    @torch.no_grad()
-    def entropy_sum(self) -> torch.Tensor:
-        """Σ over non-padding tokens of the router entropy H(softmax(z))."""
-        entropy = -(self.logits.softmax(dim=-1) * self.logits.log_softmax(dim=-1)).sum(-1)
-        return entropy.sum() if self.mask is None else self.mask.to(entropy) @ entropy
 
 
 def _in_backward() -> bool:
@@ -73,7 +49,7 @@ class CAMLayer(nn.Module):
         super().__init__()
         self.config = config
         self.context = context
-        self.record: RoutingRecord | None = None
+        self.record: RouterRecord | None = None  # routing of the last forward (not of a recompute)
         self._residual: torch.Tensor | None = None
         d, n, r = hidden, config.num_specialised, config.rank
         if config.use_shared:
@@ -231,7 +207,7 @@ class CAMLayer(nn.Module):
         mask = self.context.token_mask
         if mask is not None and mask.shape[0] != logits.shape[0]:
             mask = None
-        self.record = RoutingRecord(logits, gates, mask)
+        self.record = RouterRecord(logits, gates=gates, mask=mask)
 
 
 def _flat(bias: torch.Tensor | None) -> torch.Tensor | None:

@@ -13,6 +13,7 @@ from mtpeft.methods.base import AdaptedModel
 from mtpeft.methods.hycam.config import HyCAMConfig
 from mtpeft.methods.hycam.layer import CallContext, CAMLayer
 from mtpeft.methods.registry import register_method
+from mtpeft.methods.routing import RouterRecord, layer_stats, pool, switch_balance_loss, token_mask
 from mtpeft.methods.shapes import decoder_shape
 
 
@@ -112,19 +113,16 @@ class HyCAM(AdaptedModel):
             return super().generate(input_ids, attention_mask=attention_mask, task_ids=task_ids, **kwargs)
 
     # -- load balancing and statistics (records of the last forward) -------------------------------
-    def _records(self) -> list[tuple[int, Any]]:
+    def _records(self) -> list[tuple[int, RouterRecord]]:
         return [(i, cam.record) for i, cam in enumerate(self._cams) if cam.record is not None]
 
     def balance_loss(self) -> torch.Tensor | None:
-        """Unweighted L_bal = Σ_k mean(p_k)·mean(softmax(z)_k), means over the non-padding tokens of all layers."""
+        """Unweighted L_bal = Σ_k mean(p_k)·mean(softmax(z)_k), means over the non-padding tokens of all
+        layers: the Switch loss without the E factor (`switch_balance_loss`)."""
         records = self._records()
         if not records:
             return None
-        reduced = [rec.reduced() for _, rec in records]
-        gates = torch.stack([g for g, _, _ in reduced]).sum(0)
-        probs = torch.stack([p for _, p, _ in reduced]).sum(0)
-        tokens = torch.stack([n for _, _, n in reduced]).sum().clamp_min(1.0)
-        return (gates / tokens * probs / tokens).sum()
+        return switch_balance_loss(pool([rec.usage() for _, rec in records]).clamped())
 
     def aux_losses(self) -> dict[str, torch.Tensor]:
         if self.config.balance_coef == 0:
@@ -140,15 +138,10 @@ class HyCAM(AdaptedModel):
         if not records:
             return {}
         n = self.config.num_specialised
-        rows = []
-        for _, rec in records:
-            gates, _, tokens = rec.reduced()
-            rows.append(torch.cat([gates, rec.entropy_sum()[None]]) / tokens.clamp_min(1.0))
-        table = torch.stack(rows)
-        stats = {}
-        for (layer, _), row in zip(records, table.tolist(), strict=True):
-            stats.update({f"layer{layer}/cam{k}_share": row[k] for k in range(n)})
-            stats[f"layer{layer}/entropy"] = row[n]
+        table = torch.stack([rec.stats_row() for _, rec in records])
+        stats = layer_stats(
+            {f"layer{i}": row for (i, _), row in zip(records, table, strict=True)}, "cam{}_share"
+        )
         means = table.mean(0).tolist()
         stats.update({f"cam{k}_share": means[k] for k in range(n)})
         stats["entropy"] = means[n]
@@ -158,13 +151,10 @@ class HyCAM(AdaptedModel):
 
 def _token_mask(args: tuple, kwargs: dict) -> torch.Tensor | None:
     """1.0 for real tokens, 0.0 for padding, flattened over the B·S tokens of this call (last S mask columns)."""
-    mask = kwargs.get("attention_mask")
     tokens = kwargs.get("input_ids", args[0] if args else None)
     if tokens is None:
         tokens = kwargs.get("inputs_embeds")
-    if mask is None or tokens is None or mask.dim() != 2 or mask.shape[0] != tokens.shape[0]:
+    if tokens is None:
         return None
-    seq = tokens.shape[1]
-    if seq > mask.shape[1]:
-        return None
-    return mask[:, mask.shape[1] - seq :].reshape(-1).float()
+    batch, seq = tokens.shape[:2]
+    return token_mask(kwargs.get("attention_mask"), batch * seq, batch=batch)
