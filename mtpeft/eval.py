@@ -160,10 +160,11 @@ def train_defaults() -> DictConfig:
 def group_choices(cfg: DictConfig) -> dict[str, str | None]:
     """The preset chosen for each of ``model`` and ``data`` (None: none chosen), from Hydra's runtime
     choices; outside Hydra, a node present in ``cfg`` counts as chosen."""
-    if HydraConfig.initialized():
-        choices = HydraConfig.get().runtime.choices
-        return {group: choices.get(group) for group in INHERITED_GROUPS}
-    return {group: "given" if cfg.get(group) is not None else None for group in INHERITED_GROUPS}
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    return {
+        group: choices.get(group, "given") if cfg.get(group) is not None else None
+        for group in INHERITED_GROUPS
+    }
 
 
 def eval_config(cfg: DictConfig, source: AdapterSource, choices: Mapping[str, str | None]) -> DictConfig:
