@@ -679,8 +679,8 @@ def publish_main(name: str, overrides: Sequence[str]) -> int:
     ``paths.*`` overrides respected) and print where they went."""
     log_root, published = study_roots(compose_study(name, split_overrides(overrides).jobs))
     if not log_root.is_dir():
-        print(f"nothing to publish: {log_root} does not exist (no run of {name!r} here)", file=sys.stderr)
-        return 1
+        print(f"nothing to publish: {log_root} does not exist (no run of {name!r} in this checkout)")
+        return 0
     new, before = publish(log_root, published)
     print(f"published {len(new)} new run(s) to {published} ({before} were there already)")
     if new:
