@@ -3,7 +3,8 @@
 Training: per-sample LM loss reduced per task (``train/<task>/loss``) and overall (``train/loss``, token
 mean), plus the method's auxiliary losses (``train/aux/<name>``), which are added to the objective.
 Evaluation (val and test): LM loss per task and generation with the KV cache (greedy, or
-``evaluation.num_samples`` sampled completions per prompt for pass@k). Each eval batch updates fresh
+``evaluation.num_samples`` sampled completions per prompt for pass@k), every row stopping at its own task's
+budget or at EOS, whatever tasks share its batch. Each eval batch updates fresh
 ``torchmetrics`` objects per task and metric (``mtpeft.metrics.tracker``); at the end of the epoch they are
 computed, synced across processes, and logged as ``<split>/<task>/<metric>`` for every metric of the task,
 ``<split>/<task>/score`` (its first metric), ``<split>/<task>/loss`` and the macro average
@@ -25,6 +26,7 @@ import lightning as L
 import torch
 
 from mtpeft.data.records import Record
+from mtpeft.generation import generate_rows
 from mtpeft.losses import model_token_losses, per_task_mean, token_losses
 from mtpeft.methods.base import AdaptedModel
 from mtpeft.metrics.tracker import SCORES_FILE, EvalMetrics, check_metric_names, write_example_scores
@@ -288,27 +290,35 @@ class MultiTaskModule(L.LightningModule):
             self._eval.update(task, samples, records, indices)
 
     def _generate(self, batch: dict[str, torch.Tensor]) -> list[str]:
-        """Completions of the batch's prompts: ``num_samples`` per prompt, consecutive (greedy for 1)."""
-        datamodule = self.trainer.datamodule
-        tasks = {self.task_names[t] for t in batch["task_ids"].tolist()}
-        max_new = self.max_new_tokens or max(datamodule.max_new_tokens_for(t) for t in tasks)
+        """Completions of the batch's prompts: ``num_samples`` per prompt, consecutive (greedy for 1).
+
+        Every row stops at its own task's budget and at EOS (`mtpeft.generation.generate_rows`), so a
+        prediction does not depend on which tasks share its batch."""
         n = self.num_samples  # rows repeated here (not num_return_sequences) so task ids expand with them
         prompt, mask, task_ids = (batch[k] for k in ("prompt_ids", "prompt_attention_mask", "task_ids"))
         if n > 1:
             prompt, mask, task_ids = (t.repeat_interleave(n, dim=0) for t in (prompt, mask, task_ids))
         cuda = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda, enabled=n > 1):  # sampling leaves training's RNG alone
-            generated = self.model.generate(
-                input_ids=prompt,
-                attention_mask=mask,
-                task_ids=task_ids,
-                max_new_tokens=max_new,
-                **self._decoding(),
-                use_cache=True,
-                pad_token_id=self.tokenizer.pad_token_id,
+            rows = generate_rows(
+                self.model,
+                prompt,
+                mask,
+                task_ids,
+                self._budgets(task_ids),
                 eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+                **self._decoding(),
             )
-        return self.tokenizer.batch_decode(generated[:, prompt.shape[1] :], skip_special_tokens=True)
+        return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+    def _budgets(self, task_ids: torch.Tensor) -> list[int]:
+        """Each row's generation budget: ``evaluation.max_new_tokens`` if set, else its task's own."""
+        if self.max_new_tokens:
+            return [self.max_new_tokens] * task_ids.shape[0]
+        datamodule, names = self.trainer.datamodule, self.task_names
+        per_task = {t: datamodule.max_new_tokens_for(names[t]) for t in set(task_ids.tolist())}
+        return [per_task[t] for t in task_ids.tolist()]
 
     def _decoding(self) -> dict[str, Any]:
         """Greedy decoding (``num_samples=1``), else ``num_samples`` sampled completions per prompt."""

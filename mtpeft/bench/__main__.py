@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from mtpeft.bench.config import RunParts, compose_run
+from mtpeft.bench.evaluation import eval_markdown, eval_timing
 from mtpeft.bench.loop import describe, loop_config_overrides, loop_markdown, run_loops
 from mtpeft.bench.methods import VARIANTS, methods_markdown, run_methods
 from mtpeft.utils.threads import apply_cpu_threads
@@ -32,6 +33,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     loop.add_argument("--steps", type=int, default=40, help="training steps per loop and round")
     loop.add_argument("--skip", type=int, default=5, help="warm-up steps not timed")
     loop.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median reported)")
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument("--no-eval", action="store_true", help="skip the evaluation timing")
+    evaluation.add_argument(
+        "--eval-batches", type=int, default=None, help="eval batches to time (default: the whole val split)"
+    )
     methods = parser.add_argument_group("per-method table")
     methods.add_argument("--no-methods", action="store_true", help="skip the per-method table")
     methods.add_argument(
@@ -72,6 +78,9 @@ def main(argv: list[str] | None = None) -> str:
         if not args.no_loop:
             rows = run_loops(parts, args.steps, args.rounds, args.skip)
             lines += [*loop_markdown(rows, args.steps, args.skip), ""]
+        if not args.no_eval:
+            timing = eval_timing(parts, args.eval_batches)
+            lines += [*eval_markdown(timing, cfg.method.name), ""]
         if not args.no_methods:
             chosen = {
                 k: v for i, (k, v) in enumerate(VARIANTS.items()) if i == 0 or not args.only or k in args.only
