@@ -125,7 +125,7 @@ def lora_twin(adapted: dict, arch: str, num_tasks: int, a_index: int | None = 0,
 
 
 def qwen2_5_0_5b_shape_on_meta() -> transformers.PreTrainedModel:
-    """A Qwen2.5-0.5B-shaped model on the meta device (shapes only), for METHODS.md section 11 counts."""
+    """A Qwen2.5-0.5B-shaped model on the meta device (shapes only), for docs/methods.md section 11 counts."""
     config = transformers.Qwen2Config(
         vocab_size=1024,
         hidden_size=896,

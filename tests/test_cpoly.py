@@ -37,7 +37,7 @@ def _inputs(batch: int = 4, length: int = 6, seed: int = 1) -> tuple[torch.Tenso
 
 
 def _reference(layer: CPolyLinear, x: torch.Tensor, task_ids: torch.Tensor, cfg: CPolyConfig) -> torch.Tensor:
-    """METHODS.md 6.2 at eval, written out row by row, head by head, skill by skill."""
+    """docs/methods.md 6.2 at eval, written out row by row, head by head, skill by skill."""
     h_, k_, b_, r = cfg.n_splits, cfg.n_skills, cfg.n_specific_skills, cfg.r
     out = layer.base_layer(x)
     for n, t in enumerate(task_ids.tolist()):
@@ -203,7 +203,7 @@ def test_parameter_count_matches_formula(options: dict, num_tasks: int) -> None:
 
 
 def test_methods_md_worked_count_qwen_shape() -> None:
-    """METHODS.md section 11: masked C-Poly (K=4, B=1), r=8, T=8, q,k,v,o, Qwen2.5-0.5B shape: 12.98 M."""
+    """docs/methods.md section 11: masked C-Poly (K=4, B=1), r=8, T=8, q,k,v,o, Qwen2.5-0.5B shape: 12.98 M."""
     base = qwen2_5_0_5b_shape_on_meta()
     model = build_method("cpoly", {"specific_weight": "fixed"}, base, num_tasks=8)
     assert model.count_parameters()[0] == model.expected_trainable_parameters() == 12_979_200

@@ -1,4 +1,4 @@
-"""Procedural generators, the task registry, templates and the primitives corpus (DATA.md section 4)."""
+"""Procedural generators, the task registry, templates and the primitives corpus (docs/data.md section 4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""HyCAM beyond the shared contract: the METHODS.md section 2 equations, switches, routing and bookkeeping.
+"""HyCAM beyond the shared contract: the docs/methods.md section 2 equations, switches, routing and bookkeeping.
 
 The reference forward below is written from the equations (explicit loop over the specialised CAMs,
 dense one-hot routing, the layer's own submodules called directly, no hooks), so it checks the hook-based
@@ -67,7 +67,7 @@ def _reference_modulation(cam, u: torch.Tensor, cfg: HyCAMConfig) -> torch.Tenso
 
 
 def _reference_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    """HyCAM per METHODS.md 2(b) on an unpadded batch: h' = (h + a) ⊙ m or h + a ⊙ m, then the frozen MLP."""
+    """HyCAM per docs/methods.md 2(b) on an unpadded batch: h' = (h + a) ⊙ m or h + a ⊙ m, then the frozen MLP."""
     cfg, inner = model.config, model.base_model.model
     with torch.no_grad():
         x = inner.embed_tokens(ids)
@@ -279,7 +279,7 @@ def test_trainable_parameter_count_matches_formula(options: dict) -> None:
     ],
 )
 def test_parameter_count_of_llama2_7b_shape_matches_methods_md(options: dict, millions: float) -> None:
-    """METHODS.md 2(h): N_s=4, r=8 on d=4096, L=32 (built on the meta device: shapes only)."""
+    """docs/methods.md 2(h): N_s=4, r=8 on d=4096, L=32 (built on the meta device: shapes only)."""
     config = transformers.LlamaConfig(
         hidden_size=4096,
         intermediate_size=11008,

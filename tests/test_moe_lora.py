@@ -215,7 +215,7 @@ def test_parameter_count_matches_formula(arch, cfg):
 
 
 def test_parameter_count_worked_example():
-    # METHODS.md 7h per linear: E·r·(d_in + d_out) + E·d_in; task gate: r·(d_in + d_out) + T·64 + 64·E
+    # docs/methods.md 7h per linear: E·r·(d_in + d_out) + E·d_in; task gate: r·(d_in + d_out) + T·64 + 64·E
     shapes = [(32, 32), (32, 16), (32, 16), (32, 32)]
     assert moe().expected_trainable_parameters() == 2 * sum(4 * 8 * (i + o) + 4 * i for i, o in shapes)
     task = moe(gate_input="task", expert_rank="r/E")

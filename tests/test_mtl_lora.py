@@ -117,7 +117,7 @@ def test_parameter_count_matches_formula(arch, cfg):
 
 
 def test_parameter_count_worked_example():
-    # METHODS.md 4h per linear: r·d_in + T·r² + n·r·d_out + T·n; q,k,v,o of the tiny shape (d=32, d_kv=16)
+    # docs/methods.md 4h per linear: r·d_in + T·r² + n·r·d_out + T·n; q,k,v,o of the tiny shape (d=32, d_kv=16)
     shapes = [(32, 32), (32, 16), (32, 16), (32, 32)]
     per_layer = sum(8 * d_in + T * 64 + 3 * 8 * d_out + T * 3 for d_in, d_out in shapes)
     assert mtl().expected_trainable_parameters() == 2 * per_layer

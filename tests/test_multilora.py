@@ -82,7 +82,7 @@ def test_parameter_count_matches_formula(arch, cfg):
 
 
 def test_parameter_count_worked_example():
-    # METHODS.md 5h per linear: n·r·(d_in + d_out) + n·d_out; q,k,v,o of the tiny shape (d=32, d_kv=16)
+    # docs/methods.md 5h per linear: n·r·(d_in + d_out) + n·d_out; q,k,v,o of the tiny shape (d=32, d_kv=16)
     shapes = [(32, 32), (32, 16), (32, 16), (32, 32)]
     assert multilora().expected_trainable_parameters() == 2 * sum(3 * 8 * (i + o) + 3 * o for i, o in shapes)
 

@@ -48,7 +48,7 @@ def test_parameter_count_matches_formula(options: dict, num_tasks: int) -> None:
 
 
 def test_methods_md_worked_count_qwen_shape() -> None:
-    """METHODS.md section 11: Poly (K=4, H=1), r=8, T=8, q,k,v,o on a Qwen2.5-0.5B-shaped model: 4.33 M."""
+    """docs/methods.md section 11: Poly (K=4, H=1), r=8, T=8, q,k,v,o on a Qwen2.5-0.5B-shaped model: 4.33 M."""
     base = qwen2_5_0_5b_shape_on_meta()
     model = build_method("poly", {}, base, num_tasks=8)
     assert model.count_parameters()[0] == model.expected_trainable_parameters() == 4_328_448

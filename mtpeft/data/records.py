@@ -1,4 +1,4 @@
-"""The record schema shared by every task source (DATA.md 4.2).
+"""The record schema shared by every task source (docs/data.md 4.2).
 
 A record is an Alpaca-style dict (``instruction`` / ``input`` / ``output``) plus the task it belongs
 to, the gold ``answer`` the metric compares against, and free-form ``meta`` (e.g. code tests). Plain

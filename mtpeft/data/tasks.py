@@ -2,7 +2,7 @@
 
 A ``TaskSpec`` says everything the rest of mtpeft needs to know about a task: which metric scores
 it, how many tokens to generate at evaluation, which knobs it accepts and how to build its splits.
-Built-in tasks are the procedural generators ``qa``, ``code`` and ``reasoning`` (DATA.md 4). Tasks
+Built-in tasks are the procedural generators ``qa``, ``code`` and ``reasoning`` (docs/data.md 4). Tasks
 loaded from files or hub datasets are not registered here: each datamodule keeps them in its own task
 table (``mtpeft.data.sources``).
 

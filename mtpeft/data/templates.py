@@ -3,7 +3,7 @@
 The model is trained on ``prompt + target + EOS`` (the datamodule appends EOS) and evaluated by
 generating from ``prompt``. The template is part of what a score means (lm-eval #1645), so runs
 record its name. ``plain`` is the tiny-model default; ``alpaca`` is the Stanford-Alpaca template that
-HyCAM and LLM-Adapters use (DATA.md 3.2), with the target following ``### Response:`` directly.
+HyCAM and LLM-Adapters use (docs/data.md 3.2), with the target following ``### Response:`` directly.
 """
 
 from __future__ import annotations

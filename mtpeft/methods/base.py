@@ -13,7 +13,7 @@ An adapted model
 * knows, when its update is a per-task weight delta (LoRA, MultiLoRA, MTL-LoRA, Poly, C-Poly), the
   delta ``ΔW_t`` of every adapted linear (``merged_weight_deltas``), so a task's adapter can be merged
   into a standalone model (`merge_into`); input-dependent methods raise `NotMergeableError`;
-* knows its trainable-parameter count from the closed-form formula of METHODS.md
+* knows its trainable-parameter count from the closed-form formula of docs/methods.md
   (``expected_trainable_parameters``), which the contract tests compare with the real count.
 
 A method subclasses `AdaptedModel`, sets ``config_class`` to a dataclass, implements ``adapt`` (wrap or
@@ -87,7 +87,7 @@ class AdaptedModel(nn.Module):
         raise NotImplementedError
 
     def expected_trainable_parameters(self) -> int:
-        """Trainable-parameter count from the METHODS.md formula for this config and base shape."""
+        """Trainable-parameter count from the docs/methods.md formula for this config and base shape."""
         raise NotImplementedError
 
     def task_conditioned_modules(self) -> Iterable[nn.Module]:

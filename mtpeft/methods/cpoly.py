@@ -23,12 +23,12 @@ author's identity ``C``). With B = 0 this is exactly peft's Poly/MHR (same layou
 The task-specific weights are one per task and skill (``[T, B]``), shared by all MHR heads, as the spec
 has them: only the shared allocation is per head. Exclusivity is structural (docs/methods.md §6.2(i)): the
 task-specific skills are stored as ``[T, H, B, ...]`` and row b only ever indexes the slice of its own task, so task t can neither read nor send gradients to
-task s's skills or weights. This is the masked form ``mask_t ⊙ v[t]`` of METHODS.md without its zero
+task s's skills or weights. This is the masked form ``mask_t ⊙ v[t]`` of docs/methods.md without its zero
 entries; the author's fork instead learns a full T×T matrix ``C`` (tasks borrow each other's skills) and
 expands it with ``expand((1, n_splits, 1))``, which fails for batch > 1; neither is reproduced.
 
 Trainable parameters per adapted linear: ``(K + T·B)·r·(d_in + d_out) + T·H·K`` plus ``T·B`` for the
-learned specific weights (METHODS.md 6.2h). Sources: TaoSunVoyage/peft @ fde7b65
+learned specific weights (docs/methods.md 6.2h). Sources: TaoSunVoyage/peft @ fde7b65
 ``src/peft/tuners/poly/{config,router,layer}.py`` (closed PR huggingface/peft#1297); peft Poly.
 """
 
@@ -56,7 +56,7 @@ class CPolyConfig(MethodConfig):
     r: int = 8
     """Rank of every skill (peft Poly default 8; the paper's rank is UNVERIFIED)."""
     n_skills: int = 4
-    """K, shared skills per adapted linear (peft Poly default 4; METHODS.md section 11 counts use 4)."""
+    """K, shared skills per adapted linear (peft Poly default 4; docs/methods.md section 11 counts use 4)."""
     n_specific_skills: int = 1
     """B, exclusive skills per task per adapted linear; 0 reduces to Poly ("B is set to 1 throughout the
     paper", ICLR 2024 review)."""
@@ -72,7 +72,7 @@ class CPolyConfig(MethodConfig):
     the paper's normalisation is UNVERIFIED). Needs non-negative specific weights (not ``learned_raw``)."""
     targets: list[str] = field(default_factory=lambda: list(ATTENTION_TARGETS))
     """Linear layers to adapt (regular expressions matched in full against the leaf name). The paper does
-    not say (UNVERIFIED); q,k,v,o as the LoRA baseline (METHODS.md 6.2c)."""
+    not say (UNVERIFIED); q,k,v,o as the LoRA baseline (docs/methods.md 6.2c)."""
     init_weights: bool = True
     """True: every B = 0, identity at init (peft Poly). False: B Kaiming-uniform, a non-identity start."""
 

@@ -9,7 +9,7 @@
 ``A`` is Kaiming-uniform, ``B`` is zero, so the adapted model starts as the base model. One adapter
 is shared by all tasks (trained on the mixture); task ids are ignored. Defaults follow the multi-task
 setups of MTL-LoRA / LLM-Adapters (q,k,v,o; r=8, alpha=16) rather than peft's (q,v; alpha=8), see
-METHODS.md section 3. Trainable parameters: ``sum_layers sum_targets r (d_in + d_out)``.
+docs/methods.md section 3. Trainable parameters: ``sum_layers sum_targets r (d_in + d_out)``.
 
 The saved adapter is a standard peft directory (``adapter_config.json`` + ``adapter_model.safetensors``
 under peft's key names), so ``PeftModel.from_pretrained(base, "<run dir>/adapter")`` loads it without
@@ -76,7 +76,7 @@ def peft_to_module_key(key: str) -> str:
 
 
 def lora_parameter_count(shape: DecoderShape, r: int, target_names: Iterable[str]) -> int:
-    """METHODS.md 3(h): ``sum_layers sum_targets r (d_in + d_out)`` over projection names like ``q_proj``."""
+    """docs/methods.md 3(h): ``sum_layers sum_targets r (d_in + d_out)`` over projection names like ``q_proj``."""
     return shape.layers * sum(r * sum(shape.linear(t)) for t in target_names)
 
 

@@ -7,7 +7,7 @@ frozen layer as ``base_layer`` and adds the method's update::
 
 The common config fields (rank, alpha, dropout, targets, init switch) live in `LowRankConfig`, and
 `target_shapes` gives the closed-form ``(d_in, d_out)`` of every adapted linear for the parameter
-formulas of METHODS.md (read off the model config, not off the instantiated modules).
+formulas of docs/methods.md (read off the model config, not off the instantiated modules).
 """
 
 from __future__ import annotations

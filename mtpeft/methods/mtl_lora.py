@@ -16,7 +16,7 @@ reference code, so the initial mixing is random and, with τ = 0.1, sharp. Mixin
 space equals mixing the outputs because ``A`` and ``Λ_t`` are shared within a sample; we go one step
 further and form ``M_t = B_t Λ_t`` for the T tasks (T·d_out·r·(n+r) flops, independent of the batch), so
 the batch needs one ``bmm`` against its rows' ``M_t``. Task ids are required at training and inference.
-Trainable parameters per adapted linear: ``r·d_in + T·r² (diag: T·r) + n·r·d_out + T·n`` (METHODS.md 4h).
+Trainable parameters per adapted linear: ``r·d_in + T·r² (diag: T·r) + n·r·d_out + T·n`` (docs/methods.md 4h).
 Source: pUmpKin-Co/MTL-LoRA @ 7848a70, ``src/adapter/mlora.py`` (``mLoRALinear``).
 """
 

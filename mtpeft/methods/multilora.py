@@ -15,7 +15,7 @@ the scales ``σ_i`` start at zero, so the model starts as the base model; at ste
 gradient. Task-agnostic. We fold ``σ_i`` into ``B_i`` (a [d_out, r] elementwise product) and run the n
 LoRAs as one LoRA of rank n·r, so a step costs two matmuls, like LoRA.
 Trainable parameters per adapted linear: ``n·r·(d_in + d_out) + n·d_out`` (``module`` scales: ``+ n``),
-METHODS.md 5h. Source: pUmpKin-Co/MTL-LoRA @ 7848a70, ``src/adapter/multilora.py`` (``MultiLoRALinear``).
+docs/methods.md 5h. Source: pUmpKin-Co/MTL-LoRA @ 7848a70, ``src/adapter/multilora.py`` (``MultiLoRALinear``).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class MultiLoRAConfig(LowRankConfig):
     num_loras: int = 3
     """n, the number of parallel LoRAs (MTL-LoRA repo baseline ``lora_num 3``; the paper's n UNVERIFIED)."""
     scale_granularity: Literal["channel", "module"] = "channel"
-    """σ_i per output channel (reference re-implementation) or one scalar per LoRA (METHODS.md 5i)."""
+    """σ_i per output channel (reference re-implementation) or one scalar per LoRA (docs/methods.md 5i)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -13,12 +13,12 @@ the features are cut into H heads and every head has its own allocation::
     ẑ_t = RelaxedBernoulli(τ=1, logits=Z[t]).rsample()  (training)  |  sigmoid(Z[t])  (eval)
     w_{t,h,k} = ẑ_{t,h,k} / (Σ_k ẑ_{t,h,k} + 1e-12)                  Z ∈ R^{T × H·K} per adapted linear
 
-A and B are mixed separately, so the adapter contains cross terms A_i B_j (METHODS.md 6.1). ``A`` is
+A and B are mixed separately, so the adapter contains cross terms A_i B_j (docs/methods.md 6.1). ``A`` is
 Kaiming-uniform, ``B`` zero (``init_weights=False``: Kaiming too), the logits U(-1e-3, 1e-3), so the model
 starts as the base model. The layers are peft's own (``inject_adapter_in_model``); their ``forward``
 reads ``task_ids`` from its keywords, which our task-id scope injects (and repeats for expanded
 generation batches, which peft's own ``PolyModel`` does not). Task ids are required at training and
-inference. Trainable parameters per adapted linear: ``K·r·(d_in + d_out) + T·H·K`` (METHODS.md 6.1h).
+inference. Trainable parameters per adapted linear: ``K·r·(d_in + d_out) + T·H·K`` (docs/methods.md 6.1h).
 Source: huggingface/peft ``src/peft/tuners/poly/{config,router,layer,model}.py``.
 """
 

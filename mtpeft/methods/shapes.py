@@ -1,6 +1,6 @@
 """Closed-form shapes of Llama/Qwen2/Mistral projections, for the parameter-count formulas.
 
-The formulas of METHODS.md are written in terms of d, d_ff, d_kv and L; these helpers read them off a
+The formulas of docs/methods.md are written in terms of d, d_ff, d_kv and L; these helpers read them off a
 Hugging Face config (not off the instantiated modules), so the contract tests compare two independent
 computations.
 """

@@ -4,7 +4,7 @@ Three record kinds, told apart by their ``meta`` keys:
 
 * mtpeft's synthetic ``code`` task (``meta["args"]``, ``meta["tests"]``): the completion must start with
   ``return``; it becomes the body of ``def f(ARGS):`` followed by one ``assert f(*inputs) == output`` per
-  test (DATA.md 4.3).
+  test (docs/data.md 4.3).
 * MBPP style (``meta["test_list"]``, optional ``meta["test_setup_code"]``): the completion is a whole
   function definition; the program is setup + completion + the asserts.
 * HumanEval style (``meta["prompt"]``, ``meta["test"]``, ``meta["entry_point"]``): the completion is the

@@ -1,7 +1,7 @@
 """Plain-PyTorch causal-LM pre-training of the tiny model on the primitives corpus.
 
 PEFT methods need a base that already "speaks" the task surface (facts, equations, Python lines, narrative),
-and copy/induction behaviour from repeated facts (DATA.md section 4.1). This loop is deliberately bare
+and copy/induction behaviour from repeated facts (docs/data.md section 4.1). This loop is deliberately bare
 (no Lightning): it runs once per cache key, and its cost is what the default budget is sized on.
 
 Data: every corpus line becomes ``<s> line </s>``; lines are concatenated into one token stream; each step

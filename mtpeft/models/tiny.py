@@ -1,7 +1,7 @@
 """Tiny decoder-only models (Llama / Qwen2 / Mistral) built locally from transformers configs.
 
 The tiny model is the offline default base model: ~0.9 M parameters with the default shapes, small enough
-to pre-train in a few minutes on 2 CPU cores (DATA.md section 4.1: ~100 GFLOP/s, 0.5-1 M parameters
+to pre-train in a few minutes on 2 CPU cores (docs/data.md section 4.1: ~100 GFLOP/s, 0.5-1 M parameters
 recommended), yet built from the real transformers classes so that every PEFT method is exercised on the
 same module names (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, ``gate_proj``, ``up_proj``,
 ``down_proj``) and code paths (GQA, RoPE, KV cache) as on hub models.
@@ -40,7 +40,7 @@ class TinyModelConfig:
     arch: str = "llama"
     """One of ``llama``, ``qwen2``, ``mistral``."""
     hidden_size: int = 128
-    """Model width; 128 keeps the model near 0.9 M parameters (DATA.md 4.1)."""
+    """Model width; 128 keeps the model near 0.9 M parameters (docs/data.md 4.1)."""
     num_layers: int = 4
     """Decoder layers; 4 gives per-layer methods (routers, CAMs) several layers to differ across."""
     num_heads: int = 4

@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerFast
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, BOS, EOS)
 
-#: Numbers the tasks use (counts, operands, results: 0..60 per DATA.md 4.3, up to 99 for headroom); boosted
+#: Numbers the tasks use (counts, operands, results: 0..60 per docs/data.md 4.3, up to 99 for headroom); boosted
 #: so that each becomes one token (ours).
 DEFAULT_WHOLE_WORDS: tuple[str, ...] = tuple(str(n) for n in range(100))
 

@@ -23,7 +23,7 @@ DEFAULT_FILE_RATIOS: tuple[float, ...] = (8.0, 1.0, 1.0)
 """Train/val/test ratios of ``files`` sources that give none."""
 
 HYCAM_SPLIT_SEED = 2333
-"""HyCAM's seed (DATA.md 3.2); the default split seed, fixed so that every training seed sees the same test set."""
+"""HyCAM's seed (docs/data.md 3.2); the default split seed, fixed so that every training seed sees the same test set."""
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ A ``Format`` names the columns it reads (``required`` / ``optional``), the metri
 the dataset splits it reads by default and its own options. ``convert(row, task, options)`` returns
 the record fields ``instruction``/``input``/``output``/``answer``/``meta``; ``to_record`` renames
 columns by the source's ``fields`` mapping first and prefixes any error with where the row came from
-(file and line, or dataset split and row). Built-in formats (DATA.md 2):
+(file and line, or dataset split and row). Built-in formats (docs/data.md 2):
 
 * ``alpaca``: ``instruction``, optional ``input``, ``output``, optional ``answer`` (default: the output)
   and ``task`` -- HyCAM's Alpaca-CoT files, CodeAlpaca, Dolly, any instruction file;

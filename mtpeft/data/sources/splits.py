@@ -1,7 +1,7 @@
 """Splitting loaded records: seeded ratio splits (HyCAM's exact index split), limits, de-duplication.
 
 ``ratio_split_indices`` reproduces DeepSpeed-Chat's ``get_raw_dataset_split_index`` as HyCAM uses it
-(DATA.md 3.2): ``np.random.RandomState(seed).shuffle`` of ``arange(n)`` (uint32), cut at cumulative
+(docs/data.md 3.2): ``np.random.RandomState(seed).shuffle`` of ``arange(n)`` (uint32), cut at cumulative
 rounded boundaries ``round(r_i / sum(r) * n)`` shifted so that the last one is ``n``. With ratios
 ``7,2`` and seed 2333 this is HyCAM's per-file train/eval split, index for index.
 

@@ -2,7 +2,7 @@
 
 A chain is a start value followed by steps ``(op, operand)``. The same chain is read three ways:
 as words (the code prompt and the chain-phrased reasoning steps), as a nested Python expression
-(the code target ``return ( y + 3 ) * x``, DATA.md 4.3) and as a value (code test outputs,
+(the code target ``return ( y + 3 ) * x``, docs/data.md 4.3) and as a value (code test outputs,
 reasoning CoT). Expressions are evaluated here by walking the chain, never with ``eval``.
 """
 
@@ -96,7 +96,7 @@ def random_chain(
     ops: Sequence[str],
     p_const_start: float,
 ) -> Chain:
-    """Draw a chain over ``args`` (DATA.md 4.3, code task).
+    """Draw a chain over ``args`` (docs/data.md 4.3, code task).
 
     The chain starts from an argument, or with probability ``p_const_start`` from a literal 1..9.
     Each step draws an op from ``ops`` and an operand that is an argument or a literal 0..9 (equal
@@ -121,7 +121,7 @@ def random_chain(
 
 
 def random_literal_chain(rng: random.Random, n_steps: int) -> Chain:
-    """Draw the shared-frame conflict chain (DATA.md 4.3): literal start 1..9, add/sub 1..9 or mul 2..3.
+    """Draw the shared-frame conflict chain (docs/data.md 4.3): literal start 1..9, add/sub 1..9 or mul 2..3.
 
     Subtraction never takes the running value below zero, so the reasoning reading of the same chain
     stays a valid count.
@@ -144,5 +144,5 @@ def random_literal_chain(rng: random.Random, n_steps: int) -> Chain:
 
 
 def shared_frame(chain: Chain) -> str:
-    """The neutral prompt used by both code and reasoning conflict items (DATA.md 4.4, item 2)."""
+    """The neutral prompt used by both code and reasoning conflict items (docs/data.md 4.4, item 2)."""
     return f"input : {chain.text()} output :"

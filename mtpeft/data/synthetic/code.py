@@ -1,8 +1,8 @@
-"""Code: a one-line function body from a chain spec, checked by execution (DATA.md 4.3); metric: pass@1.
+"""Code: a one-line function body from a chain spec, checked by execution (docs/data.md 4.3); metric: pass@1.
 
 ``def f ( x , y ) : # take y , add 3 , multiply by x ; return :`` -> ``return ( y + 3 ) * x``.
 Each record carries four test cases ``[[args...], expected]`` computed from the chain itself.
-Two conflict mechanisms (DATA.md 4.4, item 2) share one knob: literal starts (``take 5 , ...`` must
+Two conflict mechanisms (docs/data.md 4.4, item 2) share one knob: literal starts (``take 5 , ...`` must
 stay symbolic, ``( 5 + 3 ) * x``, while reasoning folds constants) and shared-frame items
 ``input : take 5 , add 3 , multiply by 2 output :`` that are word-for-word the reasoning prompt.
 """
@@ -26,7 +26,7 @@ TEST_RANGE = (-9, 9)
 
 @dataclass(frozen=True)
 class CodeConfig:
-    """Knobs of the code generator (defaults: DATA.md 4.5)."""
+    """Knobs of the code generator (defaults: docs/data.md 4.5)."""
 
     steps: int = 3
     """Chain steps after the start, 1..8."""
@@ -39,7 +39,7 @@ class CodeConfig:
     p_shared_frame: float | None = None
     """Probability of a shared-frame conflict item; None means ``conflict``."""
     shared_steps: int = 2
-    """Steps of a shared-frame item (DATA.md 4.3: 2)."""
+    """Steps of a shared-frame item (docs/data.md 4.3: 2)."""
     conflict: float = 0.5
     """The shared conflict knob; sets ``p_const_start`` and ``p_shared_frame`` unless given."""
 

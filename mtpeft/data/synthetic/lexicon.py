@@ -1,4 +1,4 @@
-"""The shared word lists and phrase templates of the procedural tasks (DATA.md section 4.3).
+"""The shared word lists and phrase templates of the procedural tasks (docs/data.md section 4.3).
 
 One lexicon feeds the pre-training corpus (``primitives.py``) and the three task generators
 (``qa.py``, ``code.py``, ``reasoning.py``), so a base model pre-trained on the primitives already

@@ -1,4 +1,4 @@
-"""The pre-training corpus of the tiny base model and the tokenizer-training texts (DATA.md 4.1).
+"""The pre-training corpus of the tiny base model and the tokenizer-training texts (docs/data.md 4.1).
 
 PEFT needs a pre-trained base. The primitives corpus teaches the *surface* and the *skills* the
 three tasks build on, without their question/answer frames (no ``question :`` / ``answer :``):

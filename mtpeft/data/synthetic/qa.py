@@ -1,10 +1,10 @@
-"""Extractive QA over generated facts (DATA.md 4.3); metric: exact match of one span.
+"""Extractive QA over generated facts (docs/data.md 4.3); metric: exact match of one span.
 
 ``context : bob owns a owl . erin has 19 coins . grace works as a poet . question : how many coins
 does erin have ? answer :`` -> ``19``. Each person gets one fact; the question asks about one of them,
 so the answer is always a span of the context. Numeric facts (``P has N OBJ``) share their surface
 with the reasoning task, where the same question needs computing rather than copying: their share is
-the conflict knob (DATA.md 4.4, item 1).
+the conflict knob (docs/data.md 4.4, item 1).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ TASK = "qa"
 
 @dataclass(frozen=True)
 class QAConfig:
-    """Knobs of the QA generator (defaults: DATA.md 4.5)."""
+    """Knobs of the QA generator (defaults: docs/data.md 4.5)."""
 
     n_facts: int = 3
     """Facts per context, 1..12 (one per person); all but one are distractors."""

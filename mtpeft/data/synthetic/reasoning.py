@@ -1,8 +1,8 @@
-"""Reasoning: multi-step word problems with a chain of thought ending in ``#### N`` (DATA.md 4.3).
+"""Reasoning: multi-step word problems with a chain of thought ending in ``#### N`` (docs/data.md 4.3).
 
 ``problem : judy has 18 cards . judy gets 5 more . judy gives 3 to bob . question : how many cards
 does judy have ? answer :`` -> ``18 + 5 = 23 . 23 - 3 = 20 . #### 20``; metric: the number after
-``####``. Conflict (DATA.md 4.4): steps phrased as chain specs (``add 5 .``) and shared-frame items
+``####``. Conflict (docs/data.md 4.4): steps phrased as chain specs (``add 5 .``) and shared-frame items
 ``input : take 5 , add 3 , multiply by 2 output :`` whose code twin must stay symbolic while this task
 folds the constants.
 """
@@ -32,7 +32,7 @@ REASONING_OPS: tuple[str, ...] = ("add", "sub", "mul")
 
 @dataclass(frozen=True)
 class ReasoningConfig:
-    """Knobs of the reasoning generator (defaults: DATA.md 4.5)."""
+    """Knobs of the reasoning generator (defaults: docs/data.md 4.5)."""
 
     steps: int = 2
     """Events after the opening sentence, 1..8."""
@@ -51,7 +51,7 @@ class ReasoningConfig:
     p_shared_frame: float | None = None
     """Probability of a shared-frame conflict item; None means ``conflict``."""
     shared_steps: int = 2
-    """Steps of a shared-frame item (DATA.md 4.3: 2)."""
+    """Steps of a shared-frame item (docs/data.md 4.3: 2)."""
     conflict: float = 0.5
     """The shared conflict knob; sets ``p_chain`` and ``p_shared_frame`` unless given."""
 

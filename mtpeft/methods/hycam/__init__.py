@@ -1,4 +1,4 @@
-"""HyCAM, Hybrid Contextual Attention Modulation (Pan et al., CIKM 2025; METHODS.md section 2).
+"""HyCAM, Hybrid Contextual Attention Modulation (Pan et al., CIKM 2025; docs/methods.md section 2).
 
 Per decoder layer, a context-dependent gate m ∈ R^d rescales what the frozen attention block writes into
 the residual stream::
@@ -15,7 +15,7 @@ the residual stream::
       out = h' + MLP(RMSNorm_post(h'))                            (frozen)
 
 Load balancing (README formula, over the non-padding tokens of all layers, weight ``balance_coef``):
-``L_bal = Σ_k mean(p_k) · mean(softmax(z)_k)``. Trainable parameters, METHODS.md 2(h), per layer:
+``L_bal = Σ_k mean(p_k) · mean(softmax(z)_k)``. Trainable parameters, docs/methods.md 2(h), per layer:
 ``(d² + d) + N_s(2dr + r² + 2r + d) + (d N_s + N_s) [+ 2d with train_layernorms]``.
 
 Files: `config.py` (the switches and their sources), `layer.py` (the CAMs of one layer and the hooks

@@ -1,7 +1,7 @@
 """`HyCAMConfig`: every HyCAM switch, with its source (paper, reference code, or ours).
 
 Reference code = Applied-Machine-Learning-Lab/HyCAM @ 8280ae4 (``self_utils.py``, ``main.py``); see
-METHODS.md section 2(i) for the behaviours of that code which the defaults deliberately do not reproduce.
+docs/methods.md section 2(i) for the behaviours of that code which the defaults deliberately do not reproduce.
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from mtpeft.methods.base import MethodConfig
 class HyCAMConfig(MethodConfig):
     num_specialised: int = 4
     """N_s, specialised low-rank CAMs per layer (reference ``--multi_classes``, argparse default 2; the
-    paper's value is unverified; ours: 4, the METHODS.md 2(h) example)."""
+    paper's value is unverified; ours: 4, the docs/methods.md 2(h) example)."""
     rank: int = 8
     """r of each specialised CAM (reference ``--lora_dim``, default 0 crashes; ours: 8, as the LoRA baseline)."""
     alpha: float = 32.0
     """Scale numerator, c = alpha / r (reference code: ``lora_alpha = 32`` hard-coded)."""
     apply_to: Literal["residual_sum", "attn_output"] = "residual_sum"
     """Where m acts. ``residual_sum``: h' = (h + a) ⊙ m (reference code, the only verified form, default for
-    reproduction per METHODS.md 2(b)); ``attn_output``: h' = h + a ⊙ m (paper text / figure caption)."""
+    reproduction per docs/methods.md 2(b)); ``attn_output``: h' = h + a ⊙ m (paper text / figure caption)."""
     routing: Literal["hard_gumbel", "soft_gumbel", "softmax"] = "hard_gumbel"
     """``hard_gumbel``: one CAM per token, straight-through Gumbel-softmax (reference code, ``hard=True``);
     ``soft_gumbel``: Gumbel-softmax weights over all CAMs (README/paper: "soft routing");

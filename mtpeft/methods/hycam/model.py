@@ -54,7 +54,7 @@ class HyCAM(AdaptedModel):
         self._cams: tuple[CAMLayer, ...] = tuple(cams)  # plain tuple: parameters stay under base_model
 
     def expected_trainable_parameters(self) -> int:
-        """METHODS.md 2(h): L·[(d² + d) + N_s(2dr + r² + 2r + d) + (dN_s + N_s) + 2d], terms per the switches."""
+        """docs/methods.md 2(h): L·[(d² + d) + N_s(2dr + r² + 2r + d) + (dN_s + N_s) + 2d], terms per the switches."""
         cfg: HyCAMConfig = self.config
         shape = decoder_shape(self.base_model.config)
         d, n, r, b = shape.hidden, cfg.num_specialised, cfg.rank, int(cfg.bias)

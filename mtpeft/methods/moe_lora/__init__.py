@@ -1,4 +1,4 @@
-"""MoE-LoRA: a mixture of LoRA experts behind a router on every target linear (METHODS.md section 7).
+"""MoE-LoRA: a mixture of LoRA experts behind a router on every target linear (docs/methods.md section 7).
 
 ::
 

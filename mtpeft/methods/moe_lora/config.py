@@ -17,7 +17,7 @@ log = logging.getLogger("mtpeft.methods.moe_lora")  # the package's name, as bef
 @dataclass
 class MoELoRAConfig(LowRankConfig):
     num_experts: int = 4
-    """E, LoRA experts per adapted linear (METHODS.md 7a recommends 4-8; ours: 4)."""
+    """E, LoRA experts per adapted linear (docs/methods.md 7a recommends 4-8; ours: 4)."""
     top_k: int = 2
     """Experts per token (MixLoRA README: top-2); ``top_k = num_experts`` is dense (LoRAMoE-style)."""
     expert_rank: Literal["r", "r/E"] = "r"

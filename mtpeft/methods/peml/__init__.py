@@ -1,4 +1,4 @@
-"""PEML-style prompt + LoRA (METHODS.md 8): ``config.py`` (search space), ``encoders.py`` (seeds and
+"""PEML-style prompt + LoRA (docs/methods.md 8): ``config.py`` (search space), ``encoders.py`` (seeds and
 prompt encoders), ``model.py`` (the registered ``peml`` method)."""
 
 from mtpeft.methods.peml.config import EncoderConfig, PemlConfig, PromptConfig

@@ -1,4 +1,4 @@
-"""Prompt seeds and prompt encoders: ``P = f_θ(E)`` for every task at once (METHODS.md 8(b)).
+"""Prompt seeds and prompt encoders: ``P = f_θ(E)`` for every task at once (docs/methods.md 8(b)).
 
 Seeds ``E`` have shape ``[T_p, m, e]`` (T_p = 1 for ``shared``, else the number of tasks T) and the
 encoder maps each task's m seeds to m prompt vectors of width ``out`` (d in input mode, L·2·d_kv in deep
@@ -17,7 +17,7 @@ from torch import nn
 
 from mtpeft.methods.peml.config import EncoderConfig, PromptConfig
 
-INIT_STD = 0.02  # METHODS.md 8(f): random seeds N(0, 0.02); peft MPT factors use the same std
+INIT_STD = 0.02  # docs/methods.md 8(f): random seeds N(0, 0.02); peft MPT factors use the same std
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 _FUNCTIONAL = {"relu": torch.relu, "gelu": nn.functional.gelu, "tanh": torch.tanh}
 

@@ -1,4 +1,4 @@
-"""PEML-style multi-task PEFT: optimised continuous prompts + LoRA (METHODS.md 8).
+"""PEML-style multi-task PEFT: optimised continuous prompts + LoRA (docs/methods.md 8).
 
 ::
 
@@ -54,7 +54,7 @@ class PEML(AdaptedModel):
     """LoRA via peft plus a prompt module that edits ``inputs_embeds`` (input) or the KV cache (deep)."""
 
     config_class = PemlConfig
-    identity_at_init = False  # virtual tokens change the output from step 0 (METHODS.md 1.2)
+    identity_at_init = False  # virtual tokens change the output from step 0 (docs/methods.md 1.2)
 
     def adapt(self) -> None:
         cfg: PemlConfig = self.config
@@ -270,7 +270,7 @@ def _widths(cfg: PemlConfig, hf: Any) -> tuple[int, int, int]:
 
 
 def expected_parameters(cfg: PemlConfig, hf: Any, num_tasks: int) -> int:
-    """Trainable parameters from METHODS.md 8(h), generalised to ``layers`` and the five encoders.
+    """Trainable parameters from docs/methods.md 8(h), generalised to ``layers`` and the five encoders.
 
     out = d (input) or L·2·d_kv (deep); e = seed width (out for identity, else d); h = encoder width;
     n = encoder layers; T = tasks. Seeds: shared m·e, per_task T·m·e, shared+per_task (1+T)·m·e,
