@@ -18,7 +18,7 @@ help: ## Show this help
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,dev,sweeps,lmeval]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,dev,sweeps,lmeval,reasoning-gym]'
 	$(PY) -c "import torch, sys; sys.exit(0 if torch.version.cuda is None else 'expected a CPU build of torch, got CUDA ' + str(torch.version.cuda))"
 	touch $(STAMP)
 
