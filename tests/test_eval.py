@@ -12,20 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mtpeft import eval as mtpeft_eval
+from mtpeft.bench.config import compose_run
 from mtpeft.eval import TaskIdMap, evaluate
 from mtpeft.export import load_adapted, read_run_config
 from mtpeft.methods import build_method
 from mtpeft.models.loader import load_base_model
 from mtpeft.results.load import load_runs
 from mtpeft.run import method_options, run
-from mtpeft.utils.resolvers import register_resolvers
-from tests.conftest import CONF_DIR, TINY_RUN, compose_train
+from tests.conftest import TINY_RUN, compose_train
 
 REPO = Path(__file__).resolve().parent.parent
 #: The shrunken model and mix3 data of TINY_RUN, for a bare adapter directory (model= and data= given).
@@ -54,19 +51,7 @@ SHARED_KEYS = {
 
 def compose_eval(overrides: list[str], output_dir: Path) -> DictConfig:
     """Compose conf/eval.yaml as ``python -m mtpeft.eval`` would, writing under ``output_dir``."""
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        cfg = compose(
-            config_name="eval",
-            return_hydra_config=True,
-            overrides=[*overrides, f"hydra.run.dir={output_dir}", f"paths.log_dir={output_dir}/logs"],
-        )
-    HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-        del cfg.hydra
-    return cfg
+    return compose_run(overrides, output_dir, config_name="eval")
 
 
 def _evaluate(overrides: list[str], out: Path) -> dict:

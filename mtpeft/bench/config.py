@@ -27,13 +27,14 @@ from mtpeft.utils.resolvers import register_resolvers
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
-def compose_run(overrides: Sequence[str], output_dir: str | Path) -> DictConfig:
-    """``conf/train.yaml`` composed with ``overrides`` (Hydra syntax), resolved to write under ``output_dir``."""
+def compose_run(overrides: Sequence[str], output_dir: str | Path, config_name: str = "train") -> DictConfig:
+    """``conf/<config_name>.yaml`` (``train``, or ``eval``) composed with ``overrides`` (Hydra syntax), as its
+    entry point would, to write under ``output_dir``."""
     register_resolvers()
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         cfg = compose(
-            config_name="train",
+            config_name=config_name,
             return_hydra_config=True,
             overrides=[*overrides, f"hydra.run.dir={output_dir}", f"paths.log_dir={output_dir}/logs"],
         )
