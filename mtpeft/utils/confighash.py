@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.metadata
 import json
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from mtpeft.utils.provenance import package_versions
 
 #: Bookkeeping that never changes what a run computes: where it writes (paths, the study's directory name
 #: ``task_name``), how it reports (logger, callbacks, names, tags), where it is launched (``cluster``),
@@ -116,7 +117,12 @@ def code_version() -> dict[str, Any]:
         sources = f"pinned:{choice}"
     else:
         sources = f"results-version:{RESULTS_VERSION}"
-    return {"mtpeft": __version__, "sources": sources, "packages": _versions(), "sources_digest": digest}
+    return {
+        "mtpeft": __version__,
+        "sources": sources,
+        "packages": package_versions(NUMERIC_PACKAGES),
+        "sources_digest": digest,
+    }
 
 
 @functools.cache
@@ -144,16 +150,6 @@ def _package_files(root: Path) -> Iterator[Path]:
 
 
 SKIPPED_SUFFIXES = (".pyc", ".pyo", ".tmp", ".swp", ".orig", ".rej", ".bak")
-
-
-def _versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {}
-    for name in NUMERIC_PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
 
 
 # -- data --------------------------------------------------------------------------------------------
