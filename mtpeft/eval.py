@@ -46,6 +46,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
+from mtpeft.adapters.base import METHOD_META, read_adapter_meta
 from mtpeft.export import (
     build_datamodule,
     check_run_adapter,
@@ -54,7 +55,6 @@ from mtpeft.export import (
     run_adapter_dir,
     run_tasks,
 )
-from mtpeft.methods.base import METHOD_META, read_adapter_meta
 from mtpeft.models.cache import check_cache_dir
 from mtpeft.models.loader import describe_model
 from mtpeft.preflight import (

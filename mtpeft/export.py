@@ -41,7 +41,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mtpeft.methods.base import AdaptedModel, NotMergeableError, load_adapter, read_adapter_meta
+from mtpeft.adapters.base import AdaptedModel, NotMergeableError, read_adapter_meta
+from mtpeft.adapters.registry import load_adapter
 from mtpeft.models.loader import adapter_dtype, load_base_model
 from mtpeft.utils.resolvers import register_resolvers
 

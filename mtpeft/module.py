@@ -25,10 +25,10 @@ from typing import Any
 import lightning as L
 import torch
 
+from mtpeft.adapters.base import AdaptedModel
 from mtpeft.data.records import Record
 from mtpeft.generation import generate_rows
 from mtpeft.losses import model_token_losses, per_task_mean, token_losses
-from mtpeft.methods.base import AdaptedModel
 from mtpeft.metrics.tracker import SCORES_FILE, EvalMetrics, check_metric_names, write_example_scores
 
 

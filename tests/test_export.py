@@ -16,9 +16,9 @@ from omegaconf import OmegaConf
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mtpeft.adapters.base import NotMergeableError
 from mtpeft.export import EXPORT_INFO, main
 from mtpeft.methods import available_methods, build_method
-from mtpeft.methods.base import NotMergeableError
 from mtpeft.models.loader import load_base_model
 from mtpeft.run import method_options
 from tests.conftest import TINY_RUN, compose_train, make_tiny_base

@@ -17,8 +17,8 @@ from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mtpeft.adapters.base import ADAPTER_CONFIG, ADAPTER_WEIGHTS, METHOD_META
 from mtpeft.methods import build_method, load_adapter
-from mtpeft.methods.base import ADAPTER_CONFIG, ADAPTER_WEIGHTS, METHOD_META
 from tests.conftest import make_tiny_base
 
 #: Loads ``base/`` and ``adapter/`` with plain transformers + peft and writes the logits of ``inputs.pt``.

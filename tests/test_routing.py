@@ -1,4 +1,4 @@
-"""The shared routing bookkeeping (`mtpeft.methods.routing`): each function on hand-made tensors with known
+"""The shared routing bookkeeping (`mtpeft.adapters.routing`): each function on hand-made tensors with known
 answers, and HyCAM / MoE-LoRA against a frozen copy of the formulas they computed before they shared it
 (aux losses, their gradients and routing statistics equal bit for bit, ``rtol=0, atol=0``)."""
 
@@ -12,8 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtpeft.methods import build_method
-from mtpeft.methods.routing import (
+from mtpeft.adapters.routing import (
     RouterRecord,
     RouterUsage,
     entropy,
@@ -25,6 +24,7 @@ from mtpeft.methods.routing import (
     switch_balance_loss,
     token_mask,
 )
+from mtpeft.methods import build_method
 from tests.conftest import make_tiny_base
 
 EXACT = {"rtol": 0, "atol": 0}

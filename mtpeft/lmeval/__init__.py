@@ -41,8 +41,8 @@ except ImportError as err:  # pragma: no cover - depends on the optional extra
         "mtpeft.lmeval needs lm-evaluation-harness: pip install -e '.[lmeval]' (pinned lm-eval==0.4.13)"
     ) from err
 
+from mtpeft.adapters.base import AdaptedModel
 from mtpeft.export import load_run
-from mtpeft.methods.base import AdaptedModel
 
 
 class TaskBoundModel(nn.Module):

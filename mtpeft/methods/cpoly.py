@@ -42,11 +42,11 @@ import torch
 from torch import nn
 from torch.distributions.relaxed_bernoulli import RelaxedBernoulli
 
-from mtpeft.methods.base import AdaptedModel, MethodConfig
-from mtpeft.methods.inject import find_modules, wrap_modules
-from mtpeft.methods.lowrank import ATTENTION_TARGETS, LowRankLinear, require_task_ids, target_shapes
+from mtpeft.adapters.base import AdaptedModel, MethodConfig
+from mtpeft.adapters.inject import find_modules, wrap_modules
+from mtpeft.adapters.lowrank import ATTENTION_TARGETS, LowRankLinear, require_task_ids, target_shapes
+from mtpeft.adapters.registry import register_method
 from mtpeft.methods.poly import check_splits
-from mtpeft.methods.registry import register_method
 
 EPS = 1e-12  # peft PolyRouter
 

@@ -30,11 +30,11 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mtpeft.methods.base import ADAPTER_WEIGHTS, AdaptedModel
-from mtpeft.methods.inject import find_modules
-from mtpeft.methods.lowrank import LowRankConfig
-from mtpeft.methods.registry import register_method
-from mtpeft.methods.shapes import DecoderShape, decoder_shape
+from mtpeft.adapters.base import ADAPTER_WEIGHTS, AdaptedModel
+from mtpeft.adapters.inject import find_modules
+from mtpeft.adapters.lowrank import LowRankConfig
+from mtpeft.adapters.registry import register_method
+from mtpeft.adapters.shapes import DecoderShape, decoder_shape
 
 
 @dataclass

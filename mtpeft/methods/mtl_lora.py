@@ -29,16 +29,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtpeft.methods.base import AdaptedModel
-from mtpeft.methods.inject import wrap_modules
-from mtpeft.methods.lowrank import (
+from mtpeft.adapters.base import AdaptedModel
+from mtpeft.adapters.inject import wrap_modules
+from mtpeft.adapters.lowrank import (
     LowRankConfig,
     LowRankLinear,
     kaiming_uniform_,
     require_task_ids,
     target_shapes,
 )
-from mtpeft.methods.registry import register_method
+from mtpeft.adapters.registry import register_method
 
 
 @dataclass

@@ -26,10 +26,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from mtpeft.methods.base import AdaptedModel
-from mtpeft.methods.inject import wrap_modules
-from mtpeft.methods.lowrank import LowRankConfig, LowRankLinear, kaiming_uniform_, target_shapes
-from mtpeft.methods.registry import register_method
+from mtpeft.adapters.base import AdaptedModel
+from mtpeft.adapters.inject import wrap_modules
+from mtpeft.adapters.lowrank import LowRankConfig, LowRankLinear, kaiming_uniform_, target_shapes
+from mtpeft.adapters.registry import register_method
 
 
 @dataclass

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mtpeft.methods.base import AdaptedModel, MethodConfig
-from mtpeft.methods.registry import register_method
+from mtpeft.adapters.base import AdaptedModel, MethodConfig
+from mtpeft.adapters.registry import register_method
 
 
 @dataclass

@@ -36,10 +36,10 @@ from peft.tuners.poly.router import PolyRouter
 from torch import nn
 from torch.distributions.relaxed_bernoulli import RelaxedBernoulli
 
-from mtpeft.methods.base import AdaptedModel, MethodConfig
-from mtpeft.methods.inject import find_modules
-from mtpeft.methods.lowrank import ATTENTION_TARGETS, target_shapes
-from mtpeft.methods.registry import register_method
+from mtpeft.adapters.base import AdaptedModel, MethodConfig
+from mtpeft.adapters.inject import find_modules
+from mtpeft.adapters.lowrank import ATTENTION_TARGETS, target_shapes
+from mtpeft.adapters.registry import register_method
 
 
 @dataclass

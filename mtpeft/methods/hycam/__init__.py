@@ -20,7 +20,7 @@ Load balancing (README formula, over the non-padding tokens of all layers, weigh
 
 Files: `config.py` (the switches and their sources), `layer.py` (the CAMs of one layer and the hooks
 around ``self_attn``), `model.py` (the registered `HyCAM` adapted model). The routing record, the balance
-loss and the statistics use the functions shared with MoE-LoRA (`mtpeft.methods.routing`).
+loss and the statistics use the functions shared with MoE-LoRA (`mtpeft.adapters.routing`).
 """
 
 from mtpeft.methods.hycam.config import HyCAMConfig

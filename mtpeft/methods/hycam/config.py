@@ -10,7 +10,7 @@ import typing
 from dataclasses import dataclass
 from typing import Literal
 
-from mtpeft.methods.base import MethodConfig
+from mtpeft.adapters.base import MethodConfig
 
 
 @dataclass

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtpeft.adapters.lowrank import kaiming_uniform_
+from mtpeft.adapters.routing import RouterRecord
 from mtpeft.methods.hycam.config import HyCAMConfig
-from mtpeft.methods.lowrank import kaiming_uniform_
-from mtpeft.methods.routing import RouterRecord
 
 
 class CallContext:

@@ -9,12 +9,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtpeft.methods.base import AdaptedModel
+from mtpeft.adapters.base import AdaptedModel
+from mtpeft.adapters.registry import register_method
+from mtpeft.adapters.routing import RouterRecord, layer_stats, pool, switch_balance_loss, token_mask
+from mtpeft.adapters.shapes import decoder_shape
 from mtpeft.methods.hycam.config import HyCAMConfig
 from mtpeft.methods.hycam.layer import CallContext, CAMLayer
-from mtpeft.methods.registry import register_method
-from mtpeft.methods.routing import RouterRecord, layer_stats, pool, switch_balance_loss, token_mask
-from mtpeft.methods.shapes import decoder_shape
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

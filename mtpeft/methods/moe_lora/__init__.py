@@ -29,7 +29,7 @@ small; ``auto`` (default) picks dense up to E·r_e = 64 (`AUTO_DENSE_MAX_RANK`),
 ``torch.compile`` sparse runs as dense (static shapes; see `dispatch_experts`). Experts that get no token
 have a zero gradient rather than a missing one.
 
-The routers keep a `mtpeft.methods.routing.RouterRecord` of their last call (fp32 logits, probabilities,
+The routers keep a `mtpeft.adapters.routing.RouterRecord` of their last call (fp32 logits, probabilities,
 chosen experts); `aux_losses` and `routing_stats` combine them with the attention mask recorded by
 `MoELoRA.forward` (the record of the last forward, like the logits), through the shared routing functions.
 The layers themselves never read the mask, so a gradient-checkpointing recompute runs exactly the same

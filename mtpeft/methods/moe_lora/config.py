@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 from typing import Literal
 
-from mtpeft.methods.lowrank import LowRankConfig
+from mtpeft.adapters.lowrank import LowRankConfig
 
 #: ``dispatch: auto`` runs the experts densely up to this total rank E·r_e (CPU, tiny model: dense E=8, r=8
 #: 1.29x LoRA per training step vs sparse 1.44x; at E=16 sparse 1.47x vs dense 1.52x).

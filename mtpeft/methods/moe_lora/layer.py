@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtpeft.methods.lowrank import LowRankLinear, kaiming_uniform_, require_task_ids
+from mtpeft.adapters.lowrank import LowRankLinear, kaiming_uniform_, require_task_ids
+from mtpeft.adapters.routing import RouterRecord
 from mtpeft.methods.moe_lora.config import MoELoRAConfig
-from mtpeft.methods.routing import RouterRecord
 
 #: Std of MOELoRA's normal init of the expert A matrices (``expert_init: normal``).
 MOELORA_A_STD = 0.01

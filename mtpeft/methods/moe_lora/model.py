@@ -10,13 +10,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtpeft.methods.base import AdaptedModel
-from mtpeft.methods.inject import wrap_modules
-from mtpeft.methods.lowrank import target_shapes
-from mtpeft.methods.moe_lora.config import MoELoRAConfig
-from mtpeft.methods.moe_lora.layer import MoELoRALinear, TaskGate
-from mtpeft.methods.registry import register_method
-from mtpeft.methods.routing import (
+from mtpeft.adapters.base import AdaptedModel
+from mtpeft.adapters.inject import wrap_modules
+from mtpeft.adapters.lowrank import target_shapes
+from mtpeft.adapters.registry import register_method
+from mtpeft.adapters.routing import (
     RouterRecord,
     entropy,
     layer_stats,
@@ -25,6 +23,8 @@ from mtpeft.methods.routing import (
     switch_balance_loss,
     token_mask,
 )
+from mtpeft.methods.moe_lora.config import MoELoRAConfig
+from mtpeft.methods.moe_lora.layer import MoELoRALinear, TaskGate
 
 
 @register_method("moe_lora")

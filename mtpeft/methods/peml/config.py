@@ -13,9 +13,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from mtpeft.methods.base import MethodConfig
+from mtpeft.adapters.base import MethodConfig
+from mtpeft.adapters.registry import parse_dataclass
 from mtpeft.methods.lora import LoraMethodConfig
-from mtpeft.methods.registry import parse_dataclass
 
 Mode = Literal["input", "deep"]
 Sharing = Literal["shared", "per_task", "shared+per_task", "mpt"]

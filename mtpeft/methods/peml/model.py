@@ -39,14 +39,14 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from mtpeft.methods.base import AdaptedModel
+from mtpeft.adapters.base import AdaptedModel
+from mtpeft.adapters.registry import register_method
+from mtpeft.adapters.shapes import decoder_shape
+from mtpeft.adapters.task_context import expand_task_ids
 from mtpeft.methods.lora import inject_lora, lora_parameter_count
 from mtpeft.methods.peml.config import PemlConfig
 from mtpeft.methods.peml.encoders import PromptModule
 from mtpeft.methods.peml.prefix import PrefixCache, prefix_cache, split_prefix, token_prefix
-from mtpeft.methods.registry import register_method
-from mtpeft.methods.shapes import decoder_shape
-from mtpeft.methods.task_context import expand_task_ids
 
 
 @register_method("peml")

@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mtpeft.methods.task_context import task_id_scope
+from mtpeft.adapters.task_context import task_id_scope
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -301,30 +301,6 @@ class AdaptedModel(nn.Module):
                 )
             weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
         return base_model
-
-
-def load_adapter(
-    directory: str | Path, base_model: nn.Module, adapter_dtype: torch.dtype | None = None
-) -> AdaptedModel:
-    """Rebuild the adapted model saved by `AdaptedModel.save_adapter` on top of ``base_model``.
-
-    Reads ``mtpeft_adapter.json``; directories of earlier mtpeft versions (meta in ``adapter_config.json``,
-    weights under mtpeft's parameter names) load too. ``adapter_dtype`` stores the adapter parameters in
-    that dtype before the weights are read, as the training run did (``model.adapter_dtype``; fp32 adapters
-    on a bf16 base), so they are not rounded to the base's dtype on the way.
-    """
-    from mtpeft.methods.registry import build_method
-
-    directory = Path(directory)
-    meta, legacy = read_adapter_meta(directory)
-    model = build_method(meta["method"], meta["config"], base_model, num_tasks=meta["num_tasks"])
-    if adapter_dtype is not None:
-        model.upcast_trainable(adapter_dtype)
-    if legacy:
-        AdaptedModel.load_adapter_weights(model, directory)
-    else:
-        model.load_adapter_weights(directory)
-    return model
 
 
 def read_adapter_meta(directory: str | Path) -> tuple[dict[str, Any], bool]:

@@ -1,22 +1,32 @@
 """Method registry: one name -> one `AdaptedModel` subclass, registered once.
 
 A method module calls ``@register_method("name")`` on its class; ``build_method`` validates the
-user's config (unknown keys, wrong types) against the method's config dataclass and wraps a base model.
-Nothing outside a method's own file ever branches on a method name.
+user's config (unknown keys, wrong types) against the method's config dataclass and wraps a base model,
+and `load_adapter` rebuilds a saved adapter. The registry finds the methods itself: every module or
+package on ``mtpeft.methods.__path__`` is a method (a directory appended to that path is searched too), so
+adding a method needs no edit here. Nothing outside a method's own file ever branches on a method name.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import pkgutil
 import types
 import typing
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mtpeft.adapters.base import AdaptedModel, MethodConfig, read_adapter_meta
+
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
-    from mtpeft.methods.base import AdaptedModel, MethodConfig
+METHOD_PACKAGE = "mtpeft.methods"
+"""The package whose modules (on its ``__path__``) are the methods; imported by name, so the framework in
+`mtpeft.adapters` never imports a method module statically."""
 
 _METHODS: dict[str, type[AdaptedModel]] = {}
 
@@ -95,6 +105,28 @@ def build_method(name: str, values: Mapping[str, Any], base_model: nn.Module, nu
     return get_method(name)(base_model, config, num_tasks=num_tasks)
 
 
+def load_adapter(
+    directory: str | Path, base_model: nn.Module, adapter_dtype: torch.dtype | None = None
+) -> AdaptedModel:
+    """Rebuild the adapted model saved by `AdaptedModel.save_adapter` on top of ``base_model``.
+
+    Reads ``mtpeft_adapter.json``; directories of earlier mtpeft versions (meta in ``adapter_config.json``,
+    weights under mtpeft's parameter names) load too. ``adapter_dtype`` stores the adapter parameters in
+    that dtype before the weights are read, as the training run did (``model.adapter_dtype``; fp32 adapters
+    on a bf16 base), so they are not rounded to the base's dtype on the way.
+    """
+    directory = Path(directory)
+    meta, legacy = read_adapter_meta(directory)
+    model = build_method(meta["method"], meta["config"], base_model, num_tasks=meta["num_tasks"])
+    if adapter_dtype is not None:
+        model.upcast_trainable(adapter_dtype)
+    if legacy:
+        AdaptedModel.load_adapter_weights(model, directory)
+    else:
+        model.load_adapter_weights(directory)
+    return model
+
+
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     """Check ``value`` against a simple type hint (int/float/bool/str/list/Literal/Optional)."""
     if dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
@@ -141,13 +173,12 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
 
 
 def _import_builtin_methods() -> None:
-    """Import the method modules shipped with mtpeft so that they register themselves."""
-    import importlib
-    import pkgutil
+    """Import every module and package on ``mtpeft.methods.__path__`` so that the methods register themselves.
 
-    import mtpeft.methods as package
-
-    skip = {"registry", "base", "task_context", "inject", "shapes", "lowrank"}
+    The path is read at each call, so a directory appended to it later (a plug-in, a test's temp
+    method) is found too; modules already imported are not re-run.
+    """
+    package = importlib.import_module(METHOD_PACKAGE)
     for info in pkgutil.iter_modules(package.__path__):
-        if info.name not in skip and not info.name.startswith("_"):
-            importlib.import_module(f"mtpeft.methods.{info.name}")
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{METHOD_PACKAGE}.{info.name}")

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtpeft.methods.base import MethodConfig
-from mtpeft.methods.shapes import decoder_shape
+from mtpeft.adapters.base import MethodConfig
+from mtpeft.adapters.shapes import decoder_shape
 
 ATTENTION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
