@@ -206,10 +206,20 @@ def test_empty_file_and_empty_task_are_errors(tmp_path: Path) -> None:
 def test_missing_file_and_config_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"data file 'nope\.json' not found"):
         _load(["nope.json"])
-    with pytest.raises(ValueError, match=r"unknown key 'ratio'.*valid keys: .*ratios"):
+    with pytest.raises(
+        ValueError, match=r"unknown key data\.sources\.x\.ratio \(did you mean 'ratios'\?\); valid"
+    ):
         parse_sources({"x": {"files": ["a.json"], "ratio": [7, 2]}})
-    with pytest.raises(ValueError, match=r"unknown key 'keep_calculator' for format 'alpaca'"):
+    with pytest.raises(ValueError, match=r"unknown key data\.sources\.x\.keep_calculator;.*format 'alpaca'"):
         parse_sources({"x": {"files": ["a.json"], "keep_calculator": True}})
+    with pytest.raises(
+        ValueError, match=r"valid keys of data\.sources\.x: .*keep_calculator.*format 'gsm8k'"
+    ):
+        parse_sources({"x": {"files": ["a.json"], "format": "gsm8k", "keep_calculater": True}})
+    with pytest.raises(ValueError, match=r"data\.sources\.x\.limit\.val=True is not valid: .*integer"):
+        parse_sources({"x": {"files": ["a.json"], "limit": {"val": True}}})
+    with pytest.raises(ValueError, match=r"data\.sources\.x\.files\[1\]\.task: a task name must be"):
+        parse_sources({"x": {"files": ["a.json", {"path": "b.json", "task": "a/b"}]}})
     with pytest.raises(ValueError, match=r"exactly one location"):
         parse_sources({"x": {"format": "alpaca"}})
     with pytest.raises(ValueError, match=r"ratios must be 2 numbers"):

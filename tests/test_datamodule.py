@@ -273,18 +273,28 @@ def test_alpaca_template(tokenizer: PreTrainedTokenizerFast) -> None:
 
 
 def test_config_errors(tokenizer: PreTrainedTokenizerFast) -> None:
-    with pytest.raises(ValueError, match="registered tasks"):
+    with pytest.raises(ValueError, match=r"data\.tasks\.squad: unknown task .squad.; \w+ tasks: code"):
         MultiTaskDataModule({"squad": {"train": 1}}, tokenizer)
-    with pytest.raises(ValueError, match="no knob 'n_fact'"):
-        MultiTaskDataModule({"qa": {"train": 1, "n_fact": 2}}, tokenizer).setup()
-    with pytest.raises(ValueError, match="overlength='drop'"):
+    with pytest.raises(ValueError, match=r"unknown key data\.tasks\.qa\.n_fact \(did you mean 'n_facts'\?\)"):
+        MultiTaskDataModule({"qa": {"train": 1, "n_fact": 2}}, tokenizer)
+    with pytest.raises(
+        ValueError, match=r"data\.tasks\.qa\.val=-1 is not valid: .*greater than or equal to 0"
+    ):
+        MultiTaskDataModule({"qa": {"train": 1, "val": -1}}, tokenizer)
+    with pytest.raises(
+        ValueError, match=r"data\.overlength='drop' is not valid: Input should be 'truncate' or 'skip'"
+    ):
         MultiTaskDataModule(TASKS, tokenizer, overlength="drop")
     with pytest.raises(RuntimeError, match="call setup"):
         MultiTaskDataModule(TASKS, tokenizer).records("val")
-    with pytest.raises(ValueError, match="data.group_pool_batches must be an int >= 1"):
+    with pytest.raises(
+        ValueError, match=r"data\.group_pool_batches=0 is not valid: .*greater than or equal to 1"
+    ):
         MultiTaskDataModule(TASKS, tokenizer, group_pool_batches=0)
-    with pytest.raises(ValueError, match="data.group_by_length must be true or false"):
+    with pytest.raises(ValueError, match=r"data\.group_by_length='yes' is not valid: .*boolean"):
         MultiTaskDataModule(TASKS, tokenizer, group_by_length="yes")
+    with pytest.raises(ValueError, match=r"data\.batch_size=True is not valid: .*true/false is not a number"):
+        MultiTaskDataModule(TASKS, tokenizer, batch_size=True)
     with pytest.raises(ValueError, match="no task has training records"):
         only_eval = MultiTaskDataModule({"qa": {"val": 2}}, tokenizer)
         only_eval.setup()

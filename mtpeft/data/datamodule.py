@@ -17,23 +17,40 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 from lightning import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from pydantic import BaseModel, Field, Strict
 from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
 
 from mtpeft.data.collate import EvalCollator, TrainCollator, padding_fraction
-from mtpeft.data.encode import OVERLENGTH_POLICIES, EncodeStats, Example, encode_records
+from mtpeft.data.encode import EncodeStats, Example, encode_records
 from mtpeft.data.records import Record
 from mtpeft.data.sampling import TemperatureSampler
 from mtpeft.data.sources import SourceTask, default_max_new_tokens, load_sources, parse_sources
 from mtpeft.data.tasks import SPLITS, TaskSpec, build_splits, get_task
 from mtpeft.data.templates import get_template, with_chat_template
+from mtpeft.utils.schema import (
+    CONFIG,
+    Bool,
+    ConfigError,
+    Int,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Str,
+    checked_arguments,
+    parse,
+    to_plain,
+)
 
 log = logging.getLogger(__name__)
+
+Overlength = Literal["truncate", "skip"]
+"""What happens to a sequence longer than ``max_length`` (``mtpeft.data.encode.OVERLENGTH_POLICIES``)."""
 
 
 class MultiTaskDataModule(LightningDataModule):
@@ -63,39 +80,30 @@ class MultiTaskDataModule(LightningDataModule):
         group_pool_batches: batches per sorting pool (more: less padding, batches less mixed in task).
     """
 
+    @checked_arguments("data")
     def __init__(
         self,
-        tasks: Mapping[str, Mapping[str, Any]] | None,
+        tasks: Mapping[str, Any] | None,
         tokenizer: PreTrainedTokenizerBase,
-        temperature: float = 1.0,
-        samples_per_epoch: int | None = None,
-        batch_size: int = 32,
-        eval_batch_size: int = 64,
-        max_length: int = 128,
-        loss_on_prompt: bool = False,
-        template: str = "plain",
-        seed: int = 0,
-        num_workers: int = 0,
-        overlength: str = "truncate",
-        sources: Mapping[str, Any] | Sequence[Any] | None = None,
-        chat_template: bool = False,
-        group_by_length: bool = False,
-        group_pool_batches: int = 8,
+        temperature: PositiveFloat = 1.0,
+        samples_per_epoch: PositiveInt | None = None,
+        batch_size: PositiveInt = 32,
+        eval_batch_size: PositiveInt = 64,
+        max_length: Annotated[int, Strict(), Field(ge=2)] = 128,
+        loss_on_prompt: Bool = False,
+        template: Str = "plain",
+        seed: Int = 0,
+        num_workers: NonNegativeInt = 0,
+        overlength: Overlength = "truncate",
+        sources: Mapping[str, Any] | list[Any] | None = None,
+        chat_template: Bool = False,
+        group_by_length: Bool = False,
+        group_pool_batches: PositiveInt = 8,
     ) -> None:
         super().__init__()
-        self.source_configs = parse_sources(_plain(sources))
-        self.task_config = _check_tasks(tasks, allow_empty=bool(self.source_configs))
+        self.source_configs = parse_sources(sources)
+        self.task_config = parse_tasks(tasks, allow_empty=bool(self.source_configs))
         _check_tokenizer(tokenizer)
-        if overlength not in OVERLENGTH_POLICIES:
-            raise ValueError(
-                f"overlength={overlength!r} is invalid; use one of {', '.join(OVERLENGTH_POLICIES)}"
-            )
-        if batch_size < 1 or eval_batch_size < 1 or max_length < 2:
-            raise ValueError(
-                f"need batch_size >= 1, eval_batch_size >= 1, max_length >= 2; "
-                f"got {batch_size}, {eval_batch_size}, {max_length}"
-            )
-        _check_grouping(group_by_length, group_pool_batches)
         self.group_by_length = group_by_length
         self.group_pool_batches = group_pool_batches
         self.padding_fraction: float | None = None
@@ -145,14 +153,10 @@ class MultiTaskDataModule(LightningDataModule):
             raise ValueError(
                 "data.paths is not set: pass data.paths=[a.json,b.jsonl] (Alpaca JSON or JSON Lines)"
             )
-        source = {
-            "format": format,
-            "files": _plain(paths),
-            "ratios": _plain(ratios),
-            "split_seed": split_seed,
-        }
+        source = {"format": format, "files": paths, "ratios": ratios, "split_seed": split_seed}
         optional = {"metrics": metrics, "max_new_tokens": max_new_tokens, "limit": limit, "fields": fields}
-        source.update({"dedup": dedup, **{k: _plain(v) for k, v in optional.items() if v is not None}})
+        source.update({"dedup": dedup, **{k: v for k, v in optional.items() if v is not None}})
+        source = to_plain(source)
         return cls(None, tokenizer, sources={"files": source}, **kwargs)
 
     @property
@@ -415,33 +419,42 @@ def _eval_sampler(examples: Sequence[Example]) -> Sampler[int] | None:
     return UnrepeatedDistributedSampler(examples, num_replicas=world, rank=rank, shuffle=False)
 
 
-def _plain(value: Any) -> Any:
-    """Convert config containers (e.g. OmegaConf DictConfig/ListConfig) to plain dicts and lists."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
-        return [_plain(v) for v in value]
-    return value
+class TaskSizes(BaseModel):
+    """Split sizes of one generator task (``data.tasks.<name>``); its other keys are the generator's knobs."""
+
+    model_config = CONFIG
+
+    train: NonNegativeInt = 0
+    """Training records (0: the task is only evaluated)."""
+    val: NonNegativeInt = 0
+    """Validation records."""
+    test: NonNegativeInt = 0
+    """Test records."""
 
 
-def _check_tasks(
-    tasks: Mapping[str, Mapping[str, Any]] | None, allow_empty: bool
-) -> dict[str, dict[str, Any]]:
-    """Plain-dict copy of the task table; every name must be registered and every entry a mapping."""
-    if allow_empty and not tasks:
+def parse_tasks(tasks: Mapping[str, Any] | None, allow_empty: bool = False) -> dict[str, dict[str, Any]]:
+    """Plain-dict copy of the ``data.tasks`` table after checking it: every name is a registered generator
+    task and every entry has integer split sizes >= 0 and only the task's own knobs (errors name
+    ``data.tasks.<name>.<key>``)."""
+    table = to_plain(tasks)
+    if allow_empty and not table:
         return {}
-    if not isinstance(tasks, Mapping) or not tasks:
-        raise ValueError(
-            "tasks must be a non-empty mapping task name -> {train: n, val: n, test: n, **knobs}, "
+    if not isinstance(table, Mapping) or not table:
+        raise ConfigError(
+            "data.tasks must be a non-empty mapping task name -> {train: n, val: n, test: n, **knobs}, "
             "or give data.sources (files or datasets)"
         )
-    table = _plain(tasks)
     for name, entry in table.items():
-        get_task(name)
-        if not isinstance(entry, dict):
-            raise ValueError(
-                f"tasks.{name} must be a mapping like {{train: 3000, val: 100, test: 300}}, got {entry!r}"
+        try:
+            spec = get_task(name)
+        except ValueError as err:
+            raise ConfigError(f"data.tasks.{name}: {err}") from None
+        if not isinstance(entry, Mapping):
+            raise ConfigError(
+                f"data.tasks.{name} must be a mapping like {{train: 3000, val: 100, test: 300}}, got {entry!r}"
             )
+        sizes = {k: v for k, v in entry.items() if k not in spec.knobs}
+        parse(TaskSizes, sizes, f"data.tasks.{name}", extra_keys=spec.knobs)
     return table
 
 
@@ -450,14 +463,6 @@ def _sizes_and_knobs(entry: Mapping[str, Any]) -> tuple[dict[str, int], dict[str
     sizes = {k: v for k, v in entry.items() if k in SPLITS}
     knobs = {k: v for k, v in entry.items() if k not in SPLITS}
     return sizes, knobs
-
-
-def _check_grouping(group_by_length: Any, pool_batches: Any) -> None:
-    """``group_by_length`` is a bool and ``group_pool_batches`` a positive int (YAML may give other types)."""
-    if not isinstance(group_by_length, bool):
-        raise ValueError(f"data.group_by_length must be true or false, got {group_by_length!r}")
-    if isinstance(pool_batches, bool) or not isinstance(pool_batches, int) or pool_batches < 1:
-        raise ValueError(f"data.group_pool_batches must be an int >= 1, got {pool_batches!r}")
 
 
 def _check_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:

@@ -25,21 +25,6 @@ EVAL_SPLITS: tuple[str, ...] = ("val", "test")
 """Splits that are de-duplicated against ``train``."""
 
 
-def check_ratios(ratios: Sequence[float], where: str) -> tuple[float, ...]:
-    """Two (train, eval) or three (train, val, test) non-negative numbers with a positive train share."""
-    values = tuple(ratios)
-    if len(values) not in (2, 3) or not all(
-        isinstance(r, int | float) and not isinstance(r, bool) and r >= 0 for r in values
-    ):
-        raise ValueError(
-            f"{where}: ratios must be 2 numbers [train, eval] or 3 numbers [train, val, test], "
-            f"all >= 0, e.g. [7, 2] (HyCAM) or [8, 1, 1]; got {list(values)!r}"
-        )
-    if values[0] <= 0:
-        raise ValueError(f"{where}: the train ratio must be > 0, got {list(values)!r}")
-    return tuple(float(r) for r in values)
-
-
 def ratio_boundaries(ratios: Sequence[float], n: int) -> list[int]:
     """Cut points ``[0, b_1, ..., n]`` exactly as DeepSpeed-Chat computes them (banker's rounding)."""
     total = sum(ratios)
