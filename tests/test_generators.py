@@ -13,6 +13,7 @@ from mtpeft.data.synthetic.lexicon import vocabulary
 from mtpeft.data.synthetic.primitives import MAX_LINE_TOKENS, primitives_corpus, tokenizer_corpus
 from mtpeft.data.tasks import available_tasks, build_splits, get_task
 from mtpeft.data.templates import get_template
+from mtpeft.utils.registry import UnknownNameError
 from mtpeft.metrics.code_exec import PassAtOne
 
 GENERATORS = {
@@ -194,7 +195,7 @@ def test_registry_lists_builtin_tasks() -> None:
     assert get_task("code").metric == "pass@1"
     assert get_task("qa").metric == "exact_match"
     assert get_task("reasoning").metric == "numeric_match"
-    with pytest.raises(ValueError, match="registered tasks: .*code"):
+    with pytest.raises(UnknownNameError, match="valid tasks: .*code"):
         get_task("nope")
 
 
@@ -227,7 +228,7 @@ def test_build_splits_errors_name_the_problem() -> None:
         build_splits("qa", {"train": 1}, seed=0, n_fact=3)
     with pytest.raises(ValueError, match="unknown split 'dev'"):
         build_splits("qa", {"dev": 1}, seed=0)
-    with pytest.raises(ValueError, match="registered tasks"):
+    with pytest.raises(UnknownNameError, match="valid tasks"):
         build_splits("squad", {"train": 1}, seed=0)
     assert build_splits("qa", {"train": 2}, seed=0)["test"] == []
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mtpeft.adapters.base import AdaptedModel, MethodConfig, read_adapter_meta
+from mtpeft.utils.registry import Registry
 
 if TYPE_CHECKING:
     import torch
@@ -28,7 +29,21 @@ METHOD_PACKAGE = "mtpeft.methods"
 """The package whose modules (on its ``__path__``) are the methods; imported by name, so the framework in
 `mtpeft.adapters` never imports a method module statically."""
 
-_METHODS: dict[str, type[AdaptedModel]] = {}
+
+def _import_builtin_methods() -> None:
+    """Import every module and package on ``mtpeft.methods.__path__`` so that the methods register themselves.
+
+    The path is read at each call, so a directory appended to it later (a plug-in, a test's temp
+    method) is found too; modules already imported are not re-run.
+    """
+    package = importlib.import_module(METHOD_PACKAGE)
+    for info in pkgutil.iter_modules(package.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{METHOD_PACKAGE}.{info.name}")
+
+
+METHODS: Registry[type[AdaptedModel]] = Registry("method", discover=_import_builtin_methods)
+"""Method name -> `AdaptedModel` subclass; looking a name up first imports the method modules."""
 
 
 def register_method(name: str) -> Callable[[type[AdaptedModel]], type[AdaptedModel]]:
@@ -37,12 +52,10 @@ def register_method(name: str) -> Callable[[type[AdaptedModel]], type[AdaptedMod
     def decorate(cls: type[AdaptedModel]) -> type[AdaptedModel]:
         if not name.isidentifier():
             raise ValueError(f"method name {name!r} must be a Python identifier")
-        if name in _METHODS and _METHODS[name] is not cls:
-            raise ValueError(f"method {name!r} is already registered by {_METHODS[name].__qualname__}")
         if not dataclasses.is_dataclass(getattr(cls, "config_class", None)):
             raise TypeError(f"{cls.__qualname__}.config_class must be a dataclass")
+        METHODS.register(name, cls)
         cls.method_name = name
-        _METHODS[name] = cls
         return cls
 
     return decorate
@@ -50,16 +63,12 @@ def register_method(name: str) -> Callable[[type[AdaptedModel]], type[AdaptedMod
 
 def available_methods() -> list[str]:
     """Names of all registered methods, sorted."""
-    _import_builtin_methods()
-    return sorted(_METHODS)
+    return METHODS.names()
 
 
 def get_method(name: str) -> type[AdaptedModel]:
-    """The class registered under ``name``; an unknown name lists the valid ones."""
-    _import_builtin_methods()
-    if name not in _METHODS:
-        raise KeyError(f"unknown method {name!r}; valid methods: {', '.join(sorted(_METHODS))}")
-    return _METHODS[name]
+    """The class registered under ``name``; an unknown name raises `UnknownNameError` listing the valid ones."""
+    return METHODS.get(name)
 
 
 def parse_method_config(name: str, values: Mapping[str, Any]) -> MethodConfig:
@@ -170,15 +179,3 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise TypeError(f"{where} must be a string, got {value!r}")
         return value
     return value
-
-
-def _import_builtin_methods() -> None:
-    """Import every module and package on ``mtpeft.methods.__path__`` so that the methods register themselves.
-
-    The path is read at each call, so a directory appended to it later (a plug-in, a test's temp
-    method) is found too; modules already imported are not re-run.
-    """
-    package = importlib.import_module(METHOD_PACKAGE)
-    for info in pkgutil.iter_modules(package.__path__):
-        if not info.name.startswith("_"):
-            importlib.import_module(f"{METHOD_PACKAGE}.{info.name}")

@@ -74,7 +74,7 @@ def available_tasks() -> list[str]:
 
 
 def get_task(name: str) -> TaskSpec:
-    """Look up a task; an unknown name raises ValueError listing the registered ones."""
+    """Look up a task; an unknown name raises `UnknownNameError` listing the valid ones."""
     return _REGISTRY.get(name)
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from types import MappingProxyType
 
 from mtpeft.metrics.base import PerExampleMetric, TextMetric
 from mtpeft.metrics.choice import MultipleChoiceAccuracy
@@ -29,39 +28,46 @@ from mtpeft.metrics.external import EvaluateMetric
 from mtpeft.metrics.numeric import NumericMatch
 from mtpeft.metrics.overlap import Bleu, Rouge
 from mtpeft.metrics.pass_at_k import PassAtK
-
-METRICS: MappingProxyType[str, Callable[[], TextMetric]] = MappingProxyType(
-    {
-        "exact_match": ExactMatch,
-        "f1": TokenF1,
-        "numeric_match": NumericMatch,
-        "mc_accuracy": MultipleChoiceAccuracy,
-        "rouge1": lambda: Rouge("rouge1"),
-        "rouge2": lambda: Rouge("rouge2"),
-        "rougeL": lambda: Rouge("rougeL"),
-        "bleu": Bleu,
-    }
-)
-"""Read-only registry of fixed names -> factory (plus the ``pass@<k>`` and ``evaluate:`` patterns)."""
+from mtpeft.utils.registry import Registry
 
 PASS_AT = re.compile(r"pass@([1-9]\d*)")
+
+METRICS: Registry[Callable[[], TextMetric]] = Registry(
+    "metric", hints=("pass@<k>", f"{EVALUATE_PREFIX}<name>")
+)
+"""Fixed names -> factory; ``get_metric`` resolves the ``pass@<k>`` and ``evaluate:`` patterns itself."""
+
+
+def register_metric(name: str, factory: Callable[[], TextMetric]) -> Callable[[], TextMetric]:
+    """Add a metric under ``name`` (``factory()`` returns a fresh metric); a taken name is an error."""
+    return METRICS.register(name, factory)
+
+
+register_metric("exact_match", ExactMatch)
+register_metric("f1", TokenF1)
+register_metric("numeric_match", NumericMatch)
+register_metric("mc_accuracy", MultipleChoiceAccuracy)
+register_metric("rouge1", lambda: Rouge("rouge1"))
+register_metric("rouge2", lambda: Rouge("rouge2"))
+register_metric("rougeL", lambda: Rouge("rougeL"))
+register_metric("bleu", Bleu)
 
 
 def available_metrics() -> list[str]:
     """Names accepted by ``get_metric`` (patterns shown as ``pass@<k>`` and ``evaluate:<name>``)."""
-    return sorted([*METRICS, "pass@<k>", f"{EVALUATE_PREFIX}<name>"])
+    return METRICS.valid_names()
 
 
 def get_metric(name: str) -> TextMetric:
-    """A fresh metric object by name; an unknown name raises ValueError listing the valid ones."""
+    """A fresh metric object by name; an unknown name raises `UnknownNameError` listing the valid ones."""
     if name in METRICS:
-        return METRICS[name]()
+        return METRICS.get(name)()
     match = PASS_AT.fullmatch(name)
     if match:
         return PassAtK(int(match.group(1)))
     if name.startswith(EVALUATE_PREFIX):
         return EvaluateMetric(name)
-    raise ValueError(f"unknown metric {name!r}; valid metrics: {', '.join(available_metrics())}")
+    raise METRICS.unknown(name)
 
 
 def samples_needed(name: str) -> int:
@@ -70,4 +76,11 @@ def samples_needed(name: str) -> int:
     return int(match.group(1)) if match else 1
 
 
-__all__ = ["PerExampleMetric", "TextMetric", "available_metrics", "get_metric", "samples_needed"]
+__all__ = [
+    "PerExampleMetric",
+    "TextMetric",
+    "available_metrics",
+    "get_metric",
+    "register_metric",
+    "samples_needed",
+]

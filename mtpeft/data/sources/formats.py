@@ -80,7 +80,7 @@ def available_formats() -> list[str]:
 
 
 def get_format(name: str) -> Format:
-    """Look up a format; an unknown name raises ValueError listing the registered ones."""
+    """Look up a format; an unknown name raises `UnknownNameError` listing the valid ones."""
     return _FORMATS.get(name)
 
 
