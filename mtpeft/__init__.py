@@ -7,4 +7,4 @@ __version__ = "0.1.0"
 #: changes what a run computes for an unchanged config (a default, a method's maths, batching, the loss,
 #: a metric), and say so in the commit message. ``MTPEFT_CODE_VERSION=digest`` instead keys jobs on a digest
 #: of every file of the package (strict: any edit, even a comment, re-runs everything).
-RESULTS_VERSION = "3"
+RESULTS_VERSION = "4"

@@ -211,10 +211,14 @@ def _evaluation(own: Mapping[str, Any], base: DictConfig) -> DictConfig:
 
 
 def module_config(cfg: DictConfig, source: AdapterSource) -> DictConfig:
-    """What `mtpeft.run.build_module` reads: the adapter's training config (optimiser and scheduler,
-    unused when evaluating) with this evaluation's settings, no compile and no activation checkpointing."""
-    module_cfg = copy.deepcopy(source.run_config if source.run_config is not None else train_defaults())
+    """What `mtpeft.run.build_module` reads: the adapter's training config with this evaluation's settings,
+    no compile, no activation checkpointing, and today's optimiser and schedule nodes (unused when
+    evaluating; an adapter trained by an older mtpeft may hold another schedule node)."""
+    defaults = train_defaults()
+    module_cfg = copy.deepcopy(source.run_config if source.run_config is not None else defaults)
     with open_dict(module_cfg):
+        for key in ("optimizer", "scheduler", "warmup_ratio"):
+            module_cfg[key] = defaults[key]
         module_cfg.evaluation = cfg.evaluation
         module_cfg.gradient_checkpointing = False
         module_cfg.compile = False

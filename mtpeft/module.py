@@ -32,18 +32,21 @@ from mtpeft.losses import model_token_losses, per_task_mean, token_losses
 from mtpeft.metrics.tracker import SCORES_FILE, EvalMetrics, check_metric_names, write_example_scores
 
 
-def warmup_cosine(total: int, warmup_ratio: float, min_lr_ratio: float) -> Callable[[int], float]:
-    """LR multiplier per step: linear warm-up over ``warmup_ratio`` of ``total`` steps, then cosine decay
-    to ``min_lr_ratio`` (for `torch.optim.lr_scheduler.LambdaLR`)."""
-    warmup = int(warmup_ratio * total)
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return schedule
+def build_scheduler(
+    factory: Callable[..., torch.optim.lr_scheduler.LRScheduler],
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    warmup_ratio: float,
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """The run's per-step LR schedule: ``factory`` (conf/train.yaml ``scheduler``, a ``_partial_`` of a
+    transformers schedule) completed with the warm-up (``int(warmup_ratio * total_steps)``) and total steps."""
+    if not 0 <= warmup_ratio < 1:
+        raise ValueError(
+            f"warmup_ratio={warmup_ratio} must be in [0, 1): set warmup_ratio in conf/train.yaml"
+        )
+    return factory(
+        optimizer, num_warmup_steps=int(warmup_ratio * total_steps), num_training_steps=total_steps
+    )
 
 
 def forward_losses(
@@ -81,22 +84,27 @@ class MultiTaskModule(L.LightningModule):
         model: AdaptedModel,
         tokenizer: Any,
         optimizer: Callable[..., torch.optim.Optimizer],
-        warmup_ratio: float = 0.05,
-        min_lr_ratio: float = 0.1,
-        weight_decay: float | None = None,
-        max_new_tokens: int | None = None,
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler],
+        *,
+        warmup_ratio: float,
+        weight_decay: float | None,
+        max_new_tokens: int | None,
+        num_samples: int,
+        temperature: float,
+        top_p: float,
         gradient_checkpointing: bool = False,
-        num_samples: int = 1,
-        temperature: float = 0.8,
-        top_p: float = 0.95,
         compile_step: bool = False,
     ) -> None:
+        """``optimizer``/``scheduler``: partials completed in `configure_optimizers`; the keyword arguments
+        come from conf/train.yaml (``warmup_ratio``, ``optimizer.weight_decay``, ``evaluation.*``), which
+        alone states their defaults. They are saved as ``hparams`` (checkpoints, loggers)."""
         super().__init__()
+        self.save_hyperparameters(ignore=["model", "tokenizer", "optimizer", "scheduler"])
         self.model = model
         self.tokenizer = tokenizer
         self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
         self.warmup_ratio = warmup_ratio
-        self.min_lr_ratio = min_lr_ratio
         self.weight_decay = weight_decay
         self.max_new_tokens = max_new_tokens
         if num_samples < 1:
@@ -230,8 +238,7 @@ class MultiTaskModule(L.LightningModule):
         groups = self.model.parameter_groups(0.0 if weight_decay is None else weight_decay)
         optimizer = self.optimizer_factory(groups)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        schedule = warmup_cosine(total, self.warmup_ratio, self.min_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = build_scheduler(self.scheduler_factory, optimizer, total, self.warmup_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- evaluation -----------------------------------------------------------------------------

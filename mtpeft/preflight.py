@@ -6,7 +6,7 @@ data beyond a look at the data files, and each error names the key (or file and 
 * **top-level keys**: a key the configs do not declare (``+seeed=1``) is rejected with the valid ones
   (``allowed_top_level_keys``);
 * **run settings**: ``seed`` is an integer, ``train``/``test``/``save_adapter`` are booleans, ...;
-* **nodes declared in conf/train.yaml** (``evaluation``, ``scheduler``): no unknown sub-keys; sampled
+* **nodes declared in conf/train.yaml** (``evaluation``): no unknown sub-keys; sampled
   evaluation (``evaluation.num_samples > 1``) needs ``evaluation.temperature > 0`` and
   ``0 < evaluation.top_p <= 1``;
 * **instantiated nodes** (``optimizer``, ``trainer``, ``callbacks.*``, ``logger.*``): every key is an
@@ -46,7 +46,7 @@ OPTIONAL_TOP_LEVEL: Mapping[str, str] = {
 }
 """Top-level keys that no config file sets but configs read when present (documented allow-list)."""
 
-DECLARED_NODES: tuple[str, ...] = ("evaluation", "scheduler")
+DECLARED_NODES: tuple[str, ...] = ("evaluation",)
 """Nodes of conf/train.yaml read key by key by the run: keys they do not declare are typos."""
 
 
@@ -135,6 +135,7 @@ RUN_SETTINGS: Mapping[str, tuple[Callable[[Any], bool], str]] = {
     "save_adapter": (lambda v: isinstance(v, bool), "true or false"),
     "gradient_checkpointing": (lambda v: isinstance(v, bool), "true or false"),
     "compile": (lambda v: isinstance(v, bool), "true or false"),
+    "warmup_ratio": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1), e.g. warmup_ratio=0.05"),
     "skip_finished": (lambda v: v is None or isinstance(v, bool), "null, true or false"),
     "task_name": (
         lambda v: isinstance(v, str) and v.strip() != "",
@@ -153,7 +154,7 @@ def check_run_settings(cfg: DictConfig) -> None:
 
 # -- nodes of conf/train.yaml ---------------------------------------------------------------------
 def check_declared_nodes(cfg: DictConfig, conf_dir: Path = CONF_DIR) -> None:
-    """``evaluation.*`` and ``scheduler.*`` keys must be the ones conf/train.yaml declares."""
+    """``evaluation.*`` keys must be the ones conf/train.yaml declares."""
     if not (conf_dir / "train.yaml").is_file():
         return
     base = _yaml(conf_dir / "train.yaml")

@@ -38,6 +38,7 @@ from mtpeft.methods import build_method
 from mtpeft.models.loader import adapter_dtype, describe_model, load_base_model
 from mtpeft.module import MultiTaskModule
 from mtpeft.preflight import preflight
+from mtpeft.record import RunRecord, checked
 from mtpeft.utils.callbacks import PeriodicCheckpoint, ResumeState
 from mtpeft.utils.confighash import config_hash, job_hash, run_inputs
 from mtpeft.utils.memory import peak_memory_mb, reset_peak_memory
@@ -87,13 +88,13 @@ def build_module(cfg: DictConfig, model: Any, tokenizer: Any) -> MultiTaskModule
         model,
         tokenizer,
         optimizer=instantiate(cfg.optimizer),
-        warmup_ratio=cfg.scheduler.warmup_ratio,
-        min_lr_ratio=cfg.scheduler.min_lr_ratio,
+        scheduler=instantiate(cfg.scheduler),
+        warmup_ratio=cfg.warmup_ratio,
         weight_decay=cfg.optimizer.get("weight_decay"),
         max_new_tokens=cfg.evaluation.max_new_tokens,
-        num_samples=cfg.evaluation.get("num_samples", 1),
-        temperature=cfg.evaluation.get("temperature", 0.8),
-        top_p=cfg.evaluation.get("top_p", 0.95),
+        num_samples=cfg.evaluation.num_samples,
+        temperature=cfg.evaluation.temperature,
+        top_p=cfg.evaluation.top_p,
         gradient_checkpointing=cfg.gradient_checkpointing,
         compile_step=bool(cfg.get("compile", False)),
     )
@@ -137,14 +138,14 @@ def run_record(cfg: DictConfig, output_dir: Path, **extra: Any) -> Iterator[Job]
             "replaced: give this run its own directory (drop the hydra.run.dir / hydra.sweep.dir override)"
         )
     job = Job(config, run_inputs(config))
-    write_record(output_dir, running_record(config, job.inputs, **extra))
+    write_record(output_dir, checked(running_record(config, job.inputs, **extra)))
     try:
         yield job
     except Exception as err:
         if not is_recorded(err):
             wall = time.perf_counter() - started
             failure = failure_record(cfg, err, config_hash(config), wall, job.inputs)
-            write_record(output_dir, {**failure, **extra})
+            write_record(output_dir, checked({**failure, **extra}))
             mark_recorded(err)
         raise
 
@@ -210,8 +211,19 @@ def _train_and_evaluate(cfg: DictConfig, output_dir: Path, job: Job) -> dict[str
             log_task_table(loggers, split, metrics)
     finally:
         close_loggers(loggers)
-    results = _results(cfg, module, model, base_model, datamodule, started, best)
-    results.update(job_hash=job.hash, inputs=job.inputs, resumed_from=str(resumed) if resumed else None)
+    measured = record_fields(cfg, name, module, model, base_model, datamodule, started)
+    results = RunRecord(
+        **measured,
+        metrics={"val": module.best_val or module.last_metrics.get("val", {}), **_test(module)},
+        best_checkpoint=best,
+        train_time_s=round(module.train_seconds, 2),
+        train_tokens_per_s=round(module.train_tokens / module.train_seconds, 1)
+        if module.train_seconds
+        else None,
+        job_hash=job.hash,
+        inputs=job.inputs,
+        resumed_from=str(resumed) if resumed else None,
+    ).to_json()
     module.write_example_scores(output_dir)  # scores.jsonl.gz: per-example scores for the bootstrap CIs
     write_record(output_dir, results)
     split = "test" if "test" in results["metrics"] else "val"
@@ -261,27 +273,32 @@ def _finish_logger(logger: Any) -> None:
         log.warning("closing logger %s failed: %s", type(logger).__name__, err)
 
 
-def _results(cfg, module, model, base_model, datamodule, started, best) -> dict[str, Any]:
+def record_fields(
+    cfg: DictConfig,
+    method: str,
+    module: MultiTaskModule,
+    model: Any,
+    base_model: Any,
+    datamodule: Any,
+    started: float,
+) -> dict[str, Any]:
+    """The `RunRecord` fields of a finished run that training and evaluation (`mtpeft.eval`) both write:
+    labels, config and hash, parameter counts, wall time since ``started``, evaluation time and settings,
+    peak memory, threads and provenance. Each adds its own (metrics, checkpoint, adapter, ...)."""
     trainable, total = model.count_parameters()
     resolved = OmegaConf.to_container(cfg, resolve=True)
     return {
         "status": "success",
-        "method": cfg.method.name,
+        "method": method,
         "model": describe_model(base_model),
         "tasks": datamodule.task_names,
         "seed": cfg.seed,
         "config": resolved,
         "config_hash": config_hash(resolved),
-        "metrics": {"val": module.best_val or module.last_metrics.get("val", {}), **_test(module)},
-        "best_checkpoint": best,
         "trainable_params": trainable,
         "total_params": total,
         "trainable_percent": 100.0 * trainable / total,
         "wall_time_s": round(time.perf_counter() - started, 2),
-        "train_time_s": round(module.train_seconds, 2),
-        "train_tokens_per_s": round(module.train_tokens / module.train_seconds, 1)
-        if module.train_seconds
-        else None,
         "eval_s_per_1000_prompts": eval_s_per_1000_prompts(module),
         "peak_memory_mb": peak_memory_mb(),
         "eval_batch_size": cfg.evaluation.batch_size,

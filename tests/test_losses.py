@@ -8,9 +8,11 @@ import pytest
 import torch
 from torch import nn
 
+from mtpeft.eval import train_defaults
 from mtpeft.losses import head_token_losses, model_token_losses, per_task_mean, token_losses
 from mtpeft.methods import available_methods, build_method
 from mtpeft.module import MultiTaskModule
+from mtpeft.run import build_module
 from tests.conftest import make_tiny_base
 from tests.test_method_contract import CASES, NUM_TASKS
 
@@ -144,7 +146,7 @@ def test_models_that_change_logits_fall_back_to_full_logits() -> None:
 def test_module_lm_loss_matches_the_full_logits_loss(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(MultiTaskModule, "task_names", property(lambda self: ["a", "b", "c"]))
     model, batch = _adapted("mtl_lora"), _batch()
-    module = MultiTaskModule(model, tokenizer=None, optimizer=torch.optim.SGD)
+    module = build_module(train_defaults(), model, tokenizer=None)
     torch.manual_seed(0)  # same dropout masks in both passes
     loss, task_loss, task_tokens = module._lm_loss(batch)
     torch.manual_seed(0)

@@ -32,7 +32,7 @@ from omegaconf import DictConfig
 
 from mtpeft.bench.config import RunParts
 from mtpeft.losses import token_losses
-from mtpeft.module import warmup_cosine
+from mtpeft.module import build_scheduler
 from mtpeft.run import build_callbacks, build_loggers, build_module
 
 log = logging.getLogger(__name__)
@@ -116,8 +116,7 @@ def bare_loop(parts: RunParts, steps: int, workdir: Path) -> StepClock:
     optimizer = instantiate(cfg.optimizer)(
         model.parameter_groups(0.0 if weight_decay is None else weight_decay)
     )
-    schedule = warmup_cosine(steps, cfg.scheduler.warmup_ratio, cfg.scheduler.min_lr_ratio)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = build_scheduler(instantiate(cfg.scheduler), optimizer, steps, cfg.warmup_ratio)
     params = [p for p in model.parameters() if p.requires_grad]
     clip = cfg.trainer.get("gradient_clip_val")
     clock = StepClock()
@@ -180,8 +179,8 @@ def trainer_peft_loop(parts: RunParts, steps: int, workdir: Path) -> StepClock |
         adam_beta2=betas[1],
         max_grad_norm=cfg.trainer.get("gradient_clip_val") or 0.0,
         lr_scheduler_type="cosine_with_min_lr",
-        lr_scheduler_kwargs={"min_lr_rate": cfg.scheduler.min_lr_ratio},
-        warmup_steps=int(cfg.scheduler.warmup_ratio * steps),
+        lr_scheduler_kwargs={"min_lr_rate": cfg.scheduler.min_lr_rate},  # the default scheduler's
+        warmup_steps=int(cfg.warmup_ratio * steps),
         logging_steps=cfg.trainer.get("log_every_n_steps", 50),
         save_strategy="no",
         eval_strategy="no",

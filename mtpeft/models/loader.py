@@ -25,7 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
 
 from mtpeft.models.cache import fingerprint, get_or_build, resume_dir
-from mtpeft.models.pretrain import PretrainConfig, pretrain
+from mtpeft.models.pretrain import LR_SCHEDULE, PretrainConfig, pretrain
 from mtpeft.models.tiny import TinyModelConfig, build_tiny_model, count_parameters
 from mtpeft.models.tokenizer import DEFAULT_WHOLE_WORDS, train_tokenizer
 from mtpeft.utils.threads import build_threads, using_threads
@@ -99,7 +99,7 @@ def load_tiny(cfg: Mapping[str, Any]) -> TinyArtifacts:
     lines = _corpus(pre)
     parts = {
         "model": {k: v for k, v in tiny.to_dict().items() if k != "attn_implementation"},  # load-time choice
-        "pretrain": pre.to_dict() if pre.steps else {"steps": 0},
+        "pretrain": {**pre.to_dict(), "lr_schedule": LR_SCHEDULE} if pre.steps else {"steps": 0},
         "corpus": fingerprint(lines),
         "tokenizer": tok_entry.name,
         "vocab_size": len(tokenizer),

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import os
 import time
 from collections.abc import Callable
@@ -38,7 +37,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from transformers import PreTrainedModel, PreTrainedTokenizerFast
+from transformers import PreTrainedModel, PreTrainedTokenizerFast, get_cosine_with_min_lr_schedule_with_warmup
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +47,8 @@ _MIN_EVAL_LINES = 8
 CHECKPOINT_FILE = "pretrain-state.pt"
 #: Steps between two saves of the resumable state (~12 s of the default build, ~11 MB per save).
 CHECKPOINT_EVERY = 200
+#: The pre-training LR schedule (part of the base model's cache key: another schedule is another base).
+LR_SCHEDULE = "transformers.get_cosine_with_min_lr_schedule_with_warmup"
 
 
 @dataclass(frozen=True)
@@ -187,16 +188,12 @@ def _split_lines(lines: list[str], cfg: PretrainConfig) -> tuple[list[str], list
     return lines[:-n_eval], lines[-n_eval:]
 
 
-def _lr_lambda(cfg: PretrainConfig):
-    """Linear warm-up to 1, then cosine decay to ``min_lr_ratio`` at ``steps``."""
-
-    def factor(step: int) -> float:
-        if step < cfg.warmup:
-            return (step + 1) / cfg.warmup
-        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-    return factor
+def _scheduler(opt: torch.optim.Optimizer, cfg: PretrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from 0 over ``warmup`` steps, then cosine decay to ``min_lr_ratio`` at ``steps``: the
+    fine-tuning runs' default schedule (transformers' ``get_cosine_with_min_lr_schedule_with_warmup``)."""
+    return get_cosine_with_min_lr_schedule_with_warmup(
+        opt, num_warmup_steps=cfg.warmup, num_training_steps=max(1, cfg.steps), min_lr_rate=cfg.min_lr_ratio
+    )
 
 
 def _optimizer(model: PreTrainedModel, cfg: PretrainConfig) -> torch.optim.AdamW:
@@ -369,7 +366,7 @@ def pretrain(
     held_out = make_windows(eval_lines, tokenizer, cfg.seq_len)
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = _optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    sched = _scheduler(opt, cfg)
     path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
