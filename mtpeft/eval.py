@@ -56,7 +56,6 @@ from mtpeft.export import (
     run_tasks,
 )
 from mtpeft.models.cache import check_cache_dir
-from mtpeft.models.loader import describe_model
 from mtpeft.preflight import (
     CONF_DIR,
     check_data,
@@ -68,18 +67,17 @@ from mtpeft.preflight import (
     check_top_level_keys,
     run_cli,
 )
+from mtpeft.record import EVAL, RunRecord, checked
 from mtpeft.run import (
     Job,
     build_loggers,
     build_module,
     close_loggers,
-    eval_s_per_1000_prompts,
     log_task_table,
+    record_fields,
     run_record,
 )
-from mtpeft.utils.confighash import config_hash
-from mtpeft.utils.memory import peak_memory_mb, reset_peak_memory
-from mtpeft.utils.provenance import provenance
+from mtpeft.utils.memory import reset_peak_memory
 from mtpeft.utils.resolvers import register_resolvers
 from mtpeft.utils.runlock import RunDirLock
 from mtpeft.utils.sweep import RESULTS_FILE, failure_record, is_recorded, read_results, write_record
@@ -89,8 +87,6 @@ from mtpeft.utils.threads import apply_cpu_threads
 register_resolvers()
 log = logging.getLogger(__name__)
 
-KIND = "eval"
-"""``kind`` of an evaluation's results.json (training runs have none): `mtpeft.results` tells them apart."""
 SPLITS = ("test", "val")
 EVAL_KEYS = ("adapter", "split")
 """Top-level keys of conf/eval.yaml that conf/train.yaml does not have."""
@@ -347,7 +343,7 @@ def evaluate(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     cfg = eval_config(cfg, source, group_choices(cfg))
     preflight_eval(cfg)
     output_dir = Path(output_dir)
-    with RunDirLock(output_dir), run_record(cfg, output_dir, kind=KIND) as job:
+    with RunDirLock(output_dir), run_record(cfg, output_dir, kind=EVAL) as job:
         return _evaluate(cfg, source, output_dir, job)
 
 
@@ -373,8 +369,16 @@ def _evaluate(cfg: DictConfig, source: AdapterSource, output_dir: Path, job: Job
         log_task_table(loggers, cfg.split, module.last_metrics[cfg.split])
     finally:
         close_loggers(loggers)
-    results = eval_results(cfg, source, module, model, datamodule, started)
-    results.update(adapter=source.record(trained), task_ids=mapping, job_hash=job.hash, inputs=job.inputs)
+    results = RunRecord(
+        **record_fields(cfg, model.method_name, module, model, model.base_model, datamodule, started),
+        kind=EVAL,
+        split=cfg.split,
+        metrics={cfg.split: module.last_metrics[cfg.split]},
+        adapter=source.record(trained),
+        task_ids=mapping,
+        job_hash=job.hash,
+        inputs=job.inputs,
+    ).to_json()
     module.write_example_scores(output_dir)  # scores.jsonl.gz: per-example scores for the bootstrap CIs
     write_record(output_dir, results)
     split = cfg.split
@@ -395,36 +399,6 @@ def _trained_tasks(source: AdapterSource, tokenizer: Any) -> list[str] | None:
     return tasks
 
 
-def eval_results(
-    cfg: DictConfig, source: AdapterSource, module: Any, model: Any, datamodule: Any, started: float
-) -> dict[str, Any]:
-    """The success record: a training run's fields where they apply (`mtpeft.run`), ``kind: eval``."""
-    trainable, total = model.count_parameters()
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    return {
-        "kind": KIND,
-        "status": "success",
-        "method": model.method_name,
-        "model": describe_model(model.base_model),
-        "tasks": datamodule.task_names,
-        "split": cfg.split,
-        "seed": cfg.seed,
-        "config": resolved,
-        "config_hash": config_hash(resolved),
-        "metrics": {cfg.split: module.last_metrics[cfg.split]},
-        "trainable_params": trainable,
-        "total_params": total,
-        "trainable_percent": 100.0 * trainable / total,
-        "wall_time_s": round(time.perf_counter() - started, 2),
-        "eval_s_per_1000_prompts": eval_s_per_1000_prompts(module),
-        "peak_memory_mb": peak_memory_mb(),
-        "eval_batch_size": cfg.evaluation.batch_size,
-        "template": datamodule.template_name,
-        "torch_threads": torch.get_num_threads(),
-        "provenance": provenance(Path(__file__).resolve().parent.parent),
-    }
-
-
 # -- command line -----------------------------------------------------------------------------------
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> float:
@@ -440,7 +414,7 @@ def main(cfg: DictConfig) -> float:
         except Exception as err:
             if not is_recorded(err):
                 failure = failure_record(cfg, err, None, time.perf_counter() - started)
-                write_record(output_dir, {**failure, "kind": KIND})
+                write_record(output_dir, checked({**failure, "kind": EVAL}))
             log.error("evaluation failed: %s (details in %s)", err, output_dir / RESULTS_FILE)
             if not multirun:
                 raise

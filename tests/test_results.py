@@ -226,10 +226,11 @@ def test_sweep_dir_follows_skipped_jobs_to_the_runs_they_stand_for(tmp_path: Pat
 @pytest.mark.parametrize(
     ("content", "reason"),
     [
-        ('{"status": "success"}', "no 'config'"),
+        ('{"status": "success"}', "config: Field required"),
         ("[1, 2]", "JSON list"),
-        ('{"status": "done", "config": {}}', "status 'done'"),
+        ('{"status": "done", "config": {}}', "status: Input should be 'running', 'success' or 'failed'"),
         ('{"status": "success", "config": {}}', "no 'metrics'"),
+        ('{"status": "running", "config": {}, "sead": 1}', "sead: Extra inputs are not permitted"),
         ("{not json", "unreadable"),
     ],
 )

@@ -7,8 +7,9 @@ CSV and per-example ``scores.jsonl.gz``). What is read:
 * every ``results.json`` under the roots, and the run a ``skipped.json`` points to (``finished_in``: a job
   that `mtpeft.train` skipped because an identical config had finished), so a re-run sweep's directory
   covers every job of the sweep, not only those that ran this time;
-* files that are not run records (not JSON, a list, ``{"status": "success"}`` without config or metrics,
-  an unknown status) are reported in ``problems`` and skipped, never turned into rows;
+* each file is parsed as a `mtpeft.record.RunRecord` (which also fills in what older records lack);
+  files that are not run records (not JSON, a list, ``{"status": "success"}`` without config or metrics,
+  an unknown status or field) are reported in ``problems`` and skipped, never turned into rows;
 * runs with ``status: running`` (started, then killed or still going) come back with that status and are
   listed as incomplete, never averaged in;
 * for the test split, runs made with ``test=false`` (validation only, e.g. a study's tuning jobs) are left
@@ -29,6 +30,7 @@ from typing import Any
 
 import pandas as pd
 
+from mtpeft.record import EVAL, RunRecord, parse_record
 from mtpeft.utils.confighash import hashed_part
 from mtpeft.utils.sweep import RESULTS_FILE, stored_hash
 
@@ -38,28 +40,18 @@ COSTS = ["trainable_params", "total_params", "trainable_percent", "wall_time_s",
 MISSING = "—"
 SKIPPED_FILE = "skipped.json"
 """Written by `mtpeft.train` in the directory of a skipped sweep job; ``finished_in`` names the run."""
-EVAL_KIND = "eval"
-"""``kind`` of the records `mtpeft.eval` writes (training runs have no ``kind``)."""
-STATUSES = ("success", "failed", "running")
-"""Statuses of a run record: finished, failed (error recorded), started but not finished."""
 CURVE_FILES = ("csv/metrics.csv", "metrics.csv")
 """Where a run keeps its logged metrics (CSV logger in the run dir, or a copy next to results.json)."""
 
 
 def model_label(model: Any) -> str:
-    """``tiny_<arch>`` for the locally built models, else the last part of ``name_or_path``."""
+    """``tiny_<arch>`` for the locally built models, else the last part of ``name_or_path`` (``model`` is
+    the config's ``model`` node)."""
     if not isinstance(model, dict):
         return MISSING
     if model.get("kind") == "tiny":
         return f"tiny_{model.get('arch')}"
     return str(model.get("name_or_path", MISSING)).rstrip("/").split("/")[-1]
-
-
-def peak_memory(value: Any) -> float | None:
-    """MB from results.json's ``peak_memory_mb``: the CUDA allocator peak if recorded, else the CPU peak RSS."""
-    if isinstance(value, dict):
-        value = value.get("cuda_peak_allocated_mb", value.get("cpu_peak_rss_mb"))
-    return value if isinstance(value, int | float) else None
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -70,20 +62,6 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
             flat.update(flatten(value, f"{prefix}{key}."))
         return flat
     return {prefix[:-1]: repr(node) if isinstance(node, list) else node}
-
-
-def record_problem(data: Any) -> str | None:
-    """Why ``data`` (a parsed results.json) is not a run record, or None when it is one."""
-    if not isinstance(data, dict):
-        return f"holds a JSON {type(data).__name__}, not a run record (an object)"
-    status = data.get("status")
-    if status not in STATUSES:
-        return f"status {status!r} is not one of {', '.join(STATUSES)}"
-    if not isinstance(data.get("config"), dict):
-        return "has no 'config' object (every run record stores its config)"
-    if status == "success" and not isinstance(data.get("metrics"), dict):
-        return "says status 'success' but has no 'metrics' object"
-    return None
 
 
 def _read_json(path: Path) -> tuple[Any, str | None]:
@@ -123,28 +101,30 @@ def result_files(roots: Iterable[Path], problems: list[tuple[str, str]]) -> list
     return paths
 
 
-def _record(path: Path, data: dict[str, Any], split: str) -> dict[str, Any]:
-    config = data["config"]
-    tasks = data.get("tasks") or list((config.get("data") or {}).get("tasks") or {})
-    metrics = (data.get("metrics") or {}).get(split) or {}
-    method = data.get("method") or (config.get("method") or {}).get("name") or MISSING
+def _record(path: Path, run: RunRecord, split: str) -> dict[str, Any]:
+    """The flat record of one run (labels, scores of ``split``, costs, flat hashed config)."""
+    config = run.config
+    metrics = run.scores(split)
+    tuned = config.get("tuned")
     record = {
         "path": str(path.parent),
-        "status": data["status"],
-        "method": method,
+        "status": run.status,
+        "method": run.method or MISSING,
         "model": model_label(config.get("model")),
-        "mixture": "+".join(sorted(tasks)) or MISSING,
-        "seed": data.get("seed", config.get("seed")),
-        "config_hash": stored_hash(data),
-        "error": data.get("error"),
+        "mixture": "+".join(sorted(run.tasks)) or MISSING,
+        "seed": run.seed,
+        "config_hash": stored_hash(
+            {"config": config, "config_resolved": run.config_resolved, "config_hash": run.config_hash}
+        ),
+        "error": run.error,
         "mtime": path.stat().st_mtime,
-        "tasks": list(tasks),
+        "tasks": list(run.tasks),
         "flat": flatten(hashed_part(config)),
-        "tuned": config.get("tuned") if isinstance(config.get("tuned"), dict) else {},
-        "scores": {task: metrics.get(f"{split}/{task}/score") for task in [*tasks, "avg"]},
+        "tuned": tuned if isinstance(tuned, dict) else {},
+        "scores": {task: metrics.get(f"{split}/{task}/score") for task in [*run.tasks, "avg"]},
     }
-    record.update({key: data.get(key) for key in COSTS})
-    record["peak_memory_mb"] = peak_memory(data.get("peak_memory_mb"))
+    record.update({key: getattr(run, key) for key in COSTS})
+    record["peak_memory_mb"] = run.peak_mb
     return record
 
 
@@ -159,17 +139,17 @@ def load_runs(
     records, validation_only, evaluations = [], 0, 0
     for path in result_files(roots, problems):
         data, problem = _read_json(path)
-        problem = problem or record_problem(data)
+        run, problem = (None, problem) if problem else parse_record(data)
         if problem:
             problems.append((str(path), problem))
             continue
-        if data.get("kind") == EVAL_KIND:
+        if run.kind == EVAL:
             evaluations += 1
             continue
-        if split == "test" and data["config"].get("test") is False:
+        if split == "test" and run.config.get("test") is False:
             validation_only += 1
             continue
-        records.append(_record(path, data, split))
+        records.append(_record(path, run, split))
     for path, problem in problems:
         log.warning("skipping %s: %s", path, problem)
     if validation_only:
