@@ -280,3 +280,20 @@ def test_tuned_values_get_a_starred_column_and_validation_only_runs_are_left_out
     main([str(tmp_path), "--no-plots"])
     md = (tmp_path / "results.md").read_text()
     assert "| method | lr* | n |" in md and "| lora | 0.003 | 2 |" in md
+
+
+def test_latex_escapes_special_characters_in_method_and_task_names(tmp_path: Path) -> None:
+    from mtpeft.results import to_latex
+
+    data = _write(tmp_path, "0", "lora", 0, {"qa": 0.5, "code": 0.25})
+    data["method"] = "my_lora~v^2 50% & more"
+    data["tasks"] = ["q_a", "c~d^e"]
+    data["metrics"]["test"] = {"test/q_a/score": 0.5, "test/c~d^e/score": 0.25, "test/avg/score": 0.375}
+    (tmp_path / "0" / "results.json").write_text(json.dumps(data))
+    table, _, columns = aggregate(load_runs([tmp_path]))
+    tex = to_latex(table, columns, "odd names")
+    row = next(line for line in tex.splitlines() if line.startswith("my"))
+    assert row.startswith(r"my\_lora\textasciitilde v\textasciicircum 2 50\% \& more & 1 & \textbf{50.0} & ")
+    assert r"method & n & q\_a & c\textasciitilde d\textasciicircum e & avg & " in tex  # the header
+    assert r"mixture: c\textasciitilde d\textasciicircum e+q\_a}" in tex  # the caption
+    assert r"\textbf{100 (1.00\%)}" in row
