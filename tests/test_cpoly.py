@@ -213,15 +213,19 @@ def test_methods_md_worked_count_qwen_shape() -> None:
     ("options", "error", "match"),
     [
         ({"n_splits": 3}, ValueError, r"method\.n_splits=3 must divide"),
-        ({"n_skills": -1}, ValueError, r"method\.n_skills must be an integer >= 0"),
-        ({"n_skills": 0, "n_specific_skills": 0}, ValueError, r"method\.n_skills \+ method\.n_specific"),
+        ({"n_skills": -1}, ValueError, r"method\.n_skills=-1 is not valid: .*greater than or equal to 0"),
+        (
+            {"n_skills": 0, "n_specific_skills": 0},
+            ValueError,
+            r"method\.n_skills \+ n_specific_skills must be",
+        ),
         ({"specific_weight": "raw"}, ValueError, r"method\.specific_weight='raw' is not valid"),
         (
             {"specific_weight": "learned_raw", "normalize_jointly": True},
             ValueError,
             r"method\.normalize_jointly=true needs non-negative",
         ),
-        ({"r": 2.5}, TypeError, r"method\.r must be an integer"),
+        ({"r": 2.5}, ValueError, r"method\.r=2\.5 is not valid: .*integer \(conf/method/cpoly\.yaml\)"),
     ],
 )
 def test_bad_config_names_the_field(options: dict, error: type, match: str) -> None:

@@ -306,7 +306,7 @@ def test_parameter_count_of_llama2_7b_shape_matches_methods_md(options: dict, mi
     ],
 )
 def test_bad_config_names_the_field(options: dict, field: str) -> None:
-    with pytest.raises((ValueError, TypeError), match=rf"method\.{field}"):
+    with pytest.raises(ValueError, match=field):  # built in Python: pydantic's ValidationError names the field
         HyCAMConfig(**options)
     with pytest.raises((ValueError, TypeError), match=rf"method\.{field}"):
         build_method("hycam", options, make_tiny_base(), num_tasks=1)

@@ -255,22 +255,34 @@ def test_save_load_round_trip_of_a_nested_config(tmp_path: Path) -> None:
         (
             {"prompt": {"lenght": 4}},
             ValueError,
-            r"unknown key.*'lenght'.*method\.prompt; valid keys: encoder, init",
+            r"unknown key method\.prompt\.lenght: 'lenght' is not an option of method\.prompt .*valid keys: encoder, init",
         ),
-        ({"prompt": {"encoder": {"size": 4}}}, ValueError, r"'size'.*method\.prompt\.encoder; valid keys"),
-        ({"prompt": {"length": 0}}, ValueError, r"method\.prompt\.length must be a positive integer"),
+        (
+            {"prompt": {"encoder": {"size": 4}}},
+            ValueError,
+            r"'size' is not an option of method\.prompt\.encoder; valid keys",
+        ),
+        (
+            {"prompt": {"length": 0}},
+            ValueError,
+            r"method\.prompt\.length=0 is not valid: .*greater than or equal to 1",
+        ),
         (
             {"prompt": {"encoder": {"type": "cnn"}}},
             ValueError,
             r"method\.prompt\.encoder\.type='cnn'.*identity",
         ),
         ({"prompt": {"mode": "deep_last_k"}}, ValueError, r"method\.prompt\.mode='deep_last_k'"),
-        ({"prompt": {"encoder": {"hidden": "d"}}}, TypeError, r"method\.prompt\.encoder\.hidden"),
+        ({"prompt": {"encoder": {"hidden": "d"}}}, ValueError, r"method\.prompt\.encoder\.hidden='d'"),
         ({"prompt": {"encoder": {"dropout": 1.0}}}, ValueError, r"method\.prompt\.encoder\.dropout"),
-        ({"lora": {"r": 0}}, ValueError, r"method\.lora\.r must be a positive"),
-        ({"lora": {"rank": 4}}, ValueError, r"'rank'.*method\.lora; valid keys"),
-        ({"lr_prompt": -1.0}, ValueError, r"method\.lr_prompt must be > 0"),
-        ({"prompt": 3}, TypeError, r"method\.prompt must be a mapping"),
+        ({"lora": {"r": 0}}, ValueError, r"method\.lora\.r=0 is not valid: .*greater than or equal to 1"),
+        (
+            {"lora": {"rank": 4}},
+            ValueError,
+            r"unknown key method\.lora\.rank: 'rank' is not an option of method\.lora",
+        ),
+        ({"lr_prompt": -1.0}, ValueError, r"method\.lr_prompt=-1\.0 is not valid: .*greater than 0"),
+        ({"prompt": 3}, ValueError, r"method\.prompt=3 is not valid: .*PromptConfig"),
     ],
 )
 def test_bad_config_names_the_field(options: dict, error: type, match: str) -> None:

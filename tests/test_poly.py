@@ -58,10 +58,10 @@ def test_methods_md_worked_count_qwen_shape() -> None:
     ("options", "match"),
     [
         ({"n_splits": 3}, r"method\.n_splits=3 must divide"),
-        ({"r": 0}, r"method\.r must be a positive"),
-        ({"n_skills": 0}, r"method\.n_skills must be a positive"),
+        ({"r": 0}, r"method\.r=0 is not valid: .*greater than or equal to 1"),
+        ({"n_skills": 0}, r"method\.n_skills=0 is not valid"),
         ({"poly_type": "mhr"}, r"method\.poly_type='mhr' is not valid"),
-        ({"targets": []}, r"method\.targets must name"),
+        ({"targets": []}, r"method\.targets: must name at least one linear layer"),
     ],
 )
 def test_bad_config_names_the_field(options: dict, match: str) -> None:

@@ -94,10 +94,10 @@ def test_discovery_searches_directories_appended_to_the_path(
     tmp_path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (tmp_path / "plugin_probe.py").write_text(
-        "from dataclasses import dataclass\n"
         "from mtpeft.adapters.base import AdaptedModel, MethodConfig\n"
-        "from mtpeft.adapters.registry import register_method\n\n\n"
-        "@dataclass\nclass ProbeConfig(MethodConfig):\n    pass\n\n\n"
+        "from mtpeft.adapters.registry import register_method\n"
+        "from mtpeft.utils.schema import config_dataclass\n\n\n"
+        "@config_dataclass\nclass ProbeConfig(MethodConfig):\n    pass\n\n\n"
         '@register_method("plugin_probe")\nclass Probe(AdaptedModel):\n    config_class = ProbeConfig\n\n'
         "    def adapt(self) -> None:\n        pass\n"
     )

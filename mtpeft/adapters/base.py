@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mtpeft.adapters.task_context import task_id_scope
+from mtpeft.utils.schema import config_dataclass
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -48,9 +49,10 @@ class NotMergeableError(TypeError):
     """The method's update depends on the input (routing, modulation, prompts), so it is no weight delta."""
 
 
-@dataclasses.dataclass
+@config_dataclass
 class MethodConfig:
-    """Base class of method configs (dataclasses; fields documented where they are declared)."""
+    """Base class of method configs: ``@config_dataclass`` classes (`mtpeft.utils.schema`) whose typed fields
+    are documented where they are declared; building one validates it."""
 
 
 class AdaptedModel(nn.Module):

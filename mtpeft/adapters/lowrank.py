@@ -14,41 +14,45 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import field
+from typing import Annotated, Any
 
 import torch
+from pydantic import AfterValidator
 from torch import nn
 
 from mtpeft.adapters.base import MethodConfig
 from mtpeft.adapters.shapes import decoder_shape
+from mtpeft.utils.schema import Bool, Dropout, Float, PositiveInt, Str, config_dataclass
 
 ATTENTION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-@dataclass
+def _some_targets(targets: list[str]) -> list[str]:
+    if not targets:
+        raise ValueError("must name at least one linear layer, e.g. [q_proj, v_proj]")
+    return targets
+
+
+Targets = Annotated[list[Str], AfterValidator(_some_targets)]
+"""Leaf names (or full-match regular expressions) of the linears a method adapts; at least one."""
+
+
+@config_dataclass
 class LowRankConfig(MethodConfig):
     """Fields every low-rank method shares; method configs subclass this and add their own."""
 
-    r: int = 8
+    r: PositiveInt = 8
     """Rank of each low-rank update (MTL-LoRA README example and repo scripts: 8)."""
-    alpha: float = 16.0
+    alpha: Float = 16.0
     """Scale numerator: updates are multiplied by alpha / r (MTL-LoRA README example: 16)."""
-    dropout: float = 0.05
+    dropout: Dropout = 0.05
     """Dropout on the adapter input (MTL-LoRA scripts and MixLoRA README: 0.05)."""
-    targets: list[str] = field(default_factory=lambda: list(ATTENTION_TARGETS))
+    targets: Targets = field(default_factory=lambda: list(ATTENTION_TARGETS))
     """Linear layers to adapt (regular expressions matched in full against the leaf name); q,k,v,o
     as in the MTL-LoRA repo scripts."""
-    init_weights: bool = True
+    init_weights: Bool = True
     """True: the update starts at zero (identity at init). False: a random non-zero start, for tests."""
-
-    def __post_init__(self) -> None:
-        if self.r <= 0:
-            raise ValueError(f"method.r must be a positive integer, got {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"method.dropout must be in [0, 1), got {self.dropout}")
-        if not self.targets:
-            raise ValueError("method.targets must name at least one linear layer, e.g. [q_proj, v_proj]")
 
 
 def kaiming_uniform_(tensor: torch.Tensor) -> torch.Tensor:

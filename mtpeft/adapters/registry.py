@@ -9,17 +9,17 @@ adding a method needs no edit here. Nothing outside a method's own file ever bra
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import pkgutil
-import types
-import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic.dataclasses import is_pydantic_dataclass
+
 from mtpeft.adapters.base import AdaptedModel, MethodConfig, read_adapter_meta
 from mtpeft.utils.registry import Registry
+from mtpeft.utils.schema import parse
 
 if TYPE_CHECKING:
     import torch
@@ -52,8 +52,11 @@ def register_method(name: str) -> Callable[[type[AdaptedModel]], type[AdaptedMod
     def decorate(cls: type[AdaptedModel]) -> type[AdaptedModel]:
         if not name.isidentifier():
             raise ValueError(f"method name {name!r} must be a Python identifier")
-        if not dataclasses.is_dataclass(getattr(cls, "config_class", None)):
-            raise TypeError(f"{cls.__qualname__}.config_class must be a dataclass")
+        if not is_pydantic_dataclass(getattr(cls, "config_class", None)):
+            raise TypeError(
+                f"{cls.__qualname__}.config_class must be a @config_dataclass (mtpeft.utils.schema), so that "
+                "its options are validated"
+            )
         METHODS.register(name, cls)
         cls.method_name = name
         return cls
@@ -72,40 +75,14 @@ def get_method(name: str) -> type[AdaptedModel]:
 
 
 def parse_method_config(name: str, values: Mapping[str, Any]) -> MethodConfig:
-    """Build the typed config of method ``name`` from a plain mapping (e.g. a Hydra node).
+    """Build the typed config of method ``name`` from a mapping or a Hydra node.
 
-    Unknown keys and values of the wrong type are errors that name the key and the valid keys; each
-    config's ``__post_init__`` then checks ranges and cross-field constraints.
+    The method's ``@config_dataclass`` is the schema (`mtpeft.utils.schema`): unknown keys, wrong types
+    and out-of-range values are `ConfigError` (a ValueError) naming the dotted key
+    (``method.prompt.encoder.hidden``), ``conf/method/<name>.yaml`` and the valid keys or values; the
+    config's ``__post_init__`` adds the cross-field checks.
     """
-    return parse_dataclass(get_method(name).config_class, values, "method", f"conf/method/{name}.yaml")
-
-
-def parse_dataclass(cls: type, values: Any, where: str, source: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping; nested dataclass fields are parsed recursively.
-
-    Errors name the dotted key (``method.prompt.encoder.hidden``) and list the valid keys.
-    """
-    if isinstance(values, cls):
-        return values
-    if not isinstance(values, Mapping):
-        raise TypeError(f"{where} must be a mapping of options, got {values!r}")
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        place = f" ({source})" if source else ""
-        raise ValueError(
-            f"unknown key(s) {unknown} in {where}{place}; valid keys: {', '.join(sorted(fields))}"
-        )
-    hints = typing.get_type_hints(cls)
-    kwargs = {key: _coerce(value, hints[key], f"{where}.{key}") for key, value in values.items()}
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as err:
-        message = str(err)
-        if where == "method" or not message.startswith("method.") or message.startswith(where):
-            raise
-        # a reused top-level config (e.g. LoraMethodConfig nested as method.lora) names "method.<key>"
-        raise type(err)(where + message[len("method") :]) from err
+    return parse(get_method(name).config_class, values, "method", f"conf/method/{name}.yaml")
 
 
 def build_method(name: str, values: Mapping[str, Any], base_model: nn.Module, num_tasks: int) -> AdaptedModel:
@@ -134,48 +111,3 @@ def load_adapter(
     else:
         model.load_adapter_weights(directory)
     return model
-
-
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Check ``value`` against a simple type hint (int/float/bool/str/list/Literal/Optional)."""
-    if dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
-        return parse_dataclass(hint, value, where)
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin is typing.Literal:
-        if value not in args:
-            raise ValueError(f"{where}={value!r} is not valid; choose one of {list(args)}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, where)
-            except (TypeError, ValueError) as err:
-                errors.append(str(err))
-        raise TypeError(f"{where}={value!r} matches none of {hint}: {'; '.join(errors)}")
-    if origin in (list, tuple) or hint in (list, tuple):
-        if isinstance(value, str) or not hasattr(value, "__iter__"):
-            raise TypeError(f"{where} must be a list, got {value!r}")
-        inner = args[0] if args else Any
-        items = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if (origin is tuple or hint is tuple) else items
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise TypeError(f"{where} must be true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{where} must be an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise TypeError(f"{where} must be a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise TypeError(f"{where} must be a string, got {value!r}")
-        return value
-    return value

@@ -12,7 +12,6 @@ from mtpeft.adapters.registry import (
     build_method,
     get_method,
     load_adapter,
-    parse_dataclass,
     parse_method_config,
     register_method,
 )
@@ -24,7 +23,6 @@ __all__ = [
     "build_method",
     "get_method",
     "load_adapter",
-    "parse_dataclass",
     "parse_method_config",
     "register_method",
 ]

@@ -35,7 +35,7 @@ learned specific weights (docs/methods.md 6.2h). Sources: TaoSunVoyage/peft @ fd
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Literal
 
 import torch
@@ -44,52 +44,54 @@ from torch.distributions.relaxed_bernoulli import RelaxedBernoulli
 
 from mtpeft.adapters.base import AdaptedModel, MethodConfig
 from mtpeft.adapters.inject import find_modules, wrap_modules
-from mtpeft.adapters.lowrank import ATTENTION_TARGETS, LowRankLinear, require_task_ids, target_shapes
+from mtpeft.adapters.lowrank import (
+    ATTENTION_TARGETS,
+    LowRankLinear,
+    Targets,
+    require_task_ids,
+    target_shapes,
+)
 from mtpeft.adapters.registry import register_method
 from mtpeft.methods.poly import check_splits
+from mtpeft.utils.schema import Bool, NonNegativeInt, PositiveInt, config_dataclass
 
 EPS = 1e-12  # peft PolyRouter
 
 
-@dataclass
+@config_dataclass
 class CPolyConfig(MethodConfig):
-    r: int = 8
+    r: PositiveInt = 8
     """Rank of every skill (peft Poly default 8; the paper's rank is UNVERIFIED)."""
-    n_skills: int = 4
+    n_skills: NonNegativeInt = 4
     """K, shared skills per adapted linear (peft Poly default 4; docs/methods.md section 11 counts use 4)."""
-    n_specific_skills: int = 1
+    n_specific_skills: NonNegativeInt = 1
     """B, exclusive skills per task per adapted linear; 0 reduces to Poly ("B is set to 1 throughout the
     paper", ICLR 2024 review)."""
-    n_splits: int = 1
+    n_splits: PositiveInt = 1
     """H, heads of Multi-Head Routing (MHR); must divide d_in and d_out of every target (peft default 1)."""
     specific_weight: Literal["fixed", "learned_raw", "gumbel_sigmoid"] = "gumbel_sigmoid"
     """Weight of a task's own skills: ``fixed`` 1 (author's ``cpoly_simple``), ``learned_raw`` an
     unconstrained learned scalar starting at 1 (author's ``cpoly``, diagonal of its ``C`` only), or
     ``gumbel_sigmoid`` learned logits relaxed like the shared allocation (paper, per ICLR 2024 review)."""
-    normalize_jointly: bool = False
+    normalize_jointly: Bool = False
     """False: normalise the shared allocation over the K shared skills and add the specific weights
     unnormalised (author code). True: normalise shared and specific weights together over K + B (ours;
     the paper's normalisation is UNVERIFIED). Needs non-negative specific weights (not ``learned_raw``)."""
-    targets: list[str] = field(default_factory=lambda: list(ATTENTION_TARGETS))
+    targets: Targets = field(default_factory=lambda: list(ATTENTION_TARGETS))
     """Linear layers to adapt (regular expressions matched in full against the leaf name). The paper does
     not say (UNVERIFIED); q,k,v,o as the LoRA baseline (docs/methods.md 6.2c)."""
-    init_weights: bool = True
+    init_weights: Bool = True
     """True: every B = 0, identity at init (peft Poly). False: B Kaiming-uniform, a non-identity start."""
 
     def __post_init__(self) -> None:
-        for name, low in (("r", 1), ("n_skills", 0), ("n_specific_skills", 0), ("n_splits", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"method.{name} must be an integer >= {low}, got {value!r}")
+        """Cross-field checks (the layer prefixes the messages with ``method``)."""
         if self.n_skills + self.n_specific_skills == 0:
-            raise ValueError("method.n_skills + method.n_specific_skills must be >= 1 (no skills at all)")
+            raise ValueError("n_skills + n_specific_skills must be >= 1 (no skills at all)")
         if self.normalize_jointly and self.specific_weight == "learned_raw" and self.n_specific_skills:
             raise ValueError(
-                "method.normalize_jointly=true needs non-negative specific weights; "
-                "method.specific_weight=learned_raw is unconstrained (use fixed or gumbel_sigmoid)"
+                "normalize_jointly=true needs non-negative specific weights; "
+                "specific_weight=learned_raw is unconstrained (use fixed or gumbel_sigmoid)"
             )
-        if not self.targets:
-            raise ValueError("method.targets must name at least one linear layer, e.g. [q_proj, v_proj]")
 
     @property
     def learned_specific(self) -> bool:

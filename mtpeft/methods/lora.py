@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,13 +34,14 @@ from mtpeft.adapters.inject import find_modules
 from mtpeft.adapters.lowrank import LowRankConfig
 from mtpeft.adapters.registry import register_method
 from mtpeft.adapters.shapes import DecoderShape, decoder_shape
+from mtpeft.utils.schema import Bool, config_dataclass
 
 
-@dataclass
+@config_dataclass
 class LoraMethodConfig(LowRankConfig):
     """r, alpha, dropout, targets and init_weights as every low-rank method (`LowRankConfig`), plus:"""
 
-    use_rslora: bool = False
+    use_rslora: Bool = False
     """Rank-stabilised scale alpha / sqrt(r) (Kalajdzievski, 2023)."""
 
 

@@ -22,7 +22,6 @@ Source: pUmpKin-Co/MTL-LoRA @ 7848a70, ``src/adapter/mlora.py`` (``mLoRALinear``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -39,25 +38,19 @@ from mtpeft.adapters.lowrank import (
     target_shapes,
 )
 from mtpeft.adapters.registry import register_method
+from mtpeft.utils.schema import PositiveFloat, PositiveInt, config_dataclass
 
 
-@dataclass
+@config_dataclass
 class MTLLoRAConfig(LowRankConfig):
-    num_up: int = 3
+    num_up: PositiveInt = 3
     """n, the number of shared up-projections B_i (reference script ``num_B 3``)."""
-    tau: float = 0.1
+    tau: PositiveFloat = 0.1
     """Temperature of the per-task softmax over the B_i (reference script ``temperature 0.1``)."""
     lambda_format: Literal["full", "diag"] = "full"
     """Λ_t as a full r×r matrix (reference script, ``diagonal_format=False``) or a diagonal (AdapterHub)."""
     init_w: Literal["kaiming", "ones"] = "kaiming"
     """Init of the mixing logits w: Kaiming-uniform as the reference code, or ones (uniform, AdapterHub)."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.num_up < 1:
-            raise ValueError(f"method.num_up must be >= 1, got {self.num_up}")
-        if not self.tau > 0:
-            raise ValueError(f"method.tau must be > 0 (softmax temperature), got {self.tau}")
 
 
 class MTLLoRALinear(LowRankLinear):

@@ -20,7 +20,6 @@ docs/methods.md 5h. Source: pUmpKin-Co/MTL-LoRA @ 7848a70, ``src/adapter/multilo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -30,19 +29,15 @@ from mtpeft.adapters.base import AdaptedModel
 from mtpeft.adapters.inject import wrap_modules
 from mtpeft.adapters.lowrank import LowRankConfig, LowRankLinear, kaiming_uniform_, target_shapes
 from mtpeft.adapters.registry import register_method
+from mtpeft.utils.schema import PositiveInt, config_dataclass
 
 
-@dataclass
+@config_dataclass
 class MultiLoRAConfig(LowRankConfig):
-    num_loras: int = 3
+    num_loras: PositiveInt = 3
     """n, the number of parallel LoRAs (MTL-LoRA repo baseline ``lora_num 3``; the paper's n UNVERIFIED)."""
     scale_granularity: Literal["channel", "module"] = "channel"
     """σ_i per output channel (reference re-implementation) or one scalar per LoRA (docs/methods.md 5i)."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.num_loras < 1:
-            raise ValueError(f"method.num_loras must be >= 1, got {self.num_loras}")
 
 
 class MultiLoRALinear(LowRankLinear):

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from mtpeft.adapters.base import AdaptedModel, MethodConfig
 from mtpeft.adapters.registry import register_method
+from mtpeft.utils.schema import config_dataclass
 
 
-@dataclass
+@config_dataclass
 class NoneConfig(MethodConfig):
     """No options: nothing is trained."""
 

@@ -25,7 +25,7 @@ Source: huggingface/peft ``src/peft/tuners/poly/{config,router,layer,model}.py``
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Literal
 
 import torch
@@ -38,34 +38,27 @@ from torch.distributions.relaxed_bernoulli import RelaxedBernoulli
 
 from mtpeft.adapters.base import AdaptedModel, MethodConfig
 from mtpeft.adapters.inject import find_modules
-from mtpeft.adapters.lowrank import ATTENTION_TARGETS, target_shapes
+from mtpeft.adapters.lowrank import ATTENTION_TARGETS, Targets, target_shapes
 from mtpeft.adapters.registry import register_method
+from mtpeft.utils.schema import Bool, PositiveInt, config_dataclass
 
 
-@dataclass
+@config_dataclass
 class PolyMethodConfig(MethodConfig):
-    r: int = 8
+    r: PositiveInt = 8
     """Rank of every skill (peft ``PolyConfig.r`` default 8)."""
-    n_skills: int = 4
+    n_skills: PositiveInt = 4
     """K, the skills (LoRAs) in each adapted linear (peft default 4)."""
-    n_splits: int = 1
+    n_splits: PositiveInt = 1
     """H, heads of Multi-Head Routing; 1 is Poly, > 1 is MHR. Must divide d_in and d_out of every target
     (peft default 1)."""
     poly_type: Literal["poly"] = "poly"
     """Router variant; peft implements only ``poly`` (Gumbel-sigmoid allocation per task)."""
-    targets: list[str] = field(default_factory=lambda: list(ATTENTION_TARGETS))
+    targets: Targets = field(default_factory=lambda: list(ATTENTION_TARGETS))
     """Linear layers to adapt (regular expressions matched in full against the leaf name). q,k,v,o as the
     LoRA baseline and C-Poly, so the comparison is like for like (peft's Llama default is q,v)."""
-    init_weights: bool = True
+    init_weights: Bool = True
     """True: B = 0, identity at init (peft default). False: B Kaiming-uniform, a non-identity start."""
-
-    def __post_init__(self) -> None:
-        for name in ("r", "n_skills", "n_splits"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"method.{name} must be a positive integer, got {value!r}")
-        if not self.targets:
-            raise ValueError("method.targets must name at least one linear layer, e.g. [q_proj, v_proj]")
 
 
 class TraceablePolyRouter(PolyRouter):

@@ -24,6 +24,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import re
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -39,6 +40,7 @@ from pydantic import (
     ValidationError,
     validate_call,
 )
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -65,6 +67,19 @@ NonNegativeFloat = Annotated[float, Strict(), Field(ge=0)]
 """A number >= 0."""
 UnitFloat = Annotated[float, Strict(), Field(ge=0, le=1)]
 """A number in [0, 1] (a probability or a share)."""
+Dropout = Annotated[float, Strict(), Field(ge=0, lt=1)]
+"""A dropout probability in [0, 1)."""
+
+METHOD_CONFIG = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+"""Model config of method configs: unknown keys are errors; the instances stay mutable dataclasses."""
+
+
+def config_dataclass(cls: type[T]) -> type[T]:
+    """Class decorator for a method's config: a pydantic dataclass (``METHOD_CONFIG``) whose annotations
+    (the strict types above, ``Literal``, nested config dataclasses) are checked whenever it is built,
+    from a YAML node through ``parse`` or directly in Python; ``__post_init__`` keeps the cross-field
+    checks, raising ValueError with the fields' names (the key path is prefixed by the layer)."""
+    return pydantic_dataclass(cls, config=METHOD_CONFIG)
 
 
 class ConfigError(ValueError):
@@ -192,10 +207,11 @@ def _problem(error: Mapping[str, Any], cls: Any, where: str, extra_keys: tuple[s
     if kind in ("extra_forbidden", "unexpected_keyword_argument"):
         parent_segments, parent = _walk(cls, error["loc"][:-1])
         valid = [*field_names(parent), *(extra_keys if not parent_segments else ())]
-        key = str(segments[-1]) if segments else path
+        key, node_path = str(segments[-1]) if segments else path, dotted(where, parent_segments)
+        listed = ", ".join(sorted(valid)) or "none (it takes no options)"
         return (
-            f"unknown key {path}{did_you_mean(key, valid)}; valid keys of "
-            f"{dotted(where, parent_segments)}: {', '.join(sorted(valid))}"
+            f"unknown key {path}: {key!r} is not an option of {node_path}{did_you_mean(key, valid)}; "
+            f"valid keys: {listed}"
         )
     if kind in ("missing", "missing_argument", "missing_keyword_only_argument"):
         return f"{path} is required"
@@ -203,6 +219,9 @@ def _problem(error: Mapping[str, Any], cls: Any, where: str, extra_keys: tuple[s
     for prefix in ("Value error, ", "Assertion failed, "):
         message = message.removeprefix(prefix)
     if kind in ("value_error", "assertion_error"):
+        first = re.match(r"[A-Za-z_]\w*", message)
+        if first and first.group() in field_names(node):  # a cross-field check naming its first field
+            return f"{path}.{message}"
         return f"{path}: {message}"
     value = error.get("input")
     if isinstance(value, bool) and kind in ("int_type", "float_type"):

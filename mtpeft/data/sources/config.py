@@ -254,7 +254,7 @@ def parse_source(raw: Any, label: str, key: str | None = None) -> SourceConfig:
     try:
         cfg = parse(SourceConfig, common, label, extra_keys=fmt.options)
     except ConfigError as err:
-        if not re.match(rf"unknown key {re.escape(label)}\.\w+[ ;]", str(err)):
+        if not re.match(rf"unknown key {re.escape(label)}\.\w+:", str(err)):
             raise
         own = ", ".join(fmt.options) or "none"
         raise ConfigError(f"{err} (format {fmt.name!r}; its own options: {own})") from None

@@ -6,21 +6,20 @@ docs/methods.md section 2(i) for the behaviours of that code which the defaults 
 
 from __future__ import annotations
 
-import typing
-from dataclasses import dataclass
 from typing import Literal
 
 from mtpeft.adapters.base import MethodConfig
+from mtpeft.utils.schema import Bool, NonNegativeFloat, PositiveFloat, PositiveInt, config_dataclass
 
 
-@dataclass
+@config_dataclass
 class HyCAMConfig(MethodConfig):
-    num_specialised: int = 4
+    num_specialised: PositiveInt = 4
     """N_s, specialised low-rank CAMs per layer (reference ``--multi_classes``, argparse default 2; the
     paper's value is unverified; ours: 4, the docs/methods.md 2(h) example)."""
-    rank: int = 8
+    rank: PositiveInt = 8
     """r of each specialised CAM (reference ``--lora_dim``, default 0 crashes; ours: 8, as the LoRA baseline)."""
-    alpha: float = 32.0
+    alpha: PositiveFloat = 32.0
     """Scale numerator, c = alpha / r (reference code: ``lora_alpha = 32`` hard-coded)."""
     apply_to: Literal["residual_sum", "attn_output"] = "residual_sum"
     """Where m acts. ``residual_sum``: h' = (h + a) ⊙ m (reference code, the only verified form, default for
@@ -29,26 +28,26 @@ class HyCAMConfig(MethodConfig):
     """``hard_gumbel``: one CAM per token, straight-through Gumbel-softmax (reference code, ``hard=True``);
     ``soft_gumbel``: Gumbel-softmax weights over all CAMs (README/paper: "soft routing");
     ``softmax``: softmax(z / tau) without noise (ours)."""
-    tau: float = 0.5
+    tau: PositiveFloat = 0.5
     """Gumbel-softmax / softmax temperature (reference code: 0.5)."""
-    eval_noise: bool = False
+    eval_noise: Bool = False
     """Draw Gumbel noise in eval mode too (true = reference code, stochastic inference). False (ours):
     deterministic eval routing, argmax one-hot for ``hard_gumbel``, softmax(z / tau) otherwise."""
-    balance_coef: float = 0.01
+    balance_coef: NonNegativeFloat = 0.01
     """λ of the load-balancing loss L_bal = Σ_k mean(p_k)·mean(softmax(z)_k) over non-padding tokens of all
     layers (README formula; never added to the loss in the reference code, λ unverified). Ours: 0.01, the
     Switch/Mixtral/MixLoRA coefficient; 0 disables it."""
-    router_trainable: bool = True
+    router_trainable: Bool = True
     """Train the router (paper). False reproduces the reference code, whose router matches none of the
     trainable-name substrings and stays at its random init (the router is still saved with the adapter)."""
-    train_layernorms: bool = False
+    train_layernorms: Bool = False
     """Also train the input / post-attention RMSNorm weights, 2·d·L parameters (true = reference code,
     substring ``layernorm``; ours: false, not part of the CAM design)."""
-    use_shared: bool = True
+    use_shared: Bool = True
     """Shared full-rank CAM (paper). False: specialised-only ablation, m = 1 + Σ_k g_k m_k (ours)."""
-    use_specialised: bool = True
+    use_specialised: Bool = True
     """Specialised CAMs and their router (paper). False: shared-only ablation, m = m_shared (ours)."""
-    bias: bool = True
+    bias: Bool = True
     """Biases on the shared and specialised CAM projections (reference ``use_CAM_Bias``, on by default).
     The router always has a bias (reference ``nn.Linear(d, N_s)``)."""
     dispatch: Literal["sparse", "dense"] = "sparse"
@@ -56,32 +55,14 @@ class HyCAMConfig(MethodConfig):
     scatter-add); same forward and CAM gradients as ``dense``, but the router's straight-through
     gradient comes only from the selected CAM's gate. ``dense``: all N_s CAMs on every token, masked by the
     one-hot (reference code; exact straight-through router gradient, N_s times the cost)."""
-    init_weights: bool = True
+    init_weights: Bool = True
     """True: zero shared weight and zero B, so m = 1 at init (reference ``load_CAM_model``). False (ours,
     for tests): Kaiming-uniform shared weight and B, a non-identity start."""
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for name in ("apply_to", "routing", "dispatch"):
-            valid = typing.get_args(hints[name])
-            if getattr(self, name) not in valid:
-                raise ValueError(
-                    f"method.{name}={getattr(self, name)!r} is not valid; choose one of {list(valid)}"
-                )
-        for name in ("num_specialised", "rank"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"method.{name} must be a positive integer, got {value!r}")
-        if not self.tau > 0:
-            raise ValueError(f"method.tau must be > 0, got {self.tau}")
-        if not self.alpha > 0:
-            raise ValueError(f"method.alpha must be > 0, got {self.alpha}")
-        if not self.balance_coef >= 0:
-            raise ValueError(f"method.balance_coef must be >= 0, got {self.balance_coef}")
+        """Cross-field check (the layer prefixes the message with ``method``)."""
         if not (self.use_shared or self.use_specialised):
-            raise ValueError(
-                "method.use_shared and method.use_specialised are both false: enable at least one"
-            )
+            raise ValueError("use_shared and use_specialised are both false: enable at least one")
 
     @property
     def scale(self) -> float:
