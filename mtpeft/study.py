@@ -119,15 +119,43 @@ class Study:
         return {ALIASES.get(k, k): list(v) for k, v in grid.items()}
 
 
-def split_list(value: Any) -> list[str]:
-    """``"a,b,c"`` (a sweeper param) -> ``["a", "b", "c"]``; a single value -> a one-item list."""
-    return [part.strip() for part in str(value).split(",") if part.strip()]
-
-
 def _parse(override: str) -> Any:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     return OverridesParser.create().parse_overrides([override])[0]
+
+
+def sweep_jobs(params: Sequence[str], conf_dir: Path = CONF_DIR) -> list[list[str]]:
+    """The override list of every job a sweep over ``params`` (``key=value`` texts: a study's
+    ``hydra.sweeper.params`` then the command line's overrides) launches, as Hydra's basic sweeper expands
+    them: ``a,b`` and ``range(...)`` sweep their values, ``glob(*,exclude=[none])`` the matching files of
+    the config group (``conf/<group>/*.yaml``, sorted; presets in sub-folders are not options), and a
+    later override of the same key replaces an earlier one."""
+    from hydra import initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(conf_dir)):
+            parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+            (jobs,) = BasicSweeper.split_arguments(parser.parse_overrides(list(params)), None)
+    finally:
+        GlobalHydra.instance().clear()
+    return jobs
+
+
+def sweep_values(key: str, value: Any, conf_dir: Path = CONF_DIR) -> list[str]:
+    """The values sweeper param ``key: value`` takes (see `sweep_jobs`), in launch order."""
+    prefix = f"{key}="
+    return [job[0].removeprefix(prefix) for job in sweep_jobs([f"{key}={value}"], conf_dir)]
+
+
+def sweeper_params(cfg: DictConfig) -> list[str]:
+    """A composed study's ``hydra.sweeper.params`` as ``key=value`` override texts."""
+    params = cfg.hydra.sweeper.get("params") or {}
+    return [f"{key}={value}" for key, value in params.items()]
 
 
 def _is_sweep(override: str) -> bool:
@@ -154,10 +182,8 @@ def split_overrides(overrides: Sequence[str]) -> Overrides:
     for text in overrides:
         override = _parse(text)
         key = override.key_or_group
-        if key == "method" and override.is_sweep_override():
-            result.methods = [str(v) for v in override.sweep_string_iterator()]
-        elif key == "method":
-            result.methods = [override.get_value_element_as_str()]
+        if key == "method":
+            result.methods = sweep_values("method", text.split("=", 1)[1])
         elif key == "seed":
             result.seeds.append(text)
         elif key.split(".")[0] in RUNNER_KEYS:
@@ -212,7 +238,7 @@ def load_study(name: str, overrides: Sequence[str] = (), conf_dir: Path = CONF_D
     }
     study = Study(
         name=name,
-        methods=split_list(params["method"]),
+        methods=sweep_values("method", params["method"], conf_dir),
         log_dir=Path(str(cfg.paths.log_dir)).resolve(),
         task_name=str(cfg.task_name),
         published_dir=study_roots(cfg)[1],

