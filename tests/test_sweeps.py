@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 
 from mtpeft.methods import available_methods
 from mtpeft.results import main as results_main
+from mtpeft.study import compose_study, load_study, split_overrides, sweep_jobs, sweep_values, sweeper_params
 from mtpeft.utils.callbacks import FailOnNonFiniteLoss, TrainingDiverged
 from mtpeft.utils.confighash import config_hash, job_hash, package_digest, run_inputs
 from mtpeft.utils.sweep import SweepReport, find_finished, running_record
@@ -320,11 +321,31 @@ def test_non_finite_loss_fails_the_run(value: float) -> None:
         callback.on_train_batch_end(Trainer(), None, {"loss": torch.tensor(value)}, None, 0)
 
 
-def test_methods_study_covers_every_registered_method(tmp_path: Path) -> None:
-    cfg = compose_train(["experiment=methods_mix3"], tmp_path)
-    study = OmegaConf.load(CONF_DIR / "experiment" / "methods_mix3.yaml")
-    assert sorted(study.hydra.sweeper.params.method.split(",")) == sorted(available_methods())
-    assert cfg.task_name == "methods_mix3"
+@pytest.mark.parametrize("study", ["methods_mix3", "methods_mix3_tuned"])
+def test_methods_study_sweeps_every_registered_method(study: str, tmp_path: Path) -> None:
+    """The study lists no method: ``method: glob(*)`` launches every registered method x every seed, so a
+    new method (its module + ``conf/method/<name>.yaml``) joins the study without an edit here."""
+    cfg = compose_train([f"experiment={study}"], tmp_path)
+    params = OmegaConf.load(CONF_DIR / "experiment" / f"{study}.yaml").hydra.sweeper.params
+    assert params.method.startswith("glob(")
+    jobs = sweep_jobs(sweeper_params(compose_study(study)))
+    expected = [[f"method={m}", f"seed={s}"] for m in available_methods() for s in (0, 1, 2)]
+    assert sorted(map(sorted, jobs)) == sorted(map(sorted, expected))
+    assert cfg.task_name == study
+
+
+def test_sweep_jobs_expand_like_hydras_basic_sweeper() -> None:
+    """``a,b`` and ``glob`` (with ``exclude``, options of the config group only: presets in sub-folders
+    such as ``method/moe_lora/`` are no options) cross like Hydra's sweeps; a later key replaces."""
+    trained = [m for m in available_methods() if m != "none"]
+    assert sweep_values("method", "glob(*,exclude=none)") == trained
+    assert sweep_values("method", "glob(*)") == available_methods()
+    assert sweep_values("method", "glob([lora,poly])") == ["lora", "poly"]
+    assert sweep_values("method", "lora") == ["lora"]
+    assert sweep_jobs(["method=glob(mtl*)", "seed=0,1", "seed=2"]) == [["method=mtl_lora", "seed=2"]]
+    # the study runner reads its methods the same way, from the config and from the command line
+    assert load_study("capacity").methods == trained
+    assert split_overrides(["method=glob(*,exclude=none)"]).methods == trained
 
 
 @pytest.mark.parametrize("study", ["methods_mix3", "temperature", "base_models", "hycam_ablation"])
