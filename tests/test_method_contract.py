@@ -1,228 +1,529 @@
-"""The contract every registered method satisfies, on tiny Llama / Qwen2 / Mistral models.
+"""The contract every registered method satisfies, for several variants of each (peft's
+``test_custom_models.py``: a list of cases crossed with the common checks of ``tests/contract.py``).
 
-Adding a method to the suite is one line in ``CASES``: options for a small config and, for
-identity-initialised methods, the options that switch the identity init off.
+A case is a method, its options, the options that switch its identity init off, invalid options with the
+field their error must name, and its trainable-parameter count by hand from docs/methods.md on the tiny
+Llama shape (d = 32, d_kv = 16 with GQA, d_ff = 64, L = 2). Adding a method is one `Case` line; a variant
+that matters (another gate, dispatch, placement) is another. The first case of each method is its fast
+representative: the expensive checks (loss decreases, bf16 generation) and the other architectures run on
+every case only in ``make test-full`` (``slow``).
 """
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
-import torch
+import yaml
 
-from mtpeft.methods import available_methods, build_method, load_adapter
-from tests.conftest import ARCHS, make_tiny_base
+from mtpeft.methods import available_methods, build_method
+from tests import contract
+from tests.conftest import ARCHS, CONF_DIR, make_tiny_base
+from tests.contract import Case
 
-NUM_TASKS = 3
+L = 2  # decoder layers of the tiny models
+QKVO = {"q_proj": (32, 32), "k_proj": (32, 16), "v_proj": (32, 16), "o_proj": (32, 32)}  # (d_in, d_out)
+MLP = {"gate_proj": (32, 64), "up_proj": (32, 64), "down_proj": (64, 32)}
+SHAPES = {**QKVO, **MLP}
+RANDOM_INIT = {"init_weights": False}
 
 
-@dataclass
-class Case:
-    options: dict = field(default_factory=dict)
-    non_identity: dict | None = None  # options that make the init non-identity (None: not applicable)
+def per_linear(formula, targets=tuple(QKVO)) -> int:
+    """``L · Σ_targets formula(d_in, d_out)``: the per-adapted-linear counts of docs/methods.md."""
+    return L * sum(formula(*SHAPES[t]) for t in targets)
 
 
-CASES: dict[str, Case] = {
-    "none": Case(),
-    "lora": Case({"r": 4}, {"init_weights": False}),
-    "hycam": Case({"rank": 4, "num_specialised": 2}, {"init_weights": False}),
-    "mtl_lora": Case({"r": 4}, {"init_weights": False}),
-    "multilora": Case({"r": 4}, {"init_weights": False}),
-    "moe_lora": Case({"r": 4}, {"init_weights": False}),
-    "poly": Case({"r": 4}, {"init_weights": False}),
-    "cpoly": Case({"r": 4}, {"init_weights": False}),
-    "peml": Case({"lora": {"r": 4}}),
-}
+def hycam_count(n=2, r=4, bias=True, shared=True, specialised=True, router=True, norms=False, d=32) -> int:
+    """docs/methods.md 2(h): L [(d² + d) + N_s (2dr + r² + 2r + d) + (d N_s + N_s) + 2d], terms per switch."""
+    b = int(bias)
+    layer = (d * d + b * d) * shared
+    layer += (n * (2 * d * r + r * r + b * (2 * r + d)) + (d * n + n) * router) * specialised
+    return L * (layer + 2 * d * norms)
+
+
+def peml_count(seeds: int, encoder: int, r: int = 4) -> int:
+    """docs/methods.md 8(h): seeds + encoder + LoRA on q, k, v, o."""
+    return seeds + encoder + per_linear(lambda i, o: r * (i + o))
+
+
+def mlp_encoder(e: int, h: int, out: int) -> int:
+    """The 3-linear P-tuning MLP e -> h -> h -> out, with biases."""
+    return e * h + h + h * h + h + h * out + out
+
+
+def preset(path: str) -> dict:
+    """The options a method preset file sets (``conf/method/<path>.yaml`` without its defaults list)."""
+    options = yaml.safe_load((CONF_DIR / "method" / f"{path}.yaml").read_text())
+    options.pop("defaults", None)
+    return options
+
+
+LOWRANK_BAD = (({"r": 0}, "r"), ({"dropout": 1.0}, "dropout"), ({"targets": []}, "targets"))
+
+CASES: list[Case] = [
+    Case("none", parameters=0, bad_configs=(({"r": 4}, "r"),)),
+    # -- LoRA (docs/methods.md 3h: r (d_in + d_out) per linear)
+    Case(
+        "lora",
+        {"r": 4},
+        non_identity=RANDOM_INIT,
+        parameters=per_linear(lambda i, o: 4 * (i + o)),
+        bad_configs=(
+            ({"rank": 4}, "rank"),
+            ({"r": "8"}, "r"),
+            *LOWRANK_BAD,
+            ({"use_rslora": 1}, "use_rslora"),
+        ),
+    ),
+    Case(
+        "lora",
+        {"r": 2, "targets": list(MLP), "use_rslora": True},
+        "mlp_rslora",
+        non_identity=RANDOM_INIT,
+        parameters=per_linear(lambda i, o: 2 * (i + o), MLP),
+    ),
+    # -- HyCAM (docs/methods.md 2h)
+    Case(
+        "hycam",
+        {"rank": 4, "num_specialised": 2},
+        non_identity=RANDOM_INIT,
+        parameters=hycam_count(),
+        bad_configs=(
+            ({"rank": 0}, "rank"),
+            ({"num_specialised": 0}, "num_specialised"),
+            ({"tau": 0.0}, "tau"),
+            ({"apply_to": "ffn_output"}, "apply_to"),
+            ({"routing": "top2"}, "routing"),
+            ({"dispatch": "grouped"}, "dispatch"),
+            ({"use_shared": False, "use_specialised": False}, "use_shared"),
+            ({"balance_coef": -1.0}, "balance_coef"),
+        ),
+    ),
+    Case(
+        "hycam",
+        {"rank": 4, "num_specialised": 2, "dispatch": "dense"},
+        "dense",
+        RANDOM_INIT,
+        parameters=hycam_count(),
+    ),
+    Case(
+        "hycam",
+        {"rank": 4, "num_specialised": 3, "routing": "softmax", "tau": 0.7},
+        "softmax",
+        RANDOM_INIT,
+        parameters=hycam_count(n=3),
+    ),
+    Case(
+        "hycam",
+        {"rank": 4, "num_specialised": 2, "routing": "soft_gumbel", "apply_to": "attn_output", "bias": False},
+        "attn_output",
+        RANDOM_INIT,
+        parameters=hycam_count(bias=False),
+    ),
+    Case(
+        "hycam",
+        {"rank": 4, "num_specialised": 2, "router_trainable": False, "train_layernorms": True},
+        "reference",
+        RANDOM_INIT,
+        parameters=hycam_count(router=False, norms=True),
+    ),
+    Case(
+        "hycam",
+        {"use_specialised": False},
+        "shared_only",
+        RANDOM_INIT,
+        parameters=hycam_count(specialised=False),
+    ),
+    Case(
+        "hycam",
+        {"use_shared": False, "num_specialised": 3, "rank": 2},
+        "specialised_only",
+        RANDOM_INIT,
+        parameters=hycam_count(n=3, r=2, shared=False),
+    ),
+    # -- MTL-LoRA (docs/methods.md 4h: r d_in + T r² (diag: T r) + n r d_out + T n per linear)
+    Case(
+        "mtl_lora",
+        {"r": 4},
+        non_identity=RANDOM_INIT,
+        parameters=per_linear(lambda i, o: 4 * i + 3 * 16 + 3 * 4 * o + 3 * 3),
+        bad_configs=(
+            ({"num_up": 0}, "num_up"),
+            ({"tau": 0.0}, "tau"),
+            ({"lambda_format": "lower"}, "lambda_format"),
+            ({"init_w": "zeros"}, "init_w"),
+            ({"temperature": 0.1}, "temperature"),
+            *LOWRANK_BAD,
+        ),
+    ),
+    Case(
+        "mtl_lora",
+        {"r": 4, "num_up": 2, "lambda_format": "diag"},
+        "diag",
+        RANDOM_INIT,
+        parameters=per_linear(lambda i, o: 4 * i + 2 * 4 + 2 * 4 * o + 2 * 2),
+        num_tasks=2,
+    ),
+    Case(
+        "mtl_lora",
+        {"r": 2, "num_up": 5, "targets": ["q_proj", "v_proj", "up_proj", "down_proj"]},
+        "mlp",
+        RANDOM_INIT,
+        parameters=per_linear(
+            lambda i, o: 2 * i + 4 * 4 + 5 * 2 * o + 4 * 5, ["q_proj", "v_proj", "up_proj", "down_proj"]
+        ),
+        num_tasks=4,
+    ),
+    # -- MultiLoRA (docs/methods.md 5h: n r (d_in + d_out) + n d_out per linear; n per linear per module)
+    Case(
+        "multilora",
+        {"r": 4},
+        non_identity=RANDOM_INIT,
+        parameters=per_linear(lambda i, o: 3 * 4 * (i + o) + 3 * o),
+        bad_configs=(
+            ({"num_loras": 0}, "num_loras"),
+            ({"scale_granularity": "row"}, "scale_granularity"),
+            ({"n": 3}, "n"),
+            *LOWRANK_BAD,
+        ),
+    ),
+    Case(
+        "multilora",
+        {"r": 2, "num_loras": 1, "scale_granularity": "module"},
+        "module",
+        RANDOM_INIT,
+        parameters=per_linear(lambda i, o: 2 * (i + o) + 1),
+    ),
+    Case(
+        "multilora",
+        {"r": 4, "num_loras": 4, "targets": ["k_proj", "gate_proj", "down_proj"]},
+        "mlp",
+        RANDOM_INIT,
+        parameters=per_linear(lambda i, o: 4 * 4 * (i + o) + 4 * o, ["k_proj", "gate_proj", "down_proj"]),
+    ),
+    # -- MoE-LoRA (docs/methods.md 7h: token router E r_e (d_in + d_out) + E d_in per linear;
+    #    task gate E r_e (d_in + d_out) per linear + (T + 1) te + te E for the model)
+    Case(
+        "moe_lora",
+        {"r": 4},
+        non_identity=RANDOM_INIT,
+        parameters=per_linear(lambda i, o: 4 * 4 * (i + o) + 4 * i),
+        bad_configs=(
+            ({"top_k": 5}, "top_k"),
+            ({"top_k": 0}, "top_k"),
+            ({"num_experts": 0, "top_k": 0}, "num_experts"),
+            ({"r": 6, "expert_rank": "r/E"}, "expert_rank"),
+            ({"expert_rank": "r*E"}, "expert_rank"),
+            ({"gate_input": "sample"}, "gate_input"),
+            ({"balance_loss_coef": -0.1}, "balance_loss_coef"),
+            ({"task_embedding_dim": 0}, "task_embedding_dim"),
+            ({"dispatch": "grouped"}, "dispatch"),
+            ({"expert_init": "xavier"}, "expert_init"),
+            ({"balance_scope": "layer"}, "balance_scope"),
+        ),
+    ),
+    Case(
+        "moe_lora",
+        {"r": 4, "dispatch": "sparse", "balance_scope": "router", "router_z_loss_coef": 0.01},
+        "sparse",
+        RANDOM_INIT,
+        parameters=per_linear(lambda i, o: 4 * 4 * (i + o) + 4 * i),
+    ),
+    Case(
+        "moe_lora",
+        {"r": 4, "expert_rank": "r/E"},
+        "rank_split",
+        RANDOM_INIT,
+        parameters=per_linear(lambda i, o: 4 * 1 * (i + o) + 4 * i),
+    ),
+    Case(
+        "moe_lora",
+        {"r": 4, "top_k": 4},
+        "top_k_all",
+        RANDOM_INIT,
+        parameters=per_linear(lambda i, o: 4 * 4 * (i + o) + 4 * i),
+    ),
+    Case(
+        "moe_lora",
+        {"r": 4, "gate_input": "task", "task_embedding_dim": 16},
+        "task_gate",
+        RANDOM_INIT,
+        parameters=per_linear(lambda i, o: 4 * 4 * (i + o)) + (3 + 1) * 16 + 16 * 4,
+    ),
+    Case(
+        "moe_lora",
+        preset("moe_lora/moelora"),
+        "moelora",
+        RANDOM_INIT,
+        parameters=per_linear(lambda i, o: 4 * 2 * (i + o)) + (3 + 1) * 64 + 64 * 4,
+    ),
+    Case(
+        "moe_lora",
+        {"r": 4, "num_experts": 2, "top_k": 1, "targets": ["q_proj", "gate_proj", "up_proj", "down_proj"]},
+        "top_1_mlp",
+        RANDOM_INIT,
+        parameters=per_linear(
+            lambda i, o: 2 * 4 * (i + o) + 2 * i, ["q_proj", "gate_proj", "up_proj", "down_proj"]
+        ),
+    ),
+    # -- Poly / MHR (docs/methods.md 6.1h: K r (d_in + d_out) + T H K per linear)
+    Case(
+        "poly",
+        {"r": 4},
+        non_identity=RANDOM_INIT,
+        parameters=per_linear(lambda i, o: 4 * 4 * (i + o) + 3 * 1 * 4),
+        bad_configs=(
+            ({"n_splits": 3}, "n_splits"),
+            ({"r": 0}, "r"),
+            ({"n_skills": 0}, "n_skills"),
+            ({"poly_type": "mhr"}, "poly_type"),
+            ({"targets": []}, "targets"),
+        ),
+    ),
+    Case(
+        "poly",
+        {"r": 2, "n_skills": 3, "n_splits": 2},
+        "mhr_one_task",
+        RANDOM_INIT,
+        parameters=per_linear(lambda i, o: 3 * 2 * (i + o) + 1 * 2 * 3),
+        num_tasks=1,
+    ),
+    Case(
+        "poly",
+        {"r": 4, "n_skills": 2, "n_splits": 4, "targets": ["q_proj", "v_proj", "down_proj"]},
+        "mhr_mlp",
+        RANDOM_INIT,
+        parameters=per_linear(lambda i, o: 2 * 4 * (i + o) + 5 * 4 * 2, ["q_proj", "v_proj", "down_proj"]),
+        num_tasks=5,
+    ),
+    # -- C-Poly (docs/methods.md 6.2h: (K + T B) r (d_in + d_out) + T H K per linear, + T B learned weights)
+    Case(
+        "cpoly",
+        {"r": 4},
+        non_identity=RANDOM_INIT,
+        parameters=per_linear(lambda i, o: (4 + 3 * 1) * 4 * (i + o) + 3 * 1 * 4 + 3 * 1),
+        bad_configs=(
+            ({"n_splits": 3}, "n_splits"),
+            ({"n_skills": -1}, "n_skills"),
+            ({"n_skills": 0, "n_specific_skills": 0}, "n_skills"),
+            ({"specific_weight": "raw"}, "specific_weight"),
+            ({"specific_weight": "learned_raw", "normalize_jointly": True}, "normalize_jointly"),
+            ({"r": 2.5}, "r"),
+            ({"targets": []}, "targets"),
+        ),
+    ),
+    Case(
+        "cpoly",
+        {"r": 4, "n_splits": 2, "n_specific_skills": 2, "specific_weight": "learned_raw"},
+        "mhr_learned_raw",
+        RANDOM_INIT,
+        parameters=per_linear(lambda i, o: (4 + 3 * 2) * 4 * (i + o) + 3 * 2 * 4 + 3 * 2),
+    ),
+    Case(
+        "cpoly",
+        {
+            "r": 2,
+            "n_skills": 2,
+            "n_specific_skills": 2,
+            "n_splits": 2,
+            "specific_weight": "fixed",
+            "normalize_jointly": True,
+        },
+        "mhr_fixed_joint",
+        RANDOM_INIT,
+        parameters=per_linear(lambda i, o: (2 + 2 * 2) * 2 * (i + o) + 2 * 2 * 2),
+        num_tasks=2,
+    ),
+    Case(
+        "cpoly",
+        {"r": 4, "n_skills": 0, "n_specific_skills": 1, "specific_weight": "learned_raw"},
+        "specific_only",
+        RANDOM_INIT,
+        parameters=per_linear(lambda i, o: 4 * 1 * 4 * (i + o) + 4 * 1),
+        num_tasks=4,
+    ),
+    Case(
+        "cpoly",
+        {"r": 2, "n_specific_skills": 0, "targets": ["q_proj", "down_proj"]},
+        "poly_mlp",
+        RANDOM_INIT,
+        parameters=per_linear(lambda i, o: 4 * 2 * (i + o) + 3 * 4, ["q_proj", "down_proj"]),
+    ),
+    # -- PEML (docs/methods.md 8h; m = 8 virtual tokens; out = d (input) or L·2·d_kv = 64 (deep))
+    Case(
+        "peml",
+        {"lora": {"r": 4}},
+        parameters=peml_count(seeds=(1 + 3) * 8 * 32, encoder=mlp_encoder(32, 32, 32)),
+        bad_configs=(
+            ({"prompt": {"lenght": 4}}, "prompt.lenght"),
+            ({"prompt": {"encoder": {"size": 4}}}, "prompt.encoder.size"),
+            ({"prompt": {"length": 0}}, "prompt.length"),
+            ({"prompt": {"encoder": {"type": "cnn"}}}, "prompt.encoder.type"),
+            ({"prompt": {"mode": "deep_last_k"}}, "prompt.mode"),
+            ({"prompt": {"sharing": "per_layer"}}, "prompt.sharing"),
+            ({"prompt": {"encoder": {"hidden": "d"}}}, "prompt.encoder.hidden"),
+            ({"prompt": {"encoder": {"dropout": 1.0}}}, "prompt.encoder.dropout"),
+            ({"prompt": {"encoder": {"type": "transformer", "heads": 5}}}, "prompt.encoder.heads"),
+            ({"lora": {"r": 0}}, "lora.r"),
+            ({"lora": {"rank": 4}}, "lora.rank"),
+            ({"lr_prompt": -1.0}, "lr_prompt"),
+            ({"prompt": 3}, "prompt"),
+        ),
+    ),
+    Case(
+        "peml",
+        {"prompt": {"mode": "deep"}, "lora": {"r": 4}},
+        "deep",
+        parameters=peml_count(seeds=(1 + 3) * 8 * 32, encoder=mlp_encoder(32, 32, 2 * 2 * 16)),
+    ),
+    Case(
+        "peml",
+        {"prompt": {"sharing": "per_task"}, "lora": {"r": 4}},
+        "per_task",
+        parameters=peml_count(seeds=3 * 8 * 32, encoder=mlp_encoder(32, 32, 32)),
+    ),
+    Case(
+        "peml",
+        {"prompt": {"sharing": "shared", "encoder": {"hidden": 16}}, "lora": {"r": 4}},
+        "shared",
+        parameters=peml_count(seeds=8 * 32, encoder=mlp_encoder(32, 16, 32)),
+    ),
+    Case(
+        "peml",
+        {
+            "prompt": {
+                "mode": "deep",
+                "sharing": "mpt",
+                "encoder": {"type": "lstm", "hidden": 8, "layers": 1},
+            },
+            "lora": {"r": 4},
+        },
+        "deep_mpt_lstm",
+        # seeds m e + T R (m + e); one bi-LSTM layer 8h(e + h) + 16h, head 2h -> 2h -> out
+        parameters=peml_count(
+            seeds=8 * 32 + 3 * 4 * (8 + 32),
+            encoder=8 * 8 * (32 + 8) + 16 * 8 + 4 * 64 + 2 * 8 + 2 * 8 * 64 + 64,
+        ),
+    ),
+]
 
 METHODS = available_methods()
+PRIMARY = {case.method: case for case in reversed(CASES)}  # the first case of each method
+SLOW = pytest.mark.slow
 
 
-def _build(name: str, arch: str = "llama", seed: int = 0, **extra):
-    base = make_tiny_base(arch, seed=seed)
-    options = {**copy.deepcopy(CASES[name].options), **extra}
-    return build_method(name, options, base, num_tasks=NUM_TASKS), base
+KNOWN_FAILURES = {
+    ("bf16_base_with_fp32_adapter", "hycam-reference"): (
+        "upcast_trainable also moves the trained base RMSNorm weights (train_layernorms) to fp32, so the "
+        "norms return fp32 activations into the bf16 projections (dtype mismatch)"
+    ),
+}
+"""(check, case id): a contract violation found by the suite and not fixed yet (strict xfail: a fix makes
+the test fail until its entry is removed)."""
 
 
-def _inputs(
-    batch: int = 4, length: int = 9, seed: int = 1
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 128, (batch, length), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[0, :2] = 0  # one left-padded row
-    ids[0, :2] = 0
-    task_ids = torch.arange(batch) % NUM_TASKS
-    return ids, mask, task_ids
+def every_case(slow_variants: bool = False, check: str = "") -> list:
+    """All cases as pytest params; with ``slow_variants``, all but each method's first are ``slow``."""
+    params = []
+    for case in CASES:
+        marks = [SLOW] if slow_variants and PRIMARY[case.method] is not case else []
+        if (check, case.id) in KNOWN_FAILURES:
+            marks.append(pytest.mark.xfail(reason=KNOWN_FAILURES[check, case.id], strict=True))
+        params.append(pytest.param(case, id=case.id, marks=marks))
+    return params
 
 
-def _logits(model, ids, mask, task_ids) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask, task_ids=task_ids).logits
+def every_case_and_arch() -> list:
+    """Each case on Llama; each method's first case also on Qwen2 and Mistral (the rest: ``slow``)."""
+    params = []
+    for case in CASES:
+        for arch in ARCHS:
+            slow = arch != "llama" and PRIMARY[case.method] is not case
+            params.append(pytest.param(case, arch, id=f"{case.id}-{arch}", marks=[SLOW] if slow else []))
+    return params
 
 
-def _train_steps(model, steps: int = 3) -> None:
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        return
-    optimizer = torch.optim.SGD(params, lr=0.5)
-    ids, mask, task_ids = _inputs()
-    for _ in range(steps):
-        out = model(input_ids=ids, attention_mask=mask, task_ids=task_ids, labels=ids)
-        loss = out.loss + sum(model.aux_losses().values(), torch.zeros(()))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-
-
-def test_every_registered_method_has_a_case() -> None:
-    missing = sorted(set(METHODS) - set(CASES))
+def test_every_registered_method_has_cases() -> None:
+    missing = sorted(set(METHODS) - set(PRIMARY))
     assert not missing, f"add a Case for {missing} to CASES in {__file__}"
+    contract.case_ids(CASES)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("name", METHODS)
-def test_identity_at_init(name: str, arch: str) -> None:
-    model, _ = _build(name, arch)
-    if not model.identity_at_init:
-        pytest.skip(f"{name} is not identity-initialised")
-    base = make_tiny_base(arch)
-    ids, mask, task_ids = _inputs()
-    with torch.no_grad():
-        reference = base(input_ids=ids, attention_mask=mask).logits
-    torch.testing.assert_close(_logits(model, ids, mask, task_ids), reference, rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize(("case", "arch"), every_case_and_arch())
+def test_identity_at_init(case: Case, arch: str) -> None:
+    contract.check_identity_at_init(case, arch)
 
 
-@pytest.mark.parametrize("name", METHODS)
-def test_non_identity_init_changes_output(name: str) -> None:
-    if CASES[name].non_identity is None:
-        pytest.skip(f"{name} has no identity init to switch off")
-    model, _ = _build(name, **CASES[name].non_identity)
-    ids, mask, task_ids = _inputs()
-    with torch.no_grad():
-        reference = make_tiny_base("llama")(input_ids=ids, attention_mask=mask).logits
-    assert not torch.allclose(_logits(model, ids, mask, task_ids), reference, atol=1e-4)
+@pytest.mark.parametrize("case", every_case())
+def test_non_identity_init_changes_output(case: Case) -> None:
+    contract.check_non_identity_init_changes_output(case)
 
 
-@pytest.mark.parametrize("name", METHODS)
-def test_only_adapter_parameters_train_and_change(name: str) -> None:
-    model, _ = _build(name)
-    adapter = set(model.adapter_state_dict())
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable <= adapter, (
-        f"trainable parameters outside the adapter: {sorted(trainable - adapter)[:5]}"
-    )
-    assert model.count_parameters()[0] == sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if not trainable:
-        return
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    _train_steps(model)
-    after = dict(model.named_parameters())
-    frozen_changed = [n for n in before if n not in trainable and not torch.equal(before[n], after[n])]
-    assert not frozen_changed, f"frozen parameters changed: {frozen_changed[:5]}"
-    assert any(not torch.equal(before[n], after[n]) for n in trainable), "no trainable parameter changed"
+@pytest.mark.parametrize("case", every_case())
+def test_only_adapter_parameters_train_and_change(case: Case) -> None:
+    contract.check_only_adapter_parameters_train_and_change(case)
 
 
-@pytest.mark.parametrize("name", METHODS)
-def test_trainable_parameter_count_matches_formula(name: str) -> None:
-    model, _ = _build(name)
-    assert model.count_parameters()[0] == model.expected_trainable_parameters()
+@pytest.mark.parametrize("case", every_case())
+def test_parameter_count(case: Case) -> None:
+    contract.check_parameter_count(case)
 
 
-@pytest.mark.parametrize("name", METHODS)
-def test_save_load_round_trip(name: str, tmp_path) -> None:
-    model, _ = _build(name)
-    _train_steps(model, steps=2)
-    model.save_adapter(tmp_path / "adapter")
-    reloaded = load_adapter(tmp_path / "adapter", make_tiny_base("llama"))
-    ids, mask, task_ids = _inputs()
-    torch.testing.assert_close(_logits(reloaded, ids, mask, task_ids), _logits(model, ids, mask, task_ids))
+@pytest.mark.parametrize("case", every_case())
+def test_bad_configs(case: Case) -> None:
+    contract.check_bad_configs(case)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("name", METHODS)
-def test_generate_with_and_without_cache_agree(name: str, arch: str) -> None:
-    model, _ = _build(name, arch)
-    _train_steps(model, steps=2)
-    ids, mask, task_ids = _inputs()
-    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=2)
-    with_cache = model.generate(ids, attention_mask=mask, task_ids=task_ids, use_cache=True, **kwargs)
-    without = model.generate(ids, attention_mask=mask, task_ids=task_ids, use_cache=False, **kwargs)
-    assert torch.equal(with_cache, without)
+@pytest.mark.parametrize("case", every_case())
+def test_save_load_round_trip(case: Case, tmp_path: Path) -> None:
+    contract.check_save_load_round_trip(case, tmp_path)
 
 
-@pytest.mark.parametrize("name", METHODS)
-def test_mixed_task_batch_rows_match_single_rows(name: str) -> None:
-    model, _ = _build(name)
-    _train_steps(model, steps=2)
-    ids, _, task_ids = _inputs()
-    mask = torch.ones_like(ids)
-    batched = _logits(model, ids, mask, task_ids)
-    for row in range(ids.shape[0]):
-        single = _logits(model, ids[row : row + 1], mask[row : row + 1], task_ids[row : row + 1])
-        torch.testing.assert_close(batched[row : row + 1], single, rtol=1e-4, atol=1e-5)
+@pytest.mark.parametrize(("case", "arch"), every_case_and_arch())
+def test_generate_with_and_without_cache_agree(case: Case, arch: str) -> None:
+    contract.check_generate_with_and_without_cache_agree(case, arch)
 
 
-@pytest.mark.parametrize("name", METHODS)
-def test_task_ids_checked(name: str) -> None:
-    model, _ = _build(name)
-    ids, mask, _ = _inputs()
-    if not model.requires_task_ids:
-        model(input_ids=ids, attention_mask=mask)  # task-agnostic: ids optional
-        return
-    with pytest.raises(ValueError, match="task_ids"):
-        model(input_ids=ids, attention_mask=mask)
-    with pytest.raises(ValueError, match="out of range"):
-        model(input_ids=ids, attention_mask=mask, task_ids=torch.full((ids.shape[0],), NUM_TASKS))
+@pytest.mark.parametrize("case", every_case())
+def test_mixed_task_batch(case: Case) -> None:
+    contract.check_mixed_task_batch(case)
 
 
-@pytest.mark.parametrize("name", METHODS)
-def test_aux_loss_gradients_survive_gradient_checkpointing(name: str) -> None:
-    model, _ = _build(name)
-    model.gradient_checkpointing_enable()
-    model.train()
-    ids, mask, task_ids = _inputs()
-    model(input_ids=ids, attention_mask=mask, task_ids=task_ids)
-    aux = model.aux_losses()
-    if not aux:
-        pytest.skip(f"{name} has no auxiliary loss")
-    sum(aux.values()).backward()
-    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
-    assert grads and any(g.abs().sum() > 0 for g in grads), "aux loss produced no gradient"
+@pytest.mark.parametrize("case", every_case())
+def test_beam_search_rows_match_single_rows(case: Case) -> None:
+    contract.check_beam_search_rows_match_single_rows(case)
 
 
-@pytest.mark.parametrize("name", METHODS)
-def test_gradient_checkpointing_gives_the_same_gradients(name: str) -> None:
-    """Recomputed layers must see the same task ids (and everything else) as the original forward."""
-    grads = []
-    for checkpointing in (False, True):
-        model, _ = _build(name)
-        if not any(p.requires_grad for p in model.parameters()):
-            pytest.skip(f"{name} has nothing to train")
-        _train_steps(model, steps=1)  # move off the identity init so every parameter gets a gradient
-        if checkpointing:
-            model.gradient_checkpointing_enable()
-        model.eval()  # no dropout / routing noise: both passes compute the same function
-        ids, mask, task_ids = _inputs()
-        out = model(input_ids=ids, attention_mask=mask, task_ids=task_ids, labels=ids)
-        out.loss.backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys()
-    for key in grads[0]:
-        torch.testing.assert_close(grads[1][key], grads[0][key], rtol=1e-4, atol=1e-6)
+@pytest.mark.parametrize("case", every_case())
+def test_task_ids(case: Case) -> None:
+    contract.check_task_ids(case)
 
 
-def test_unknown_method_and_key_errors_name_the_problem() -> None:
-    base = make_tiny_base()
+@pytest.mark.parametrize("case", every_case())
+def test_aux_loss_gradients_survive_gradient_checkpointing(case: Case) -> None:
+    contract.check_aux_loss_gradients_survive_gradient_checkpointing(case)
+
+
+@pytest.mark.parametrize("case", every_case())
+def test_gradient_checkpointing_gives_the_same_gradients(case: Case) -> None:
+    contract.check_gradient_checkpointing_gives_the_same_gradients(case)
+
+
+@pytest.mark.parametrize("case", every_case())
+def test_disabled_adapter_gives_base_logits(case: Case) -> None:
+    contract.check_disabled_adapter_gives_base_logits(case)
+
+
+@pytest.mark.parametrize("case", every_case(slow_variants=True, check="bf16_base_with_fp32_adapter"))
+def test_bf16_base_with_fp32_adapter(case: Case) -> None:
+    contract.check_bf16_base_with_fp32_adapter(case)
+
+
+@pytest.mark.parametrize("case", every_case(slow_variants=True))
+def test_loss_decreases(case: Case) -> None:
+    contract.check_loss_decreases(case)
+
+
+def test_unknown_method_names_the_valid_ones() -> None:
     with pytest.raises(KeyError, match="valid methods"):
-        build_method("no_such_method", {}, base, num_tasks=1)
-    with pytest.raises(ValueError, match=r"unknown key.*'rank'.*valid keys"):
-        build_method("lora", {"rank": 4}, base, num_tasks=1)
-    with pytest.raises(TypeError, match="method.r must be an integer"):
-        build_method("lora", {"r": "8"}, base, num_tasks=1)
-    with pytest.raises(ValueError, match="method.r must be a positive"):
-        build_method("lora", {"r": 0}, base, num_tasks=1)
+        build_method("no_such_method", {}, make_tiny_base(), num_tasks=1)

@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mtpeft.adapters.inject import replace_module
 from mtpeft.adapters.task_context import task_id_scope
 from mtpeft.utils.schema import config_dataclass
 
@@ -67,6 +68,14 @@ class AdaptedModel(nn.Module):
     requires_task_ids: bool = False
     #: True when, with default init, the adapted model's logits equal the base model's.
     identity_at_init: ClassVar[bool] = True
+    #: The method's variants in the per-method benchmark (``python -m mtpeft.bench``): label suffix -> config
+    #: overrides (``method.<key>=<value>``), each timed as ``method=<name> <overrides>`` and labelled
+    #: ``<name> <suffix>``. Default: the method as its ``conf/method/<name>.yaml`` sets it. A method lists its
+    #: speed-relevant settings here (HyCAM's dispatch, MoE-LoRA's experts); one with nothing to train, none.
+    bench_variants: ClassVar[dict[str, tuple[str, ...]]] = {"": ()}
+    #: True for the one method the benchmark's ratios are relative to (its first variant is the reference
+    #: row of the per-method table; the loop table trains it unless told otherwise).
+    bench_reference: ClassVar[bool] = False
 
     def __init__(self, base_model: nn.Module, config: MethodConfig, num_tasks: int) -> None:
         super().__init__()
@@ -82,6 +91,13 @@ class AdaptedModel(nn.Module):
         self._adapter_names = frozenset(
             name for name, p in self.named_parameters() if id(p) not in base_ids or p.requires_grad
         )
+        self._adapter_enabled = True
+        # base parameters the adapter trains (HyCAM's RMSNorm weights), as the base had them: disable_adapter
+        self._base_values = {
+            name: p.detach().clone()
+            for name, p in self.named_parameters()
+            if id(p) in base_ids and p.requires_grad
+        }
 
     # -- what a method implements ---------------------------------------------------------------
     def adapt(self) -> None:
@@ -107,6 +123,12 @@ class AdaptedModel(nn.Module):
     def parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """Optimiser parameter groups; methods may give parts their own learning rate ("lr" key)."""
         return [{"params": [p for p in self.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+
+    def peft_equivalent(self) -> Any | None:
+        """A peft config (``peft.PeftConfig``) that builds this same adapter with plain peft on the same base,
+        for comparisons with peft (the benchmark's ``transformers.Trainer`` + peft loop); None (the default)
+        when peft has no equivalent."""
+        return None
 
     # -- running --------------------------------------------------------------------------------
     def check_task_ids(self, task_ids: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
@@ -200,6 +222,49 @@ class AdaptedModel(nn.Module):
         self.base_model.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": self._checkpoint_contexts}
         )
+
+    # -- the base model alone ---------------------------------------------------------------------
+    @property
+    def adapter_enabled(self) -> bool:
+        """False inside `disable_adapter`."""
+        return self._adapter_enabled
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Inside the block ``forward`` and ``generate`` compute the frozen base model alone (peft's
+        ``disable_adapter``): the base's logits on the same batch without a second copy of the base.
+
+        Method-agnostic: every wrapped module (one that keeps the frozen module as ``base_layer``: peft's
+        LoRA and Poly layers, `LowRankLinear`) is swapped back for its base layer, and base parameters the
+        adapter trains hold their values from before the adapter was built. A method that changes the
+        computation in another way takes that off in `detach_hooks` (hooks) or checks `adapter_enabled`
+        in its own ``forward``/``generate``. Everything is back when the block ends.
+        """
+        if not self._adapter_enabled:  # nested: already the base model
+            yield
+            return
+        wrappers = _outermost_wrappers(self.base_model)
+        params = dict(self.named_parameters())
+        trained = {name: params[name].data for name in self._base_values}
+        self._adapter_enabled = False
+        try:
+            for name, wrapper in wrappers:
+                replace_module(self.base_model, name, wrapper.base_layer)
+            for name, value in self._base_values.items():
+                params[name].data = value.to(trained[name].device)
+            with self.detach_hooks():
+                yield
+        finally:
+            for name, data in trained.items():
+                params[name].data = data
+            for name, wrapper in wrappers:
+                replace_module(self.base_model, name, wrapper)
+            self._adapter_enabled = True
+
+    def detach_hooks(self) -> AbstractContextManager:
+        """A context in which the method's own hooks on base-model modules are off (`disable_adapter`);
+        methods that adapt through hooks override it (HyCAM), the default has none to take off."""
+        return nullcontext()
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def count_parameters(self) -> tuple[int, int]:
@@ -320,6 +385,17 @@ def read_adapter_meta(directory: str | Path) -> tuple[dict[str, Any], bool]:
         f"{directory} is not an mtpeft adapter directory: it has no {METHOD_META} (written by "
         "AdaptedModel.save_adapter, e.g. <run dir>/adapter/)"
     )
+
+
+def _outermost_wrappers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the modules of ``model`` that wrap a frozen ``base_layer``, outermost only."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        inner = getattr(module, "base_layer", None)
+        inside = any(name.startswith(outer + ".") for outer, _ in found)
+        if isinstance(inner, nn.Module) and not inside:
+            found.append((name, module))
+    return found
 
 
 def _batch_size(input_ids: torch.Tensor | None, kwargs: dict[str, Any]) -> int:

@@ -33,11 +33,13 @@ class HyCAM(AdaptedModel):
     """Hybrid Contextual Attention Modulation (Pan et al., CIKM 2025), see the package docstring."""
 
     config_class = HyCAMConfig
+    #: Benchmark: the default (sparse) dispatch and the reference code's dense one.
+    bench_variants = {"": (), "dispatch=dense": ("method.dispatch=dense",)}
 
     def adapt(self) -> None:
         cfg: HyCAMConfig = self.config
         self._context = CallContext()
-        cams = []
+        cams, self._hooked = [], []
         for layer in decoder_layers(self.base_model):
             ref = layer.input_layernorm.weight
             with torch.device(ref.device):  # built in place (also on "meta" for shape-only models)
@@ -46,12 +48,23 @@ class HyCAM(AdaptedModel):
             if cfg.use_specialised and not cfg.router_trainable:
                 cam.router.requires_grad_(False)
             layer.hycam = cam  # a submodule of the decoder layer: moves/shards with it
-            cam.attach(layer)
+            self._hooked.append((cam, layer, cam.attach(layer)))
             if cfg.train_layernorms:
                 layer.input_layernorm.weight.requires_grad_(True)
                 layer.post_attention_layernorm.weight.requires_grad_(True)
             cams.append(cam)
         self._cams: tuple[CAMLayer, ...] = tuple(cams)  # plain tuple: parameters stay under base_model
+
+    @contextmanager
+    def detach_hooks(self) -> Iterator[None]:
+        """Take the CAM hooks off the decoder layers for the block (`disable_adapter`), then put them back."""
+        for _, _, handles in self._hooked:
+            for handle in handles:
+                handle.remove()
+        try:
+            yield
+        finally:
+            self._hooked = [(cam, layer, cam.attach(layer)) for cam, layer, _ in self._hooked]
 
     def expected_trainable_parameters(self) -> int:
         """docs/methods.md 2(h): L·[(d² + d) + N_s(2dr + r² + 2r + d) + (dN_s + N_s) + 2d], terms per the switches."""

@@ -134,6 +134,8 @@ class PEML(AdaptedModel):
         task_ids: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
+        if not self.adapter_enabled:  # disable_adapter: the base model, no virtual tokens
+            return super().forward(input_ids, attention_mask, task_ids, **kwargs)
         embeds = kwargs.pop("inputs_embeds", None)
         tokens = input_ids if input_ids is not None else embeds
         if tokens is None:
@@ -194,6 +196,8 @@ class PEML(AdaptedModel):
         task_ids: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
+        if not self.adapter_enabled:  # disable_adapter: the base model, no virtual tokens
+            return super().generate(input_ids, attention_mask, task_ids, **kwargs)
         if kwargs.get("inputs_embeds") is not None:
             raise NotImplementedError("peml.generate takes input_ids, not inputs_embeds")
         batch, m = input_ids.shape[0], self.length
