@@ -17,6 +17,9 @@ never invalidates a finished job):
         hycam: {method.routing: [hard_gumbel, softmax]}
         none: null
       overrides: []            # tuning stage only (e.g. [ablation.variant=default])
+      widen: 2                 # grid sampler: values added at most beyond an edge (default 2; 0: never)
+      sampler: grid            # grid (default) | optuna
+      trials: 20               # optuna: trials per method (default 20)
 
   Stage 1 sweeps every method over its grid with the tuning seed on the validation split (``test=false``);
   the best combination per method is the one with the highest ``val/avg/score`` (of the best checkpoint),
@@ -24,6 +27,28 @@ never invalidates a finished job):
   grid order. Stage 2 runs each method with its chosen values and the study's seeds on test, recording
   them as ``tuned: {key: value}`` in the run's config (so in ``results.json``, the config hash and the
   table's starred ``lr*`` columns). ``experiments/<name>/tuning.{md,csv}`` keeps the whole grid.
+
+  *Widening at the edge* (grid sampler): when a method's best value of a numeric grid key is the lowest or
+  highest of that key's grid, the best may lie beyond it, so the runner adds the next value in the grid's
+  progression beyond that edge (`next_value`: geometric for positive values spaced by ratio, else
+  arithmetic; ``1e-3, 3e-3, 1e-2, 3e-2`` goes on with ``3e-4`` below and ``0.1`` above), runs that
+  method's new jobs (the new value crossed with its other keys' values), and chooses again; at most
+  ``tune.widen`` times, stopping as soon as every best is interior (the ties rule decides which value is
+  best, so a tie with the edge's neighbour is interior). The added jobs are ordinary tuning jobs: the
+  declared grid's jobs and hashes are unchanged, a re-run skips every job that finished (widened ones
+  included) and widens the same way. ``tuning.csv`` names in ``widened`` the keys whose value lies beyond
+  the declared grid; ``tuning.md`` marks such values with ``⁺``.
+
+  *Optuna* (``sampler: optuna``): instead of the grid, a TPE search per method driven from this runner
+  with Optuna's ask-and-tell API (``optuna.create_study`` in memory, ``TPESampler(seed=tune.seed)``;
+  written against optuna 2.10, the version ``hydra-optuna-sweeper`` pins, and using only calls that newer
+  versions keep: ``ask``, ``suggest_float/int/categorical``, ``tell``). The search space is the same keys:
+  a list is categorical, ``{low: 1.0e-4, high: 1.0e-1, log: true}`` a range (integers when both ends
+  are). Each trial is an ordinary one-job tuning sweep and its ``val/avg/score`` is told back (a failed
+  job: a failed trial). A re-run asks the same trials in the same order (the sampler is seeded and sees the
+  same scores), so every finished trial is skipped by its job hash and its score replayed into the new
+  search; only the rest run (one short process per replayed trial). Trials of one method run one at a
+  time; with the joblib launcher ``--n-jobs`` methods search at once. ``widen`` does not apply.
 
 ``probe`` -- a capacity probe (``probe: {loss_threshold: 0.1}``, e.g. ``conf/experiment/capacity.yaml``
 with ``debug=overfit``): after the sweep, ``experiments/<name>/capacity.{md,csv}`` gives per method the
@@ -59,8 +84,10 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -70,7 +97,7 @@ import pandas as pd
 import yaml
 from omegaconf import DictConfig
 
-from mtpeft.results import load_runs, summarise
+from mtpeft.results import declared_plots, load_runs, summarise
 from mtpeft.results.load import CURVE_FILES
 from mtpeft.results.stats import SCORES_FILE
 from mtpeft.utils.confighash import IGNORED_TOP_LEVEL
@@ -88,8 +115,14 @@ ALIASES = {"lr": "optimizer.lr"}
 """Short names accepted in ``tune.grid``."""
 RUNNER_KEYS = ("tune", "probe")
 """Top-level study keys this runner reads; removed from the runs' configs (``~key``)."""
-TUNE_SETTINGS = ("seed", "methods", "overrides")
+TUNE_SETTINGS = ("seed", "methods", "overrides", "widen", "sampler", "trials")
 """Keys of ``tune`` that are settings; every other key is a grid key."""
+SAMPLERS = ("grid", "optuna")
+"""``tune.sampler``: every grid point (default), or an Optuna TPE search of ``tune.trials`` trials."""
+WIDEN_DEFAULT = 2
+"""``tune.widen`` when not given: at most this many values are added beyond a grid's edge."""
+TRIALS_DEFAULT = 20
+"""``tune.trials`` when not given (``tune.sampler: optuna``): trials per method."""
 
 
 # -- the study's declaration -----------------------------------------------------------------------
@@ -116,7 +149,23 @@ class Study:
             return None
         common = {k: v for k, v in self.tune.items() if k not in TUNE_SETTINGS}
         grid = {**common, **(per_method.get(method) or {})}
-        return {ALIASES.get(k, k): list(v) for k, v in grid.items()}
+        return {ALIASES.get(k, k): list(v) if isinstance(v, list | tuple) else v for k, v in grid.items()}
+
+    @property
+    def sampler(self) -> str:
+        return str((self.tune or {}).get("sampler") or "grid")
+
+    @property
+    def widen(self) -> int:
+        """How many times a grid may be widened at an edge (``tune.widen``; grid sampler only)."""
+        value = (self.tune or {}).get("widen")
+        return WIDEN_DEFAULT if value is None else int(value)
+
+    @property
+    def trials(self) -> int:
+        """Optuna trials per method (``tune.trials``)."""
+        value = (self.tune or {}).get("trials")
+        return TRIALS_DEFAULT if value is None else int(value)
 
 
 def _parse(override: str) -> Any:
@@ -262,12 +311,33 @@ def check_tune(study: Study) -> None:
             )
         if extra is not None and not isinstance(extra, dict):
             raise SystemExit(f"{where}.methods.{method} must be a mapping of key -> values, or null")
+    if study.sampler not in SAMPLERS:
+        raise SystemExit(f"{where}.sampler: {study.sampler!r} is not one of {', '.join(SAMPLERS)}")
+    for key, least in (("widen", 0), ("trials", 1)):
+        value = study.tune.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise SystemExit(f"{where}.{key} must be an integer >= {least}, got {value!r}")
     for method in study.methods:
         for key, values in (study.grid(method) or {}).items():
-            if not isinstance(values, list) or not values:
+            if study.sampler == "optuna" and isinstance(values, dict):
+                check_range(f"{where}: {key}", values)
+            elif not isinstance(values, list) or not values:
+                ranges = " or a range {low, high, log} (tune.sampler: optuna)" * (study.sampler == "optuna")
                 raise SystemExit(
-                    f"{where}: grid key {key!r} needs a non-empty list of values, got {values!r}"
+                    f"{where}: grid key {key!r} needs a non-empty list of values{ranges}, got {values!r}"
                 )
+
+
+def check_range(where: str, spec: Mapping[str, Any]) -> None:
+    """An Optuna search range: ``{low, high[, log]}`` with numbers ``low < high`` (``low > 0`` for log)."""
+    unknown = set(spec) - {"low", "high", "log"}
+    low, high = spec.get("low"), spec.get("high")
+    if unknown or not all(_number(v) for v in (low, high)) or not low < high:
+        raise SystemExit(
+            f"{where}: a search range is {{low: <number>, high: <larger number>, log: true|false}}, got {spec!r}"
+        )
+    if spec.get("log") and low <= 0:
+        raise SystemExit(f"{where}: a log range needs low > 0, got {spec!r}")
 
 
 # -- commands --------------------------------------------------------------------------------------
@@ -314,17 +384,24 @@ def train_command(study: Study, overrides: Iterable[str], directory: Path) -> li
 
 
 def tuning_commands(
-    study: Study, extra: Sequence[str], launch: Sequence[str]
+    study: Study,
+    extra: Sequence[str],
+    launch: Sequence[str],
+    sweeps: Sequence[tuple[str, Mapping[str, list[Any]]]] | None = None,
+    stage: str = "tune",
 ) -> list[tuple[list[str], Path]]:
-    """One sweep per distinct grid (methods with the same grid share one): tuning seed, validation only."""
-    groups: dict[str, tuple[list[str], dict[str, list[Any]]]] = {}
-    for method in study.methods:
-        grid = study.grid(method)
-        if grid is not None:
-            groups.setdefault(repr(grid), ([], grid))[0].append(method)
+    """One sweep per distinct grid (methods with the same grid share one): tuning seed, validation only.
+
+    ``sweeps``: ``(method, grid)`` pairs to run (default: every tuned method's declared grid); the sweep
+    directories end in ``<stage><i>``."""
+    if sweeps is None:
+        sweeps = [(m, grid) for m in study.methods if (grid := study.grid(m)) is not None]
+    groups: dict[str, tuple[list[str], Mapping[str, list[Any]]]] = {}
+    for method, grid in sweeps:
+        groups.setdefault(repr(grid), ([], grid))[0].append(method)
     commands = []
     for i, (methods, grid) in enumerate(groups.values()):
-        directory = sweep_dir(study, f"tune{i}")
+        directory = sweep_dir(study, f"{stage}{i}")
         overrides = [
             *launch,
             f"method={','.join(methods)}",
@@ -391,27 +468,62 @@ def _order(grid: Mapping[str, Sequence[Any]], values: Mapping[str, Any]) -> tupl
     )
 
 
-def tuning_table(records: Sequence[dict[str, Any]], study: Study) -> pd.DataFrame:
-    """One row per tuning job of the current grids: method, each grid key, status, val scores."""
+Grids = dict[str, dict[str, list[Any] | None]]
+"""Per tuned method its grid as it stands (widened values included): key -> values, or None for an Optuna
+range (any value)."""
+
+
+def declared_grids(study: Study) -> Grids:
+    """Every tuned method's grid as the study declares it (Optuna ranges as None)."""
+    return {
+        method: {k: v if isinstance(v, list) else None for k, v in grid.items()}
+        for method in study.methods
+        if (grid := study.grid(method)) is not None
+    }
+
+
+def tuning_table(records: Sequence[dict[str, Any]], study: Study, grids: Grids | None = None) -> pd.DataFrame:
+    """One row per tuning job of the current ``grids`` (default: the declared ones): method, each grid key,
+    status, val scores, and ``widened``: the keys whose value lies beyond the declared grid (`widen_grids`)."""
+    grids = declared_grids(study) if grids is None else grids
     rows = []
     for record in records:
-        grid = study.grid(record["method"])
+        grid = grids.get(record["method"])
         if grid is None:
             continue
-        values = {key: _grid_value(grid[key], record["flat"].get(key)) for key in grid}
+        flat = record["flat"]
+        values = {k: flat.get(k) if vs is None else _grid_value(vs, flat.get(k)) for k, vs in grid.items()}
         if any(v is None for v in values.values()):
             continue  # a job from an older grid
+        declared = study.grid(record["method"]) or {}
+        widened = [
+            k
+            for k, v in values.items()
+            if isinstance(declared.get(k), list) and _grid_value(declared[k], v) is None
+        ]
         scores = {f"val_{task}": score for task, score in record["scores"].items()}
-        rows.append({"method": record["method"], **values, "status": record["status"], **scores})
+        rows.append(
+            {
+                "method": record["method"],
+                **values,
+                "status": record["status"],
+                **scores,
+                "widened": ",".join(widened),
+            }
+        )
     return pd.DataFrame(rows)
 
 
-def choose(table: pd.DataFrame, study: Study) -> tuple[dict[str, dict[str, Any]], list[str]]:
+def choose(
+    table: pd.DataFrame, study: Study, grids: Grids | None = None
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """(chosen values per method, problems): the best ``val_avg`` among successful jobs, ties broken by the
-    smaller value. Every method to tune must have one successful job."""
+    smaller value (numbers) or the earlier one in the grid. Every method to tune must have one successful
+    job. Values come back as the grid spells them (an int stays an int)."""
+    grids = declared_grids(study) if grids is None else grids
     chosen, problems = {}, []
     for method in study.methods:
-        grid = study.grid(method)
+        grid = grids.get(method)
         if grid is None:
             continue
         mine = table[(table["method"] == method) & (table["status"] == "success")] if len(table) else table
@@ -420,12 +532,96 @@ def choose(table: pd.DataFrame, study: Study) -> tuple[dict[str, dict[str, Any]]
             continue
         best = mine["val_avg"].max()
         ties = [
-            {k: row[k] for k in grid}
+            {k: row[k] if vs is None else _grid_value(vs, row[k]) for k, vs in grid.items()}
             for _, row in mine.iterrows()
             if math.isclose(row["val_avg"], best, abs_tol=1e-12)
         ]
         chosen[method] = min(ties, key=lambda values: _order(grid, values))
     return chosen, problems
+
+
+# -- widening a grid at its edges ------------------------------------------------------------------
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _geometric(values: Sequence[float]) -> bool:
+    """Positive values spaced more evenly by ratio than by difference (two values: a ratio)."""
+    if values[0] <= 0:
+        return False
+    steps = [b - a for a, b in zip(values, values[1:], strict=False)]
+    ratios = [math.log(b / a) for a, b in zip(values, values[1:], strict=False)]
+    return max(ratios) / min(ratios) <= max(steps) / min(steps)
+
+
+def next_value(values: Sequence[Any], side: str) -> int | float | None:
+    """The value beyond the ``low`` or ``high`` end of a numeric grid, continuing its last two steps:
+    geometric for positive values spaced more evenly by ratio than by difference (two positive values:
+    by ratio), else arithmetic. ``1e-3, 3e-3, 1e-2, 3e-2`` goes on with ``3e-4`` and ``0.1`` (then ``1e-4``,
+    ``0.3``), ``2, 4, 8`` with ``1`` and ``16``, ``0.25, 0.5, 0.75`` with ``0`` and ``1``. None when there is
+    no such value: fewer than two distinct numbers, a step across zero, or an integer grid whose next
+    integer is not new. Floats are rounded to 12 significant digits
+    (``0.1``, not ``0.09999999999999999``), so the same grid always gives the same job."""
+    if not values or not all(_number(v) for v in values):
+        return None
+    grid = sorted(set(values))
+    if len(grid) < 2:
+        return None
+    inward = grid if side == "low" else grid[::-1]  # the edge value first, then its neighbours
+    a, b = inward[0], inward[1]
+    c = inward[2] if len(inward) > 2 else None
+    geometric = _geometric(grid)
+    if geometric:
+        value = a * b / c if c is not None else a * a / b
+    else:
+        value = a + b - c if c is not None else 2 * a - b
+    if (a >= 0 > value) or (a <= 0 < value):
+        return None  # never across zero
+    if all(isinstance(v, int) for v in values):
+        value = int(round(value))
+        return None if value in grid or (geometric and value <= 0) else value
+    return float(f"{value:.12g}")
+
+
+def widen_grids(grids: Grids, chosen: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per method, for every numeric grid key whose chosen value is the lowest or highest of its grid, the
+    next value beyond that edge (`next_value`); methods and keys with an interior choice (or no next value)
+    are left out. Empty: nothing to widen."""
+    additions: dict[str, dict[str, Any]] = {}
+    for method, values in chosen.items():
+        for key, value in values.items():
+            grid = grids[method].get(key)
+            if grid is None or len(grid) < 2 or not all(_number(v) for v in grid):
+                continue
+            side = "low" if _same(value, min(grid)) else "high" if _same(value, max(grid)) else None
+            new = next_value(grid, side) if side else None
+            if new is not None:
+                additions.setdefault(method, {})[key] = new
+    return additions
+
+
+def extension_sweeps(grid: Mapping[str, list[Any]], added: Mapping[str, Any]) -> list[dict[str, list[Any]]]:
+    """The sweeps that run exactly the jobs a widened grid adds: per added key, its new value crossed with
+    the other keys' values (keys widened earlier in this list with their old values only, so no job twice)."""
+    sweeps, done = [], set()
+    for key, value in added.items():
+        sweeps.append(
+            {
+                k: [value] if k == key else list(vs) if k in done or k not in added else [*vs, added[k]]
+                for k, vs in grid.items()
+            }
+        )
+        done.add(key)
+    return sweeps
+
+
+def widened(grid: Mapping[str, list[Any]], added: Mapping[str, Any]) -> dict[str, list[Any]]:
+    """``grid`` with each added value at its end of the key's values (below the lowest or above the
+    highest)."""
+    return {
+        k: vs if k not in added else [added[k], *vs] if added[k] < min(vs) else [*vs, added[k]]
+        for k, vs in grid.items()
+    }
 
 
 def write_tuning(
@@ -440,30 +636,168 @@ def write_tuning(
     ]
     table.to_csv(out / "tuning.csv", index=False)
     score_columns = [c for c in table.columns if c.startswith("val_")]
-    keys = [c for c in table.columns if c not in ("method", "status", "chosen", *score_columns)]
-    header = ["method", *keys, *(c.removeprefix("val_") for c in score_columns), "status", ""]
+    bookkeeping = ("method", "trial", "status", "chosen", "widened", *score_columns)
+    keys = [c for c in table.columns if c not in bookkeeping]
+    trials = ["trial"] if "trial" in table.columns else []
+    header = ["method", *trials, *keys, *(c.removeprefix("val_") for c in score_columns), "status", ""]
+    how = (
+        "Optuna TPE trials (tune.sampler: optuna), tuning seed"
+        if trials
+        else "Tuning seed; values marked ⁺ lie beyond the declared grid (its best was at an edge, so the grid "
+        "was widened: tune.widen)"
+    )
     lines = [
         f"# {title}: tuning grid",
         "",
-        "Validation score (%) of the best checkpoint, tuning seed; the chosen value per method is marked "
+        f"Validation score (%) of the best checkpoint. {how}. The chosen value per method is marked "
         "(highest val avg, ties broken by the smaller value).",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",
     ]
     for _, row in table.iterrows():
+        marked = str(row.get("widened") or "").split(",")
         scores = ["—" if pd.isna(row[c]) else f"{100 * row[c]:.1f}" for c in score_columns]
         values = [
-            "—" if pd.isna(row[k]) else f"{row[k]:g}" if isinstance(row[k], float) else str(row[k])
+            ("—" if pd.isna(row[k]) else f"{row[k]:g}" if isinstance(row[k], float) else str(row[k]))
+            + ("⁺" if k in marked else "")
             for k in keys
         ]
+        number = [str(row["trial"])] if trials else []
         lines.append(
             "| "
-            + " | ".join([row["method"], *values, *scores, row["status"], "chosen" if row["chosen"] else ""])
+            + " | ".join(
+                [row["method"], *number, *values, *scores, row["status"], "chosen" if row["chosen"] else ""]
+            )
             + " |"
         )
     (out / "tuning.md").write_text("\n".join(lines) + "\n")
     return [out / "tuning.md", out / "tuning.csv"]
+
+
+# -- the tuning stage ------------------------------------------------------------------------------
+SweepRunner = Callable[[list[str], Path], int]
+"""Runs one sweep command writing into a directory and returns its exit status (`run_sweep`)."""
+
+
+@dataclass
+class Tuning:
+    """What the tuning stage did: every tuning job's row, the chosen values per method, problems."""
+
+    table: pd.DataFrame
+    chosen: dict[str, dict[str, Any]]
+    problems: list[str]
+    directories: list[Path]
+
+
+@dataclass
+class Tuner:
+    """Runs a study's tuning sweeps through ``runner`` (`run_sweep`; a fake in tests), calling
+    ``after_sweep`` after each (publishing), and chooses per method: `grid` or `optuna`."""
+
+    study: Study
+    extra: Sequence[str] = ()
+    """Overrides for every job (the command line's)."""
+    launch: Sequence[str] = ()
+    """Launcher overrides (`launcher_overrides`)."""
+    runner: SweepRunner = run_sweep
+    after_sweep: Callable[[], None] = lambda: None
+    parallel: int = 1
+    """Optuna: how many methods search at once (each one trial at a time)."""
+    directories: list[Path] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def run(self) -> Tuning:
+        return self.optuna() if self.study.sampler == "optuna" else self.grid()
+
+    def sweep(self, sweeps: Sequence[tuple[str, Mapping[str, list[Any]]]], stage: str) -> list[Path]:
+        """Run the tuning sweeps of ``(method, grid)`` pairs (`tuning_commands`); their directories."""
+        directories = []
+        for command, directory in tuning_commands(self.study, self.extra, self.launch, sweeps, stage):
+            if self.runner(command, directory) != 0:
+                self.problems.append(f"tuning sweep {directory} exited non-zero (failed jobs?)")
+            with self._lock:
+                self.directories.append(directory)
+                self.after_sweep()
+            directories.append(directory)
+        return directories
+
+    def grid(self) -> Tuning:
+        """Every grid point; then, up to ``tune.widen`` times, the next value beyond each numeric key's edge
+        where a method's best value lies (`widen_grids`), until every best is interior."""
+        grids = declared_grids(self.study)
+        self.sweep(list(grids.items()), "tune")
+        for round_ in range(1, self.study.widen + 1):
+            table = tuning_table(load_runs(self.directories, split="val"), self.study, grids)
+            additions = widen_grids(grids, choose(table, self.study, grids)[0])
+            if not additions:
+                break
+            sweeps = []
+            for method, added in additions.items():
+                log.info(
+                    "%s: best value at the edge of its grid; widening (round %d of at most %d) with %s",
+                    method,
+                    round_,
+                    self.study.widen,
+                    ", ".join(f"{k}={v}" for k, v in added.items()),
+                )
+                sweeps += [(method, grid) for grid in extension_sweeps(grids[method], added)]
+                grids[method] = widened(grids[method], added)
+            self.sweep(sweeps, f"tune-widen{round_}-")
+        table = tuning_table(load_runs(self.directories, split="val"), self.study, grids)
+        chosen, missing = choose(table, self.study, grids)
+        return Tuning(table, chosen, [*self.problems, *missing], self.directories)
+
+    def optuna(self) -> Tuning:
+        """An Optuna TPE search per method (`search`), ``parallel`` methods at a time."""
+        grids = declared_grids(self.study)
+        with ThreadPoolExecutor(max_workers=max(1, self.parallel)) as pool:
+            tables = list(pool.map(lambda method: self.search(method, grids), grids))
+        table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+        chosen, missing = choose(table, self.study, grids)
+        return Tuning(table, chosen, [*self.problems, *missing], self.directories)
+
+    def search(self, method: str, grids: Grids) -> pd.DataFrame:
+        """``tune.trials`` trials of ``method``, asked one at a time of a TPE sampler seeded with the tuning
+        seed, each an ordinary one-job sweep whose score is told back (a failed job: a failed trial). A
+        re-run asks the same trials in the same order, so finished trials are skipped by their job hash
+        and their scores replayed into the new search."""
+        import optuna
+
+        space = self.study.grid(method) or {}
+        search = optuna.create_study(
+            study_name=f"{self.study.name}:{method}",
+            direction="maximize",
+            sampler=optuna.samplers.TPESampler(seed=int(self.study.tune.get("seed", 0))),
+        )
+        rows = []
+        for number in range(self.study.trials):
+            trial = search.ask()
+            params = {key: suggest(trial, key, spec) for key, spec in space.items()}
+            stage = f"tune-optuna-{method}-{number}-"
+            (directory,) = self.sweep([(method, {k: [v] for k, v in params.items()})], stage)
+            row = tuning_table(load_runs([directory], split="val"), self.study, grids)
+            value = (
+                float(row["val_avg"].iloc[0]) if len(row) and row["status"].iloc[0] == "success" else math.nan
+            )
+            if math.isfinite(value):
+                search.tell(trial, value)
+            else:
+                search.tell(trial, state=optuna.trial.TrialState.FAIL)
+            rows.append(row.assign(trial=number))
+        return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+
+
+def suggest(trial: Any, key: str, spec: list[Any] | Mapping[str, Any]) -> Any:
+    """An Optuna trial's value for ``key``: a list is categorical, ``{low, high, log}`` a range (integers
+    when both ends are)."""
+    if isinstance(spec, list):
+        return trial.suggest_categorical(key, spec)
+    low, high, log = spec["low"], spec["high"], bool(spec.get("log", False))
+    if isinstance(low, int) and isinstance(high, int):
+        return trial.suggest_int(key, low, high, log=log)
+    return trial.suggest_float(key, float(low), float(high), log=log)
 
 
 # -- capacity probe --------------------------------------------------------------------------------
@@ -666,16 +1000,16 @@ def run_study(
     files: list[Path] = []
     published: list[Path] = []
     if study.tune is not None:
-        directories = []
-        for command, directory in tuning_commands(study, parts.jobs, launch):
-            if run_sweep(command, directory) != 0:
-                problems.append(f"tuning sweep {directory} exited non-zero (failed jobs?)")
-            directories.append(directory)
-            published += publish_study(study) if publish_runs else []
-        table = tuning_table(load_runs(directories, split="val"), study)
-        chosen, missing = choose(table, study)
-        problems += missing
-        files += write_tuning(table, chosen, out, name)
+        tuning = Tuner(
+            study,
+            parts.jobs,
+            launch,
+            after_sweep=lambda: published.extend(publish_study(study) if publish_runs else []),
+            parallel=n_jobs if launch else 1,
+        ).run()
+        chosen = tuning.chosen
+        problems += tuning.problems
+        files += write_tuning(tuning.table, chosen, out, name)
         for method, values in chosen.items():
             log.info("tuned %s: %s", method, ", ".join(f"{k}={v}" for k, v in values.items()))
     final_dirs = []
@@ -689,7 +1023,8 @@ def run_study(
         records = load_runs(final_dirs, split="val")
         files += write_capacity(capacity_table(records, threshold), threshold, out, name)
     else:
-        files += summarise(final_dirs, out, name, plots=plots)["files"]
+        extra_plots = declared_plots(name, CONF_DIR)  # the study's own plots (report.plots)
+        files += summarise(final_dirs, out, name, plots=plots, extra_plots=extra_plots)["files"]
     return {
         "study": study,
         "chosen": chosen,

@@ -3,8 +3,10 @@ configs, the capacity probe table, and (slow) a tuned study and a capacity probe
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -14,17 +16,21 @@ from omegaconf import OmegaConf
 from mtpeft.methods import available_methods
 from mtpeft.study import (
     Study,
+    Tuner,
     capacity_table,
+    check_tune,
     choose,
     final_commands,
     hydra_value,
     launcher_overrides,
     load_study,
     main,
+    next_value,
     split_overrides,
     steps_to_threshold,
     tuning_commands,
     tuning_table,
+    write_tuning,
 )
 from tests.conftest import CONF_DIR, TINY_RUN, compose_train
 
@@ -98,6 +104,216 @@ def test_tuning_and_final_commands() -> None:
     assert "test=false" not in final[1][0]
 
 
+# -- widening the grid at its edges, and the Optuna sampler (fake sweeps, no training) ----------------
+def _value(text: str) -> object:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+class FakeSweeps:
+    """Stands in for `mtpeft.study.run_sweep`: expands a tuning command like Hydra's basic sweeper and, per
+    job, writes a run record whose val score is ``score(method, values)`` into ``<sweep dir>/<i>/``, or,
+    like `mtpeft.train` for a job that finished before, a ``skipped.json`` pointing to that run."""
+
+    def __init__(self, score: Callable[[str, dict], float]) -> None:
+        self.score = score
+        self.finished: dict[tuple, Path] = {}
+        self.ran: list[tuple[str, dict]] = []
+        self.sweeps: list[list[tuple[str, dict]]] = []
+
+    def __call__(self, command: list[str], directory: Path) -> int:
+        swept: dict[str, list] = {}
+        for text in command[command.index("-m") + 1 :]:
+            key, _, value = text.partition("=")
+            if key not in ("experiment", "hydra.sweep.dir", "test", "~tune"):
+                swept[key] = [_value(v) for v in value.split(",")]
+        methods, seeds = swept.pop("method"), swept.pop("seed")
+        jobs = []
+        for i, (method, seed, *values) in enumerate(itertools.product(methods, seeds, *swept.values())):
+            values = dict(zip(swept, values, strict=True))
+            job, out = (method, seed, *sorted(values.items())), directory / str(i)
+            out.mkdir(parents=True)
+            jobs.append((method, values))
+            if job in self.finished:
+                (out / "skipped.json").write_text(json.dumps({"finished_in": str(self.finished[job])}))
+                continue
+            config: dict = {"method": {"name": method}, "seed": seed, "test": False}
+            for key, value in values.items():
+                *parents, last = key.split(".")
+                node = config
+                for part in parents:
+                    node = node.setdefault(part, {})
+                node[last] = value
+            config["data"] = {"tasks": {"qa": {}}}
+            score = self.score(method, values)
+            record = {
+                "status": "success",
+                "method": method,
+                "seed": seed,
+                "tasks": ["qa"],
+                "config": config,
+                "metrics": {"val": {"val/qa/score": score, "val/avg/score": score}},
+            }
+            (out / "results.json").write_text(json.dumps(record))
+            self.finished[job] = out
+            self.ran.append((method, values))
+        self.sweeps.append(jobs)
+        return 0
+
+
+def _peaked(peaks: dict[str, float], ties: dict[float, float] | None = None) -> Callable[[str, dict], float]:
+    """Val score per method highest at its peak lr, falling with the distance in decades (or as ``ties``)."""
+
+    def score(method: str, values: dict) -> float:
+        lr = values["optimizer.lr"]
+        return (ties or {}).get(lr, 1.0 - abs(math.log10(lr / peaks[method])) / 10)
+
+    return score
+
+
+def _lrs(sweeps: FakeSweeps, method: str) -> list[float]:
+    return [values["optimizer.lr"] for m, values in sweeps.ran if m == method]
+
+
+def test_grid_is_widened_while_the_best_value_is_at_an_edge(tmp_path: Path) -> None:
+    study = _study(widen=2)
+    study.log_dir = tmp_path
+    grid = [1.0e-3, 3.0e-3, 1.0e-2, 3.0e-2]
+    study.tune["lr"] = grid
+    # lora peaks at 0.1 (beyond the high edge), hycam at 3e-5 (beyond the low edge, further than 2 steps)
+    sweeps = FakeSweeps(_peaked({"lora": 0.1, "hycam": 3.0e-5}))
+    tuning = Tuner(study, runner=sweeps).run()
+    assert tuning.chosen == {"lora": {"optimizer.lr": 0.1}, "hycam": {"optimizer.lr": 1.0e-4}}
+    assert _lrs(sweeps, "lora") == [*grid, 0.1, 0.3]  # 0.1 at the edge -> 0.3; then 0.1 is interior
+    assert _lrs(sweeps, "hycam") == [*grid, 3.0e-4, 1.0e-4]  # at most tune.widen values added
+    first = {(m, v["optimizer.lr"]) for m, v in sweeps.sweeps[0]}  # the declared grid: jobs as before
+    assert len(sweeps.sweeps[0]) == 8 and first == {(m, lr) for m in ("lora", "hycam") for lr in grid}
+    table = tuning.table.set_index(["method", "optimizer.lr"])
+    assert (
+        table.loc[("lora", 0.3), "widened"] == "optimizer.lr" and table.loc[("lora", 0.03), "widened"] == ""
+    )
+    write_tuning(tuning.table, tuning.chosen, tmp_path / "out", "s")
+    text = (tmp_path / "out" / "tuning.md").read_text()
+    assert "| lora | 0.1⁺ | 100.0 | 100.0 | success | chosen |" in text and "| lora | 0.03 |" in text
+
+    # a re-run resumes: every job (widened ones included) is skipped, and the choice is the same
+    ran = len(sweeps.ran)
+    again = Tuner(study, runner=sweeps).run()
+    assert len(sweeps.ran) == ran and again.chosen == tuning.chosen
+
+
+def test_an_interior_best_adds_nothing_and_widen_0_disables(tmp_path: Path) -> None:
+    grid = [1.0e-3, 3.0e-3, 1.0e-2, 3.0e-2]
+    for widen, expected in ((2, 3.0e-3), (0, 3.0e-2)):
+        study = _study(widen=widen, lr=grid)
+        study.log_dir = tmp_path / str(widen)
+        sweeps = FakeSweeps(_peaked({"lora": 3.0e-3 if widen else 1.0, "hycam": 1.0e-2}))
+        tuning = Tuner(study, runner=sweeps).run()
+        assert len(sweeps.ran) == 8 and len(sweeps.sweeps) == 1  # the declared grid only
+        assert tuning.chosen["lora"] == {"optimizer.lr": expected} and set(tuning.table["widened"]) == {""}
+
+
+def test_widening_keeps_the_ties_rule(tmp_path: Path) -> None:
+    study = _study(widen=2)
+    study.log_dir = tmp_path
+    # lora: best at the high edge 1e-2; the added 0.03 ties with it: the smaller (now interior) 1e-2 wins
+    # hycam: 1e-3 and 3e-3 tie at the low edge: 1e-3 is chosen, so the grid widens downwards
+    ties = {3.0e-2: 0.9, 1.0e-2: 0.9}
+    sweeps = FakeSweeps(
+        lambda m, v: (
+            ties.get(v["optimizer.lr"], 0.5)
+            if m == "lora"
+            else {1.0e-3: 0.8, 3.0e-3: 0.8}.get(v["optimizer.lr"], 0.2)
+        )
+    )
+    tuning = Tuner(study, runner=sweeps).run()
+    assert _lrs(sweeps, "lora") == [*GRID, 3.0e-2] and tuning.chosen["lora"] == {"optimizer.lr": 1.0e-2}
+    assert _lrs(sweeps, "hycam") == [*GRID, 3.0e-4] and tuning.chosen["hycam"] == {"optimizer.lr": 1.0e-3}
+
+
+def test_widening_other_keys(tmp_path: Path) -> None:
+    """A numeric key besides the lr is widened too, crossed with the other keys' values once; a
+    categorical key never is."""
+    study = _study(
+        widen=1,
+        lr=[1.0e-3, 1.0e-2],
+        methods={"none": None, "hycam": {"method.rank": [2, 4], "r": ["a", "b"]}},
+    )
+    study.log_dir = tmp_path
+    sweeps = FakeSweeps(lambda m, v: v["optimizer.lr"] * v.get("method.rank", 1) + (v.get("r") == "a"))
+    tuning = Tuner(study, runner=sweeps).run()
+    hycam = [tuple(v.values()) for m, v in sweeps.ran if m == "hycam"]
+    assert len(hycam) == len(set(hycam)) == 3 * 3 * 2  # (2 + 1 lrs) x (2 + 1 ranks) x 2, no job twice
+    assert tuning.chosen["hycam"] == {"optimizer.lr": 0.1, "method.rank": 8, "r": "a"}
+    assert type(tuning.chosen["hycam"]["method.rank"]) is int  # an int grid stays int (-> Hydra override)
+
+
+def test_next_value_continues_the_grid() -> None:
+    decades = [1.0e-3, 3.0e-3, 1.0e-2, 3.0e-2]
+    assert (next_value(decades, "high"), next_value(decades, "low")) == (0.1, 3.0e-4)
+    assert next_value([*decades, 0.1], "high") == 0.3 and next_value([1.0e-4, 1.0e-3], "low") == 1.0e-5
+    assert (next_value([2, 4, 8], "low"), next_value([2, 4, 8], "high")) == (1, 16)
+    assert (next_value([1, 2, 3], "high"), next_value([0.25, 0.5, 0.75], "low")) == (4, 0.0)
+    assert next_value([0.0, 0.01], "low") is None  # never across zero
+    assert next_value([1, 2, 4], "low") is None  # no integer below 1 in that progression
+    assert next_value([0.5], "high") is None and next_value(["a", "b"], "high") is None
+    assert next_value([True, False], "high") is None
+
+
+def test_optuna_sampler_searches_each_method_and_replays_finished_trials(tmp_path: Path) -> None:
+    pytest.importorskip("optuna")
+    study = _study(
+        sampler="optuna",
+        trials=6,
+        lr={"low": 1.0e-4, "high": 1.0e-1, "log": True},
+        methods={"none": None, "hycam": {"method.routing": ["softmax", "hard_gumbel"]}},
+    )
+    study.log_dir = tmp_path
+    check_tune(study)
+    sweeps = FakeSweeps(
+        lambda m, v: (
+            1.0 - abs(math.log10(v["optimizer.lr"] / 3.0e-3)) / 10 + (v.get("method.routing") == "softmax")
+        )
+    )
+    tuning = Tuner(study, runner=sweeps).run()
+    assert len(sweeps.sweeps) == 12 and all(len(jobs) == 1 for jobs in sweeps.sweeps)  # one job per trial
+    assert all(1.0e-4 <= v["optimizer.lr"] <= 1.0e-1 for _, v in sweeps.ran)
+    assert {v["method.routing"] for m, v in sweeps.ran if m == "hycam"} <= {"softmax", "hard_gumbel"}
+    table = tuning.table
+    assert sorted(table["trial"]) == sorted([*range(6), *range(6)])
+    for method in ("lora", "hycam"):
+        mine = table[table["method"] == method]
+        best = mine.loc[mine["val_avg"].idxmax()]
+        assert tuning.chosen[method]["optimizer.lr"] == best["optimizer.lr"]
+    assert (
+        tuning.chosen["hycam"]["method.routing"]
+        == table.loc[table[table["method"] == "hycam"]["val_avg"].idxmax(), "method.routing"]
+    )
+
+    # a re-run asks the same trials (seeded TPE, the same scores told back): every job is skipped
+    ran = list(sweeps.ran)
+    again = Tuner(study, runner=sweeps).run()
+    assert sweeps.ran == ran and again.chosen == tuning.chosen
+    assert sweeps.sweeps[12:] == sweeps.sweeps[:12]
+
+
+def test_tune_settings_are_checked() -> None:
+    for tune, message in (
+        ({"sampler": "random"}, "sampler: 'random' is not one of grid, optuna"),
+        ({"widen": -1}, "widen must be an integer >= 0"),
+        ({"trials": 0}, "trials must be an integer >= 1"),
+        ({"lr": {"low": 1.0e-3, "high": 1.0e-2}}, "needs a non-empty list of values"),
+        ({"sampler": "optuna", "lr": {"low": 1.0e-2, "high": 1.0e-3}}, "a search range is"),
+        ({"sampler": "optuna", "lr": {"low": 0.0, "high": 1.0, "log": True}}, "a log range needs low > 0"),
+    ):
+        with pytest.raises(SystemExit, match=message):
+            check_tune(_study(**tune))
+
+
 def test_overrides_are_sorted_by_who_reads_them() -> None:
     parts = split_overrides(["method=lora,hycam", "seed=0,1", "tune.lr=[0.1]", "trainer.max_steps=4"])
     assert parts.methods == ["lora", "hycam"] and parts.seeds == ["seed=0,1"]
@@ -117,8 +333,10 @@ def test_study_configs() -> None:
         tuned.grid("lora") == {"optimizer.lr": [1.0e-3, 3.0e-3, 1.0e-2, 3.0e-2]}
         and tuned.grid("none") is None
     )
+    assert tuned.widen == 2 and tuned.sampler == "grid"
     ablation = load_study("hycam_ablation_tuned")
     assert ablation.methods == ["hycam"] and ablation.tune["overrides"] == ["ablation.variant=default"]
+    assert ablation.widen == 2
     assert load_study("capacity").probe == {"loss_threshold": 0.1}
     assert load_study("methods_mix3").tune is None
     with pytest.raises(SystemExit, match="no study 'nope'"):
