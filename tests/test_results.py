@@ -178,21 +178,46 @@ def test_validation_curves_average_seeds_and_are_plotted(tmp_path: Path) -> None
     assert (tmp_path / "plots" / "val_curves.png").exists()
 
 
-def test_temperature_plot_when_runs_differ_in_temperature(tmp_path: Path) -> None:
-    from mtpeft.results import temperature_scores
-
+def _temperature_runs(root: Path) -> None:
     for temperature, qa in ((1.0, 0.2), (5.0, 0.6)):
         name = f"lora_t{temperature}"
-        _write(tmp_path, name, "lora", 0, {"qa": qa, "code": 0.5})
-        path = tmp_path / name / "results.json"
+        _write(root, name, "lora", 0, {"qa": qa, "code": 0.5})
+        path = root / name / "results.json"
         data = json.loads(path.read_text())
         data["config"]["data"]["temperature"] = temperature
         path.write_text(json.dumps(data))
+
+
+def test_temperature_plot_only_where_declared(tmp_path: Path) -> None:
+    from mtpeft.results import temperature_scores
+
+    _temperature_runs(tmp_path)
     scores = temperature_scores(load_runs([tmp_path]))
     qa = scores[scores["task"] == "qa"].set_index("temperature")["score"].to_dict()
     assert qa == pytest.approx({1.0: 0.2, 5.0: 0.6})
-    main([str(tmp_path)])
+    main([str(tmp_path)])  # a directory declares nothing: the generic plots only
+    assert (tmp_path / "plots" / "per_task.png").exists()
+    assert not (tmp_path / "plots" / "temperature.png").exists()
+    main([str(tmp_path), "--plot", "temperature"])
     assert (tmp_path / "plots" / "temperature.png").exists()
+
+
+def test_study_plots_come_from_the_experiment_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mtpeft.results import CONF_DIR, declared_plots, summarise
+
+    assert declared_plots("temperature", CONF_DIR) == ["temperature"]  # conf/experiment/temperature.yaml
+    assert declared_plots("methods_mix3", CONF_DIR) == [] and declared_plots("no_such", CONF_DIR) == []
+    _temperature_runs(tmp_path / "logs" / "temperature" / "multiruns" / "a")
+    monkeypatch.setenv("MTPEFT_ROOT", str(tmp_path))
+    out = main(["temperature"])
+    assert (out / "plots" / "temperature.png").exists()
+    conf = tmp_path / "conf"
+    (conf / "experiment").mkdir(parents=True)
+    (conf / "experiment" / "s.yaml").write_text("report:\n  plots: [temprature]\n")
+    with pytest.raises(ValueError, match=r"unknown plot 'temprature'; study plots: temperature"):
+        declared_plots("s", conf)
+    with pytest.raises(ValueError, match="unknown plot 'x'"):
+        summarise([tmp_path / "logs"], tmp_path / "out", "t", extra_plots=["x"])
 
 
 def test_no_temperature_plot_when_temperature_is_fixed(tmp_path: Path) -> None:

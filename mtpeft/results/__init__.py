@@ -21,7 +21,9 @@ else the peak resident memory of the process, which in a multirun is the maximum
 
 Files: ``results.{md,csv,tex}`` (``results.csv`` holds the unformatted numbers ``<task>_mean``,
 ``<task>_std``, ...), ``failed.csv``, ``incomplete.csv`` (only when there are such runs), ``stats.md``,
-``stats.csv``, ``pairwise.csv`` (only when runs saved per-example scores), and ``plots/``.
+``stats.csv``, ``pairwise.csv`` (only when runs saved per-example scores), and ``plots/``: the generic
+plots, plus the study's own plots that ``conf/experiment/<name>.yaml`` declares (``report: {plots:
+[temperature]}``; for a directory: ``--plot temperature``; `mtpeft.results.plots`).
 """
 
 from __future__ import annotations
@@ -38,10 +40,19 @@ from mtpeft.results.load import (
     load_runs,
     model_label,
     resolve_target,
-    temperature_scores,
     validation_curves,
 )
-from mtpeft.results.plots import pareto_front, plot, plot_curves, plot_temperature, save_figure
+from mtpeft.results.plots import (
+    STUDY_PLOTS,
+    check_study_plots,
+    declared_plots,
+    pareto_front,
+    plot,
+    plot_curves,
+    save_figure,
+    study_plots,
+    temperature_scores,
+)
 from mtpeft.results.render import display_table, to_latex, to_markdown
 from mtpeft.results.stats import summarise_stats
 from mtpeft.utils.sweep import RESULTS_FILE
@@ -50,9 +61,12 @@ __all__ = [
     "COSTS",
     "CURVE_FILES",
     "ROW_KEYS",
+    "STUDY_PLOTS",
     "aggregate",
     "assign_variants",
     "best_rows",
+    "check_study_plots",
+    "declared_plots",
     "display_table",
     "incomplete_runs",
     "load_runs",
@@ -62,6 +76,7 @@ __all__ = [
     "plot",
     "resolve_target",
     "save_figure",
+    "study_plots",
     "summarise",
     "temperature_scores",
     "to_latex",
@@ -70,14 +85,25 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+CONF_DIR = Path(__file__).resolve().parent.parent.parent / "conf"
+"""Where a study name's experiment config is looked up (``report.plots``: `declared_plots`)."""
 CSV_HIDDEN = ["runs"]
 """Table columns kept for the statistics but not written to results.csv."""
 
 
 def summarise(
-    sources: Sequence[Path], out: Path, title: str, split: str = "test", plots: bool = True
+    sources: Sequence[Path],
+    out: Path,
+    title: str,
+    split: str = "test",
+    plots: bool = True,
+    extra_plots: Sequence[str] = (),
 ) -> dict:
-    """Read every run under ``sources``; write the tables, statistics (and plots) into ``out``."""
+    """Read every run under ``sources``; write the tables, statistics (and plots) into ``out``.
+
+    ``extra_plots``: the study's own plots (`STUDY_PLOTS` kinds, declared by the study), besides the
+    generic ones."""
+    extra_plots = check_study_plots(extra_plots)
     problems: list[tuple[str, str]] = []
     records = load_runs(sources, split, problems)
     if not records:
@@ -101,9 +127,7 @@ def summarise(
         curves = validation_curves(records)
         if len(curves):
             files += plot_curves(curves, out / "plots")
-        by_temperature = temperature_scores(records)
-        if len(by_temperature):
-            files += plot_temperature(by_temperature, out / "plots")
+        files += study_plots(extra_plots, records, out / "plots")
     files += extra
     log.info(
         "%d runs (%d rows, %d failed, %d incomplete, %d files skipped) -> %s",
@@ -133,10 +157,19 @@ def main(argv: Sequence[str] | None = None) -> Path:
         "--split", default="test", choices=["test", "val"], help="which metrics (default test)"
     )
     parser.add_argument("--no-plots", action="store_true", help="tables only")
+    parser.add_argument(
+        "--plot",
+        action="append",
+        default=[],
+        choices=sorted(STUDY_PLOTS),
+        help="a study plot to add (repeatable); a study name adds those its experiment config declares",
+    )
     args = parser.parse_args(argv)
     sources, out, title = resolve_target(args.target)
     out = args.out or out
-    result = summarise(sources, out, title, split=args.split, plots=not args.no_plots)
+    declared = [] if Path(args.target).is_dir() else declared_plots(args.target, CONF_DIR)
+    extra_plots = list(dict.fromkeys([*declared, *args.plot]))
+    result = summarise(sources, out, title, args.split, not args.no_plots, extra_plots)
     print(f"wrote {', '.join(str(f) for f in result['files'][:4])} and {len(result['files']) - 4} more files")
     for kind in ("failed", "incomplete"):
         if len(result[kind]):

@@ -201,23 +201,3 @@ def validation_curves(records: list[dict[str, Any]]) -> pd.DataFrame:
                 points = logged[["step", column]].dropna().rename(columns={column: "score"})
                 frames.append(points.assign(label=label(record), seed=record["seed"], task=task))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
-def temperature_scores(records: list[dict[str, Any]]) -> pd.DataFrame:
-    """Long table ``method, temperature, task, score`` of successful runs (empty unless T varies)."""
-    rows = [
-        {
-            "method": r["method"],
-            "temperature": r["flat"].get("data.temperature"),
-            "task": task,
-            "score": score,
-        }
-        for r in records
-        if r["status"] == "success"
-        for task, score in r["scores"].items()
-        if score is not None
-    ]
-    table = pd.DataFrame(rows)
-    if table.empty or table["temperature"].nunique() < 2:
-        return pd.DataFrame()
-    return table

@@ -1,20 +1,27 @@
 """Plots (PNG + PDF, no creation dates so re-running gives identical files) in ``<out>/plots/``.
 
-``per_task`` (grouped bars with error bars), ``pareto`` (average score vs trainable parameters, log scale,
-with the Pareto front; the frozen base model is a dashed line), ``val_curves`` (per-task validation score vs
-step, mean over seeds), ``temperature`` (per-task score vs the sampling temperature, when runs differ in
-``data.temperature``), and from the bootstrap statistics ``ci`` (rows ordered by average score with 95%
-CI bars) and ``pairwise`` (a better / tie / worse matrix of the paired differences).
+Every table gets ``per_task`` (grouped bars with error bars), ``pareto`` (average score vs trainable
+parameters, log scale, with the Pareto front; the frozen base model is a dashed line), ``val_curves``
+(per-task validation score vs step, mean over seeds), and from the bootstrap statistics ``ci`` (rows ordered
+by average score with 95% CI bars) and ``pairwise`` (a better / tie / worse matrix of the paired
+differences).
+
+Study-specific plots are declared by the study, not chosen here: `STUDY_PLOTS` maps a plot kind to the
+function that draws it from the run records, and a study names the kinds it wants in its experiment config
+(``report: {plots: [temperature]}`` in ``conf/experiment/<name>.yaml``, `declared_plots`; ``--plot`` on
+the command line for a directory). Kinds: ``temperature`` (per-task score vs the mixture temperature
+``data.temperature``, a line per method; written when the runs differ in it).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 
 from mtpeft.results.render import row_label
 
@@ -138,6 +145,65 @@ def plot_curves(curves: pd.DataFrame, out: Path) -> list[Path]:
 def plot_temperature(scores: pd.DataFrame, out: Path) -> list[Path]:
     """plots/temperature.{png,pdf}: per-task score (mean over seeds) vs sampling temperature T, per method."""
     return plot_task_lines(scores, "temperature", "method", out, "temperature", "score (%)", logx=True)
+
+
+def temperature_scores(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """Long table ``method, temperature, task, score`` of successful runs (empty unless T varies)."""
+    rows = [
+        {
+            "method": r["method"],
+            "temperature": r["flat"].get("data.temperature"),
+            "task": task,
+            "score": score,
+        }
+        for r in records
+        if r["status"] == "success"
+        for task, score in r["scores"].items()
+        if score is not None
+    ]
+    table = pd.DataFrame(rows)
+    if table.empty or table["temperature"].nunique() < 2:
+        return pd.DataFrame()
+    return table
+
+
+def temperature_plot(records: list[dict[str, Any]], out: Path) -> list[Path]:
+    """Study plot ``temperature``: `plot_temperature` of `temperature_scores` (nothing if T is fixed)."""
+    scores = temperature_scores(records)
+    return plot_temperature(scores, out) if len(scores) else []
+
+
+StudyPlot = Callable[[list[dict[str, Any]], Path], list[Path]]
+STUDY_PLOTS: dict[str, StudyPlot] = {"temperature": temperature_plot}
+"""Plot kinds a study can declare (``report.plots``): name -> f(run records, plots dir) -> files written."""
+
+
+def check_study_plots(names: Sequence[str], where: str = "report.plots") -> list[str]:
+    """``names`` as a list, every one a kind of `STUDY_PLOTS` (else a ValueError naming it and the kinds)."""
+    if isinstance(names, str) or not all(isinstance(name, str) for name in names):
+        raise ValueError(f"{where} must be a list of plot names, e.g. [temperature]; got {names!r}")
+    unknown = [name for name in names if name not in STUDY_PLOTS]
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown plot {unknown[0]!r}; study plots: {', '.join(sorted(STUDY_PLOTS))} "
+            "(register a new kind in mtpeft/results/plots.py STUDY_PLOTS)"
+        )
+    return list(names)
+
+
+def study_plots(names: Sequence[str], records: list[dict[str, Any]], out: Path) -> list[Path]:
+    """Draw the study plots ``names`` (`STUDY_PLOTS`) into ``out``; return the files written."""
+    return [path for name in check_study_plots(names) for path in STUDY_PLOTS[name](records, out)]
+
+
+def declared_plots(name: str, conf_dir: Path) -> list[str]:
+    """The study plots that ``<conf_dir>/experiment/<name>.yaml`` declares (``report.plots``); none when
+    there is no such file (a directory, or a study name that is not an experiment config)."""
+    path = conf_dir / "experiment" / f"{name}.yaml"
+    if not path.is_file():
+        return []
+    report = (yaml.safe_load(path.read_text()) or {}).get("report") or {}
+    return check_study_plots(report.get("plots") or [], where=f"report.plots in {path}")
 
 
 def plot_ci(intervals: pd.DataFrame, out: Path) -> list[Path]:

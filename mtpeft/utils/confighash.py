@@ -34,7 +34,8 @@ from mtpeft.utils.provenance import package_versions
 #: Bookkeeping that never changes what a run computes: where it writes (paths, the study's directory name
 #: ``task_name``), how it reports (logger, callbacks, names, tags), where it is launched (``cluster``),
 #: whether finished runs are skipped, how it recovers from interruptions (``resume``, the periodic
-#: checkpoint) and whether a sweep with failed jobs exits non-zero.
+#: checkpoint), whether a sweep with failed jobs exits non-zero and how a study reports (``report``: its
+#: study-specific plots, `mtpeft.results.plots`).
 IGNORED_TOP_LEVEL = (
     "paths",
     "hydra",
@@ -51,6 +52,7 @@ IGNORED_TOP_LEVEL = (
     "resume",
     "checkpoint_every_n_steps",
     "allow_failures",
+    "report",
 )
 #: Nested paths (``section.key``) that hold directories.
 IGNORED_NESTED = (("trainer", "default_root_dir"), ("model", "cache_dir"))
