@@ -12,6 +12,8 @@ import torch
 from mtpeft.bench.__main__ import main
 from mtpeft.bench.config import RunParts, compose_run
 from mtpeft.bench.loop import bare_loop, lightning_loop, loop_config_overrides
+from mtpeft.bench.methods import method_variants, reference_method
+from mtpeft.methods import available_methods, build_method, get_method
 from tests.conftest import TINY_RUN
 
 #: The shrunk test config, minus the step budget (the bench sets its own).
@@ -31,7 +33,6 @@ def test_cli_prints_and_writes_both_tables(tmp_path):
     assert "lora" in rows and "moe_lora E=8 k=2" in rows and "hycam" not in rows
     bare_cells = rows["bare PyTorch"].split("|")
     assert float(bare_cells[3]) == 1.0 and float(bare_cells[2]) > 0  # x bare of the bare loop itself
-    assert "MoE-LoRA E=8,k=2 (real batches)" in report
     assert report.startswith("`python -m mtpeft.bench ")
 
 
@@ -70,6 +71,49 @@ def test_cli_methods_table_only(tmp_path):
 def test_unknown_variant_is_rejected():
     with pytest.raises(SystemExit):
         main(["--only", "moe"])
+
+
+def test_variants_come_from_the_registry(monkeypatch):
+    """Every registered method's declared ``bench_variants`` and nothing else, the reference first; a method
+    that changes its declaration changes the benchmark without an edit in mtpeft/bench."""
+    variants = method_variants()
+    reference = reference_method()
+    assert next(iter(variants)) == reference and variants[reference] == [f"method={reference}"]
+    expected = {
+        f"{name} {suffix}".strip(): [f"method={name}", *overrides]
+        for name in available_methods()
+        for suffix, overrides in get_method(name).bench_variants.items()
+    }
+    assert variants == expected
+    assert {v[0].removeprefix("method=") for v in variants.values()} == {
+        name for name in available_methods() if get_method(name).bench_variants
+    }
+    assert "moe_lora E=8 k=2 sparse" in variants  # declared by MoE-LoRA itself
+    poly = get_method("poly")
+    monkeypatch.setattr(poly, "bench_variants", {"skills=2": ("method.n_skills=2",)})
+    assert method_variants()["poly skills=2"] == ["method=poly", "method.n_skills=2"]
+    assert "poly" not in method_variants()
+
+
+def test_trainer_peft_loop_builds_the_methods_peft_equivalent():
+    """The Trainer + peft loop runs what the method says plain peft would build: the same trainable
+    parameters as mtpeft's adapter; methods without an equivalent have no such loop."""
+    import copy
+
+    from peft import get_peft_model
+
+    from tests.conftest import make_tiny_base
+
+    base = make_tiny_base()
+    counts = {}
+    for name in available_methods():
+        method = build_method(name, {}, copy.deepcopy(base), num_tasks=2)
+        config = method.peft_equivalent()
+        if config is not None:
+            peft_model = get_peft_model(copy.deepcopy(base), config)
+            counts[name] = (peft_model.get_nb_trainable_parameters()[0], method.count_parameters()[0])
+    assert reference_method() in counts
+    assert all(peft == ours for peft, ours in counts.values()), counts
 
 
 def test_lightning_loop_logs_on_logging_steps_only(tmp_path):

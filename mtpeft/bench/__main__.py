@@ -14,7 +14,7 @@ import torch
 from mtpeft.bench.config import RunParts, compose_run
 from mtpeft.bench.evaluation import eval_markdown, eval_timing
 from mtpeft.bench.loop import describe, loop_config_overrides, loop_markdown, run_loops
-from mtpeft.bench.methods import VARIANTS, methods_markdown, run_methods
+from mtpeft.bench.methods import method_variants, methods_markdown, reference_method, run_methods
 from mtpeft.utils.threads import apply_cpu_threads
 
 
@@ -29,7 +29,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="also write the markdown report to this file")
     loop = parser.add_argument_group("loop table")
     loop.add_argument("--no-loop", action="store_true", help="skip the loop table")
-    loop.add_argument("--loop-method", default="lora", help="method of the loop table (unless overridden)")
+    loop.add_argument(
+        "--loop-method",
+        default=None,
+        help="method of the loop table (unless overridden; default: the reference method of the per-method table)",
+    )
     loop.add_argument("--steps", type=int, default=40, help="training steps per loop and round")
     loop.add_argument("--skip", type=int, default=5, help="warm-up steps not timed")
     loop.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median reported)")
@@ -41,7 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     methods = parser.add_argument_group("per-method table")
     methods.add_argument("--no-methods", action="store_true", help="skip the per-method table")
     methods.add_argument(
-        "--only", nargs="*", help=f"variants to run (LoRA always first): {', '.join(VARIANTS)}"
+        "--only",
+        nargs="*",
+        help=f"variants to run (the reference always first): {', '.join(method_variants())}",
     )
     methods.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
     methods.add_argument("--warmup", type=int, default=2, help="untimed rounds first (compilation included)")
@@ -52,9 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--compile", action=argparse.BooleanOptionalAction, default=True, help="also time the compiled step"
     )
     args = parser.parse_intermixed_args(argv)
-    unknown = sorted(set(args.only or ()) - set(VARIANTS))
+    unknown = sorted(set(args.only or ()) - set(method_variants()))
     if unknown:
-        parser.error(f"unknown --only variant(s) {unknown}; valid: {', '.join(VARIANTS)}")
+        parser.error(f"unknown --only variant(s) {unknown}; valid: {', '.join(method_variants())}")
     return args
 
 
@@ -67,7 +73,7 @@ def main(argv: list[str] | None = None) -> str:
     with tempfile.TemporaryDirectory(prefix="mtpeft-bench-") as tmp:
         user = list(args.overrides)
         has_method = any(o.lstrip("+~").startswith("method=") for o in user)
-        loop_overrides = user if has_method else [f"method={args.loop_method}", *user]
+        loop_overrides = user if has_method else [f"method={args.loop_method or reference_method()}", *user]
         cfg = compose_run([*loop_overrides, *loop_config_overrides(args.steps)], tmp)
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -82,8 +88,9 @@ def main(argv: list[str] | None = None) -> str:
             timing = eval_timing(parts, args.eval_batches)
             lines += [*eval_markdown(timing, cfg.method.name), ""]
         if not args.no_methods:
+            variants = method_variants()
             chosen = {
-                k: v for i, (k, v) in enumerate(VARIANTS.items()) if i == 0 or not args.only or k in args.only
+                k: v for i, (k, v) in enumerate(variants.items()) if i == 0 or not args.only or k in args.only
             }
             base = [o for o in user if not o.lstrip("+~").startswith("method")]
             rows, device = run_methods(

@@ -4,8 +4,8 @@
   and loggers (as ``mtpeft.run`` builds them), validation and checkpointing off;
 * ``bare``: a plain PyTorch loop over the same dataloader doing what a training step must: forward, token-mean
   cross-entropy plus the method's aux losses, backward, gradient-norm clipping, AdamW and scheduler step;
-* ``trainer+peft``: ``transformers.Trainer`` on a peft LoRA model with the same hyper-parameters (LoRA only:
-  what a user would pick instead of mtpeft for that method).
+* ``trainer+peft``: ``transformers.Trainer`` on the plain peft model with the same hyper-parameters, for a
+  method with a peft equivalent (LoRA: what a user would pick instead of mtpeft for that method).
 
 Each loop's step time is the mean over the steps after ``skip`` warm-up steps (end of step to end of step,
 so data loading, logging and progress bars count); rounds interleave the loops so that a drifting shared
@@ -140,13 +140,15 @@ def bare_loop(parts: RunParts, steps: int, workdir: Path) -> StepClock:
 
 
 def trainer_peft_loop(parts: RunParts, steps: int, workdir: Path) -> StepClock | None:
-    """``transformers.Trainer`` + peft LoRA with the run's hyper-parameters; None unless ``method=lora``."""
+    """``transformers.Trainer`` + plain peft with the run's hyper-parameters; None unless the run's method has
+    a peft equivalent (`AdaptedModel.peft_equivalent`, e.g. LoRA's ``LoraConfig``)."""
     cfg = parts.cfg
-    if cfg.method.name != "lora":
+    peft_config = parts.fresh_method().peft_equivalent()
+    if peft_config is None:
         return None
     import copy
 
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     clock = StepClock()
@@ -156,17 +158,7 @@ def trainer_peft_loop(parts: RunParts, steps: int, workdir: Path) -> StepClock |
             clock.tick()
 
     torch.manual_seed(cfg.seed)
-    model = get_peft_model(
-        copy.deepcopy(parts.base_model),
-        LoraConfig(
-            r=cfg.method.r,
-            lora_alpha=cfg.method.alpha,
-            lora_dropout=cfg.method.dropout,
-            target_modules=list(cfg.method.targets),
-            use_rslora=cfg.method.get("use_rslora", False),
-            bias="none",
-        ),
-    )
+    model = get_peft_model(copy.deepcopy(parts.base_model), peft_config)
     model.train()
     betas = tuple(cfg.optimizer.get("betas", (0.9, 0.999)))
     args = TrainingArguments(

@@ -1,7 +1,9 @@
 """Method benchmark: the training step of every method relative to LoRA, eager and compiled.
 
-Each variant is the run config composed with its overrides (``method=moe_lora method.num_experts=8`` ...) on
-the base model of ``model=``, so any model config can be measured. A step is forward + token-mean
+The variants come from the registry: every registered method's ``bench_variants`` (by default the method as
+its yaml sets it; a method declares its speed-relevant settings, e.g. ``method=moe_lora
+method.num_experts=8``), with the ``bench_reference`` method (LoRA) first. Each variant is the run config
+composed with its overrides on the base model of ``model=``, so any model config can be measured. A step is forward + token-mean
 cross-entropy + per-task reduction (`mtpeft.module.forward_losses`) + aux losses + backward + AdamW update,
 timed on two kinds of input:
 
@@ -27,25 +29,30 @@ from typing import Any
 import torch
 
 from mtpeft.bench.config import RunParts
-from mtpeft.methods import AdaptedModel
+from mtpeft.methods import AdaptedModel, available_methods, get_method
 from mtpeft.module import compile_training_step, forward_losses
 
-#: Variant label -> overrides of the run config; the first is the reference (LoRA).
-VARIANTS: dict[str, list[str]] = {
-    "lora": ["method=lora"],
-    "hycam": ["method=hycam"],
-    "hycam dispatch=dense": ["method=hycam", "method.dispatch=dense"],
-    "mtl_lora": ["method=mtl_lora"],
-    "multilora": ["method=multilora"],
-    "poly": ["method=poly"],
-    "cpoly": ["method=cpoly"],
-    "moe_lora E=2 k=2": ["method=moe_lora", "method.num_experts=2", "method.top_k=2"],  # dense: k = E
-    "moe_lora E=4 k=2": ["method=moe_lora", "method.num_experts=4", "method.top_k=2"],  # the default
-    "moe_lora E=8 k=2": ["method=moe_lora", "method.num_experts=8", "method.top_k=2"],
-    "moe_lora E=4 k=2 sparse": ["method=moe_lora", "method.num_experts=4", "method.dispatch=sparse"],
-    "moe_lora E=8 k=2 sparse": ["method=moe_lora", "method.num_experts=8", "method.dispatch=sparse"],
-    "peml": ["method=peml"],
-}
+
+def reference_method() -> str:
+    """The registered method the benchmark's ratios are relative to (the one with ``bench_reference``)."""
+    names = [name for name in available_methods() if get_method(name).bench_reference]
+    if len(names) != 1:
+        raise RuntimeError(
+            f"exactly one registered method must set bench_reference = True, found {names or 'none'}"
+        )
+    return names[0]
+
+
+def method_variants() -> dict[str, list[str]]:
+    """Variant label -> overrides of the run config, for every registered method's declared
+    ``bench_variants`` (`AdaptedModel.bench_variants`); the reference method's first variant comes first."""
+    reference = reference_method()
+    variants = {}
+    for name in [reference, *(n for n in available_methods() if n != reference)]:
+        for suffix, overrides in get_method(name).bench_variants.items():
+            variants[f"{name} {suffix}".strip()] = [f"method={name}", *overrides]
+    return variants
+
 
 Batch = dict[str, torch.Tensor]
 Step = Callable[[Batch], None]
@@ -185,16 +192,18 @@ def _memory_mb(model: AdaptedModel, batch: Batch, device: torch.device, step: St
 
 
 def methods_markdown(rows: list[dict[str, Any]], device: torch.device, compiled: bool) -> list[str]:
-    """The per-method table: ms/step (wall and CPU) and ratios to LoRA on random and real batches, compiled/eager."""
+    """The per-method table: ms/step (wall and CPU) and ratios to the reference (the first row) on random and
+    real batches, compiled/eager."""
     ref = rows[0]
+    times = f"x {ref['variant']}"
     memory = "peak CUDA MB" if device.type == "cuda" else "saved activations MB"
     columns = [("random", "random"), ("real", "real"), ("real_cpu", "real, CPU")]
-    head = "| variant | " + " | ".join(f"{title} ms | x LoRA" for _, title in columns) + " |"
+    head = "| variant | " + " | ".join(f"{title} ms | {times}" for _, title in columns) + " |"
     rule = "|---|" + "---:|---:|" * len(columns)
     if compiled:
         head += " compiled real ms | compiled / eager | compiled / eager (CPU) |"
         rule += "---:|---:|---:|"
-    lines = [f"{head} {memory} | x LoRA | trainable |", f"{rule}---:|---:|---:|"]
+    lines = [f"{head} {memory} | {times} | trainable |", f"{rule}---:|---:|---:|"]
     for row in rows:
         cells = [row["variant"]]
         for key, _ in columns:
@@ -211,19 +220,4 @@ def methods_markdown(rows: list[dict[str, Any]], device: torch.device, compiled:
             f"{row['trainable']:,}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    by = {row["variant"]: row for row in rows}
-    lora, moe = by["lora"], by.get("moe_lora E=8 k=2")
-    sparse, sparse4 = by.get("moe_lora E=8 k=2 sparse"), by.get("moe_lora E=4 k=2 sparse")
-    if moe is not None or sparse is not None:
-        lines.append("")
-    for key, title in columns:
-        parts = []
-        if moe is not None:
-            parts.append(f"{moe[key] / lora[key]:.2f} x LoRA (dispatch auto)")
-        if sparse is not None:
-            parts.append(f"sparse {sparse[key] / lora[key]:.2f} x LoRA")
-            if sparse4 is not None:
-                parts.append(f"sparse E=8 / E=4 {sparse[key] / sparse4[key]:.2f} (cost ~ k, not E)")
-        if parts:
-            lines.append(f"- MoE-LoRA E=8,k=2 ({title} batches): " + "; ".join(parts))
     return lines

@@ -90,9 +90,14 @@ class LoRA(AdaptedModel):
     """Shared LoRA adapter on the target linears (peft ``LoraConfig`` + ``inject_adapter_in_model``)."""
 
     config_class = LoraMethodConfig
+    bench_reference = True  # the shared baseline every benchmark ratio is relative to
 
     def adapt(self) -> None:
         self.peft_config = inject_lora(self.base_model, self.config)
+
+    def peft_equivalent(self) -> LoraConfig:
+        """The peft ``LoraConfig`` this adapter was injected with (the same targets, rank, scale, dropout)."""
+        return copy.deepcopy(self.peft_config)
 
     def expected_trainable_parameters(self) -> int:
         shape = decoder_shape(self.base_model.config)

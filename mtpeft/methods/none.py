@@ -17,6 +17,7 @@ class NoAdapter(AdaptedModel):
     """Leaves the base model untouched; zero trainable parameters, so training is skipped."""
 
     config_class = NoneConfig
+    bench_variants = {}  # nothing to train, so no training step to time
 
     def adapt(self) -> None:
         """Nothing to attach."""

@@ -32,6 +32,15 @@ class MoELoRA(AdaptedModel):
     """Mixture of LoRA experts on the target linears (token routers, or MOELoRA's task gate)."""
 
     config_class = MoELoRAConfig
+    #: Benchmark: cost against the number of experts (E=2, k=2 is dense: k = E; E=4 is the default) with the
+    #: default ``dispatch: auto``, and the sparse dispatch (cost ~ k, not E).
+    bench_variants = {
+        "E=2 k=2": ("method.num_experts=2", "method.top_k=2"),
+        "E=4 k=2": ("method.num_experts=4", "method.top_k=2"),
+        "E=8 k=2": ("method.num_experts=8", "method.top_k=2"),
+        "E=4 k=2 sparse": ("method.num_experts=4", "method.dispatch=sparse"),
+        "E=8 k=2 sparse": ("method.num_experts=8", "method.dispatch=sparse"),
+    }
 
     @property
     def requires_task_ids(self) -> bool:
