@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from mtpeft.data.synthetic.primitives import tokenizer_corpus
 from mtpeft.methods import available_methods, build_method
-from mtpeft.models.loader import HUB_KEYS, ModelNotAvailableError, describe_model, load_base_model
+from mtpeft.models.config import HubModelSpec, parse_model
+from mtpeft.models.loader import ModelNotAvailableError, describe_model, load_base_model
 from mtpeft.models.tiny import TinyModelConfig, build_tiny_model
 from mtpeft.models.tokenizer import train_tokenizer
 from mtpeft.run import run
@@ -57,9 +57,9 @@ def standins(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_hub_config_composes_with_its_hub_id(name: str, tmp_path: Path) -> None:
     hub_id, _, checkpointing = HUB_MODELS[name]
     cfg = compose_train([f"model={name}"], tmp_path)
-    node = OmegaConf.to_container(cfg.model, resolve=True)
-    assert set(node) <= HUB_KEYS and node["kind"] == "hub" and node["name_or_path"] == hub_id
-    assert node["dtype"] == "bfloat16" and node["adapter_dtype"] == "float32"
+    spec = parse_model(cfg.model)
+    assert isinstance(spec, HubModelSpec) and spec.name_or_path == hub_id
+    assert spec.dtype == "bfloat16" and spec.adapter_dtype == "float32"
     assert cfg.gradient_checkpointing is checkpointing  # the model's switch reaches the run
 
 

@@ -18,9 +18,8 @@ from omegaconf import OmegaConf
 from mtpeft.data.synthetic.primitives import primitives_corpus, tokenizer_corpus
 from mtpeft.models import loader as loader_module
 from mtpeft.models.cache import MANIFEST, get_or_build, key_hash, read_manifest
+from mtpeft.models.config import HubModelSpec, TinyModelSpec, parse_model
 from mtpeft.models.loader import (
-    HUB_KEYS,
-    TINY_KEYS,
     ModelNotAvailableError,
     describe_model,
     ensure_pad_token,
@@ -170,8 +169,10 @@ def test_tiny_model_is_seeded(tokenizer):
 
 
 def test_tiny_config_rejects_bad_arch():
-    with pytest.raises(ValueError, match="gpt2.*llama"):
+    with pytest.raises(ValueError, match=r"(?s)arch.*'llama', 'qwen2' or 'mistral'.*gpt2"):
         TinyModelConfig(arch="gpt2")
+    with pytest.raises(ValueError, match=r"model\.hidden_size=128 is not divisible by num_heads=3"):
+        parse_model({"kind": "tiny", "num_heads": 3})
 
 
 # --------------------------------------------------------------------------------------- pre-training
@@ -337,7 +338,7 @@ def test_default_model_cache_key_is_unchanged(monkeypatch, tmp_path):
     monkeypatch.setattr(loader_module, "get_or_build", capture)
     node = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "tiny_llama.yaml"), resolve=False)
     node["cache_dir"] = str(tmp_path)
-    with pytest.raises(Stop, match=r"^tiny-llama-c830cad94889$"):
+    with pytest.raises(Stop, match=r"^tiny-llama-12a467a5e16d$"):
         load_tiny(node)
 
 
@@ -367,10 +368,20 @@ def test_concurrent_builds_end_with_one_entry(tmp_path):
 
 
 def test_unknown_kind_and_keys_are_named():
-    with pytest.raises(ValueError, match="'gguf'.*hub.*tiny"):
+    with pytest.raises(ValueError, match=r"model\.kind='gguf' is not valid: use one of 'tiny', 'hub'"):
         load_base_model({"kind": "gguf"})
-    with pytest.raises(ValueError, match="model.hiden_size"):
+    with pytest.raises(
+        ValueError, match=r"unknown key model\.hiden_size: .*\(did you mean 'hidden_size'\?\)"
+    ):
         load_base_model({"kind": "tiny", "hiden_size": 64})
+    with pytest.raises(ValueError, match=r"unknown key model\.pretrain\.step: .*valid keys: batch_size"):
+        load_base_model({"kind": "tiny", "pretrain": {"step": 1}})
+    with pytest.raises(ValueError, match=r"model\.pretrain\.steps=True is not valid: .*integer"):
+        load_base_model({"kind": "tiny", "pretrain": {"steps": True}})
+    with pytest.raises(ValueError, match=r"model\.dtype='fp8' is not valid: .*'float32', 'bfloat16'"):
+        load_base_model({"kind": "hub", "name_or_path": "x", "dtype": "fp8"})
+    with pytest.raises(ValueError, match=r"unknown key model\.arch: 'arch' is not an option of model"):
+        load_base_model({"kind": "hub", "arch": "llama"})
     with pytest.raises(ValueError, match="model.name_or_path is not set"):
         load_base_model({"kind": "hub", "name_or_path": "???"})
 
@@ -416,13 +427,12 @@ def test_pad_token_falls_back_to_eos(tokenizer, tmp_path, caplog):
 def test_model_configs_have_valid_keys(name, monkeypatch):
     monkeypatch.delenv("MTPEFT_CACHE_DIR", raising=False)
     node = OmegaConf.to_container(OmegaConf.load(CONF_DIR / f"{name}.yaml"), resolve=True)
-    valid = TINY_KEYS if node["kind"] == "tiny" else HUB_KEYS
-    assert set(node) <= valid
-    if node["kind"] == "tiny":
-        assert node["cache_dir"] is None
-        assert set(node["pretrain"]) <= set(PretrainConfig.__dataclass_fields__)
-        TinyModelConfig(**{k: v for k, v in node.items() if k in TinyModelConfig.__dataclass_fields__})
-        assert (node["pretrain"]["steps"] > 0) == (name == "tiny_llama")
+    spec = parse_model(node)
+    assert isinstance(spec, TinyModelSpec if node["kind"] == "tiny" else HubModelSpec)
+    if isinstance(spec, TinyModelSpec):
+        assert spec.cache_dir is None
+        assert isinstance(spec.pretrain, PretrainConfig)
+        assert (spec.pretrain.steps > 0) == (name == "tiny_llama")
 
 
 def test_manifest_records_build(cached):

@@ -1,6 +1,7 @@
 """Base-model loading: the single entry the training script calls with the Hydra ``model`` node.
 
-Two kinds:
+The node is first parsed into a typed spec (`mtpeft.models.config`: unknown keys and wrong types are
+errors naming ``model.<key>``); its ``kind`` selects one of two loaders:
 
 * ``tiny``: the local default. A byte-level BPE tokenizer trained on ``tokenizer_corpus`` and a tiny
   Llama/Qwen2/Mistral model pre-trained on ``primitives_corpus`` (``pretrain.steps`` steps; 0 = random
@@ -17,7 +18,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,36 +26,15 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
 
 from mtpeft.models.cache import fingerprint, get_or_build, resume_dir
+from mtpeft.models.config import HubModelSpec, TinyModelSpec, parse_model
 from mtpeft.models.pretrain import LR_SCHEDULE, PretrainConfig, pretrain
 from mtpeft.models.tiny import TinyModelConfig, build_tiny_model, count_parameters
 from mtpeft.models.tokenizer import DEFAULT_WHOLE_WORDS, train_tokenizer
+from mtpeft.utils.schema import parse
 from mtpeft.utils.threads import build_threads, using_threads
 
 log = logging.getLogger(__name__)
 
-_TINY_MODEL_KEYS = {f.name for f in fields(TinyModelConfig)} - {"vocab_size"}
-TINY_KEYS = frozenset(_TINY_MODEL_KEYS | {"kind", "vocab_size", "pretrain", "cache_dir"})
-HUB_KEYS = frozenset(
-    {
-        "kind",
-        "name_or_path",
-        "dtype",
-        "attn_implementation",
-        "trust_remote_code",
-        "revision",
-        "allow_download",
-        "gradient_checkpointing",
-        "adapter_dtype",
-        "chat_template",
-        "gguf_file",
-        "gguf_package",
-        "cache_dir",
-    }
-)
-"""Keys of a ``kind: hub`` model node. ``gradient_checkpointing`` feeds the top-level switch of the same
-name, ``adapter_dtype`` the run (adapter parameters' storage dtype), ``chat_template`` the datamodule.
-``gguf_file`` (a path, or a file name inside the installed ``gguf_package``) loads a GGUF checkpoint
-through its cached conversion (``mtpeft.models.gguf``) in ``cache_dir``."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
@@ -73,28 +53,22 @@ class TinyArtifacts:
 
 
 def load_base_model(cfg: Mapping[str, Any]) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """Load the base model and tokenizer described by the Hydra ``model`` node (``cfg.kind``: tiny | hub)."""
-    plain = _to_dict(cfg)
-    kind = plain.get("kind")
-    if kind == "tiny":
-        art = load_tiny(plain)
+    """Load the base model and tokenizer described by the Hydra ``model`` node (``kind``: tiny | hub)."""
+    spec = parse_model(cfg)
+    if isinstance(spec, TinyModelSpec):
+        art = load_tiny(spec)
         return art.model, art.tokenizer
-    if kind == "hub":
-        return load_hub(plain)
-    raise ValueError(f"Unknown model.kind={kind!r}: valid kinds are ['hub', 'tiny'] (see conf/model/).")
+    return load_hub(spec)
 
 
 # ----------------------------------------------------------------------------------------------- tiny
 
 
-def load_tiny(cfg: Mapping[str, Any]) -> TinyArtifacts:
+def load_tiny(cfg: Mapping[str, Any] | TinyModelSpec) -> TinyArtifacts:
     """Load (building and caching on first use) the tiny tokenizer + model described by ``cfg``."""
-    cfg = _to_dict(cfg)
-    _check_keys(cfg, TINY_KEYS, "tiny")
-    tiny = TinyModelConfig(**{k: v for k, v in cfg.items() if k in _TINY_MODEL_KEYS})
-    pre = _pretrain_config(cfg.get("pretrain") or {})
-    cache_dir = cfg.get("cache_dir")
-    tok_entry = _cached_tokenizer(int(cfg.get("vocab_size") or 1024), cache_dir)
+    spec = parse(TinyModelSpec, cfg, "model")
+    tiny, pre, cache_dir = spec.shapes(), spec.pretrain, spec.cache_dir
+    tok_entry = _cached_tokenizer(spec.vocab_size or 1024, cache_dir)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_entry)
     lines = _corpus(pre)
     parts = {
@@ -106,7 +80,7 @@ def load_tiny(cfg: Mapping[str, Any]) -> TinyArtifacts:
     }
 
     def build(tmp: Path) -> dict[str, Any]:
-        with using_threads(build_threads(cfg)):
+        with using_threads(build_threads(asdict(spec))):
             return _build_tiny(tmp, tiny, pre, tokenizer, lines)
 
     entry, meta = get_or_build(f"tiny-{tiny.arch}", parts, build, cache_dir)
@@ -116,12 +90,6 @@ def load_tiny(cfg: Mapping[str, Any]) -> TinyArtifacts:
     tokenizer = PreTrainedTokenizerFast.from_pretrained(entry)
     tokenizer.model_max_length = tiny.max_position_embeddings
     return TinyArtifacts(model, tokenizer, entry, meta)
-
-
-def _pretrain_config(raw: Mapping[str, Any]) -> PretrainConfig:
-    """``PretrainConfig`` from the ``pretrain`` node, naming unknown keys."""
-    _check_keys(raw, frozenset(f.name for f in fields(PretrainConfig)), "tiny", prefix="model.pretrain.")
-    return PretrainConfig(**raw)
 
 
 def _corpus(pre: PretrainConfig) -> list[str]:
@@ -180,28 +148,21 @@ def _build_tiny(
 # ------------------------------------------------------------------------------------------------ hub
 
 
-def load_hub(cfg: Mapping[str, Any]) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+def load_hub(cfg: Mapping[str, Any] | HubModelSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """Load a local directory or a cached hub id with ``AutoTokenizer`` / ``AutoModelForCausalLM``."""
-    cfg = _to_dict(cfg)
-    _check_keys(cfg, HUB_KEYS, "hub")
-    if cfg.get("gguf_file"):
-        cfg["name_or_path"] = str(_gguf_source(cfg))
-    name = cfg.get("name_or_path")
+    spec = parse(HubModelSpec, cfg, "model")
+    name = str(_gguf_source(spec)) if spec.gguf_file else spec.name_or_path
     if not name or name == "???":
         raise ValueError(
             "model.name_or_path is not set: pass model.name_or_path=/path/to/model_dir (or a hub id)."
         )
-    name, revision = str(name), cfg.get("revision")
-    local_only = _resolve_source(name, revision, bool(cfg.get("allow_download", False)))
-    common = {"trust_remote_code": bool(cfg.get("trust_remote_code", False)), "local_files_only": local_only}
-    if revision:
-        common["revision"] = revision
+    local_only = _resolve_source(name, spec.revision, spec.allow_download)
+    common: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code, "local_files_only": local_only}
+    if spec.revision:
+        common["revision"] = spec.revision
     tokenizer = AutoTokenizer.from_pretrained(name, **common)
     model = AutoModelForCausalLM.from_pretrained(
-        name,
-        dtype=_dtype(cfg.get("dtype", "float32")),
-        attn_implementation=cfg.get("attn_implementation"),
-        **common,
+        name, dtype=DTYPES[spec.dtype], attn_implementation=spec.attn_implementation, **common
     )
     ensure_pad_token(tokenizer, model)
     contiguous_head_input(model)
@@ -227,18 +188,18 @@ def contiguous_head_input(model: PreTrainedModel) -> None:
         head.register_forward_pre_hook(_contiguous)
 
 
-def _gguf_source(cfg: Mapping[str, Any]) -> Path:
+def _gguf_source(spec: HubModelSpec) -> Path:
     """Converted (cached) directory of the GGUF checkpoint named by ``model.gguf_file``/``gguf_package``."""
     from mtpeft.models.gguf import cached_gguf_dir, resolve_gguf
 
-    name = cfg.get("name_or_path")
+    name = spec.name_or_path
     if name and name != "???":
         raise ValueError(
             f"model.gguf_file and model.name_or_path={name!r} are both set: a GGUF checkpoint is converted "
             "into the mtpeft cache and loaded from there; set model.name_or_path=null."
         )
-    path = resolve_gguf(str(cfg["gguf_file"]), cfg.get("gguf_package"))
-    return cached_gguf_dir(path, cfg.get("cache_dir"))
+    path = resolve_gguf(str(spec.gguf_file), spec.gguf_package)
+    return cached_gguf_dir(path, spec.cache_dir)
 
 
 def _resolve_source(name: str, revision: str | None, allow_download: bool) -> bool:
@@ -278,20 +239,13 @@ def _in_hf_cache(repo_id: str, revision: str | None) -> bool:
     return isinstance(hit, str)
 
 
-def _dtype(name: str) -> torch.dtype | str:
-    """torch dtype from its config name."""
-    if name not in DTYPES:
-        raise ValueError(f"model.dtype={name!r} is invalid: use one of {sorted(DTYPES)}.")
-    return DTYPES[name]
-
-
 def adapter_dtype(cfg: Mapping[str, Any]) -> torch.dtype:
-    """Storage dtype of trainable adapter parameters: ``model.adapter_dtype`` (default float32)."""
-    name = _to_dict(cfg).get("adapter_dtype") or "float32"
-    if name not in DTYPES or name == "auto":
-        valid = sorted(k for k in DTYPES if k != "auto")
-        raise ValueError(f"model.adapter_dtype={name!r} is invalid: use one of {valid}.")
-    return DTYPES[name]
+    """Storage dtype of trainable adapter parameters: ``model.adapter_dtype`` (hub models; default float32)."""
+    spec = parse_model(cfg)
+    name = (spec.adapter_dtype if isinstance(spec, HubModelSpec) else None) or "float32"
+    dtype = DTYPES[name]
+    assert isinstance(dtype, torch.dtype)
+    return dtype
 
 
 def ensure_pad_token(tokenizer: PreTrainedTokenizerFast, model: PreTrainedModel) -> None:
@@ -347,20 +301,3 @@ def weights_digest(model: PreTrainedModel) -> str | None:
         digest.update(name.encode() + b"\0")
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def _check_keys(cfg: Mapping[str, Any], valid: frozenset[str], kind: str, prefix: str = "model.") -> None:
-    """Reject unknown keys, naming them and listing the valid ones."""
-    unknown = sorted(set(cfg) - valid)
-    if unknown:
-        names = ", ".join(prefix + k for k in unknown)
-        raise ValueError(f"Unknown key(s) {names} for model.kind={kind!r}: valid keys are {sorted(valid)}.")
-
-
-def _to_dict(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Plain nested dict from a dict or an OmegaConf ``DictConfig`` (interpolations resolved)."""
-    from omegaconf import DictConfig, OmegaConf
-
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)  # type: ignore[return-value]
-    return {k: _to_dict(v) if isinstance(v, Mapping) else v for k, v in cfg.items()}

@@ -39,6 +39,8 @@ from rich.progress import (
 )
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, get_cosine_with_min_lr_schedule_with_warmup
 
+from mtpeft.utils.schema import Float, Int, NonNegativeInt, PositiveFloat, PositiveInt, config_dataclass
+
 log = logging.getLogger(__name__)
 
 #: Fewest held-out lines (so that tiny test corpora still give a full evaluation window).
@@ -51,46 +53,37 @@ CHECKPOINT_EVERY = 200
 LR_SCHEDULE = "transformers.get_cosine_with_min_lr_schedule_with_warmup"
 
 
-@dataclass(frozen=True)
+@config_dataclass(frozen=True)
 class PretrainConfig:
     """Pre-training budget and optimiser (defaults: ours, sized to finish in ~3 min on 2 free CPU cores)."""
 
-    steps: int = 3000
+    steps: NonNegativeInt = 3000
     """Optimiser steps; 0 keeps the random initialisation. Copying (induction) appears after ~2000-2500."""
-    batch_size: int = 16
+    batch_size: PositiveInt = 16
     """Windows per step (16 x 64 = 1024 tokens); induction forms after a number of *steps*, so small batches
     reach it sooner in wall time."""
-    seq_len: int = 64
+    seq_len: PositiveInt = 64
     """Window length in tokens; a corpus line is <= 62 tokens and the offline tasks need <= 64."""
-    lr: float = 3e-3
+    lr: PositiveFloat = 3e-3
     """Peak AdamW learning rate; tiny models tolerate (and need, at this budget) a high rate."""
-    warmup: int = 50
+    warmup: NonNegativeInt = 50
     """Linear warm-up steps before the cosine decay."""
-    seed: int = 0
+    seed: Int = 0
     """Seed of window sampling (and of the corpus, via the loader)."""
-    corpus_lines: int = 20000
+    corpus_lines: NonNegativeInt = 20000
     """Lines of ``primitives_corpus`` (~0.55 M tokens); the default run sees each line about 3 times."""
-    repeat_prob: float = 0.5
+    repeat_prob: Float = 0.5
     """Share of windows whose first line is shown twice (``<s> L </s> <s> L </s> ...``). Copying pays off
     there, which makes induction (copy of repeated facts) appear within the budget; with 0 it had not
     appeared after 1000 steps of 32 windows."""
-    weight_decay: float = 0.01
+    weight_decay: Float = 0.01
     """AdamW decoupled weight decay on matrices (not norms or biases)."""
-    grad_clip: float = 1.0
+    grad_clip: Float = 1.0
     """Max global gradient norm."""
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: Float = 0.1
     """Final learning rate as a fraction of ``lr`` (cosine floor)."""
-    eval_fraction: float = 0.02
+    eval_fraction: Float = 0.02
     """Share of the corpus lines held out for the start/end loss."""
-
-    def __post_init__(self) -> None:
-        """Reject budgets that cannot run."""
-        for name in ("steps", "warmup", "corpus_lines"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"pretrain.{name}={getattr(self, name)} must be >= 0.")
-        for name in ("batch_size", "seq_len", "lr"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"pretrain.{name}={getattr(self, name)} must be > 0.")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for hashing and metadata)."""

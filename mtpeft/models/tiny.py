@@ -9,8 +9,8 @@ same module names (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, ``gate_proj``
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict
+from typing import Any, Literal
 
 import torch
 from transformers import (
@@ -25,6 +25,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from mtpeft.utils.schema import Bool, Int, PositiveFloat, PositiveInt, config_dataclass
+
 #: arch name -> (config class, model class). Qwen2 differs by q/k/v biases, Mistral by its sliding window.
 ARCHITECTURES: dict[str, tuple[type[PreTrainedConfig], type[PreTrainedModel]]] = {
     "llama": (LlamaConfig, LlamaForCausalLM),
@@ -33,49 +35,47 @@ ARCHITECTURES: dict[str, tuple[type[PreTrainedConfig], type[PreTrainedModel]]] =
 }
 
 
-@dataclass(frozen=True)
+Arch = Literal[tuple(ARCHITECTURES)]  # type: ignore[valid-type]
+"""A key of ``ARCHITECTURES``."""
+
+
+@config_dataclass(frozen=True)
 class TinyModelConfig:
     """Shapes of the tiny model (defaults: ours, sized for the 2-core CPU budget)."""
 
-    arch: str = "llama"
+    arch: Arch = "llama"
     """One of ``llama``, ``qwen2``, ``mistral``."""
-    hidden_size: int = 128
+    hidden_size: PositiveInt = 128
     """Model width; 128 keeps the model near 0.9 M parameters (docs/data.md 4.1)."""
-    num_layers: int = 4
+    num_layers: PositiveInt = 4
     """Decoder layers; 4 gives per-layer methods (routers, CAMs) several layers to differ across."""
-    num_heads: int = 4
+    num_heads: PositiveInt = 4
     """Attention heads (head_dim 32)."""
-    num_kv_heads: int = 2
+    num_kv_heads: PositiveInt = 2
     """Key/value heads; fewer than ``num_heads`` so grouped-query attention is covered."""
-    intermediate_size: int = 344
+    intermediate_size: PositiveInt = 344
     """SwiGLU width, about 8/3 * hidden_size as in Llama."""
-    max_position_embeddings: int = 256
+    max_position_embeddings: PositiveInt = 256
     """Longest sequence; the offline tasks need <= 64 tokens, pre-training uses 128."""
-    tie_word_embeddings: bool = True
+    tie_word_embeddings: Bool = True
     """Share input and output embeddings (saves vocab_size * hidden_size parameters)."""
-    vocab_size: int | None = None
+    vocab_size: PositiveInt | None = None
     """Model vocabulary; ``None`` = ``len(tokenizer)``."""
-    rope_theta: float = 10000.0
+    rope_theta: PositiveFloat = 10000.0
     """RoPE base; the classic value is plenty for 256 positions."""
-    seed: int = 0
+    seed: Int = 0
     """Seed of the random initialisation."""
-    attn_implementation: str = "sdpa"
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     """``sdpa`` (fastest on CPU at these sizes, see report) or ``eager``."""
 
     def __post_init__(self) -> None:
-        """Reject unknown architectures and head counts that do not divide."""
-        if self.arch not in ARCHITECTURES:
-            raise ValueError(f"Unknown tiny arch {self.arch!r}: use one of {sorted(ARCHITECTURES)}.")
+        """Head counts must divide (types and ranges are checked by the config layer)."""
         if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}."
-            )
+            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
-                f"num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads}."
+                f"num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads}"
             )
-        if self.attn_implementation not in ("sdpa", "eager"):
-            raise ValueError(f"attn_implementation={self.attn_implementation!r}: use 'sdpa' or 'eager'.")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for hashing and metadata)."""

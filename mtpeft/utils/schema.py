@@ -74,12 +74,15 @@ METHOD_CONFIG = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 """Model config of method configs: unknown keys are errors; the instances stay mutable dataclasses."""
 
 
-def config_dataclass(cls: type[T]) -> type[T]:
-    """Class decorator for a method's config: a pydantic dataclass (``METHOD_CONFIG``) whose annotations
-    (the strict types above, ``Literal``, nested config dataclasses) are checked whenever it is built,
-    from a YAML node through ``parse`` or directly in Python; ``__post_init__`` keeps the cross-field
-    checks, raising ValueError with the fields' names (the key path is prefixed by the layer)."""
-    return pydantic_dataclass(cls, config=METHOD_CONFIG)
+def config_dataclass(cls: type[T] | None = None, *, frozen: bool = False) -> Any:
+    """Class decorator for a config dataclass (a method's options, the model node): a pydantic dataclass
+    (``METHOD_CONFIG``) whose annotations (the strict types above, ``Literal``, nested config dataclasses)
+    are checked whenever it is built, from a YAML node through ``parse`` or directly in Python;
+    ``__post_init__`` keeps the cross-field checks, raising ValueError with the fields' names (the key
+    path is prefixed by the layer). ``@config_dataclass(frozen=True)`` for immutable ones."""
+    if cls is None:
+        return functools.partial(config_dataclass, frozen=frozen)
+    return pydantic_dataclass(cls, config=METHOD_CONFIG, frozen=frozen)
 
 
 class ConfigError(ValueError):
@@ -96,7 +99,7 @@ def parse(
     ``source`` the config file the node comes from, ``extra_keys`` keys the caller handles itself (listed
     as valid in an unknown-key error of the top node).
     """
-    if isinstance(values, cls):
+    if isinstance(cls, type) and isinstance(values, cls):
         return values
     plain = to_plain(values)
     if not isinstance(plain, Mapping):
@@ -215,6 +218,12 @@ def _problem(error: Mapping[str, Any], cls: Any, where: str, extra_keys: tuple[s
         )
     if kind in ("missing", "missing_argument", "missing_keyword_only_argument"):
         return f"{path} is required"
+    if kind in ("union_tag_invalid", "union_tag_not_found"):  # a discriminated union (model.kind)
+        ctx = error.get("ctx") or {}
+        key = str(ctx.get("discriminator", "kind")).strip("'")
+        tag = f"={ctx['tag']!r} is not valid" if "tag" in ctx else " is required"
+        tags = [t for member in _union_members(node) or [] for t in _literal_values(member, key)]
+        return f"{dotted(path, [key])}{tag}: use one of {', '.join(map(repr, tags))}"
     message = str(error["msg"])
     for prefix in ("Value error, ", "Assertion failed, "):
         message = message.removeprefix(prefix)
@@ -293,11 +302,15 @@ def _union_members(tp: Any) -> list[Any] | None:
 def _member_for_tag(members: list[Any], tag: Any) -> Any:
     """The union member whose Literal-typed field has value ``tag`` (discriminated unions), else Any."""
     for member in members:
-        for name in field_names(_unwrap(member)):
-            hint = _hints(_unwrap(member)).get(name)
-            if typing.get_origin(_unwrap(hint)) is Literal and tag in typing.get_args(_unwrap(hint)):
-                return member
+        if any(tag in _literal_values(member, name) for name in field_names(_unwrap(member))):
+            return member
     return Any
+
+
+def _literal_values(cls: Any, name: str) -> tuple[Any, ...]:
+    """The values of ``cls``'s ``Literal``-typed field ``name`` (none if it is not one)."""
+    hint = _unwrap(_hints(_unwrap(cls)).get(name))
+    return typing.get_args(hint) if typing.get_origin(hint) is Literal else ()
 
 
 def _child(node: Any, item: str | int) -> Any:
