@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from typing import Any
 import pytest
 import torch
 
-from mtpeft.methods import build_method, get_method, load_adapter
+from mtpeft.methods import build_method, get_method, load_adapter, parse_method_config
 from tests.conftest import ARCHS, make_tiny_base
 
 Options = dict[str, Any]
@@ -217,6 +218,11 @@ def check_bad_configs(case: Case) -> None:
         with pytest.raises((ValueError, TypeError)) as error:
             build_method(case.method, options, make_tiny_base(), num_tasks=case.num_tasks)
         assert_names_field(str(error.value), key, config_class)
+        try:
+            parse_method_config(case.method, options)
+        except (ValueError, TypeError):  # invalid on its own (not only for this base model): so in code too
+            with pytest.raises((ValueError, TypeError), match=re.escape(key.rsplit(".", 1)[-1])):
+                config_class(**options)
 
 
 def assert_names_field(message: str, key: str, config_class: type) -> None:
@@ -314,6 +320,8 @@ def check_task_ids(case: Case) -> None:
     if not model.requires_task_ids:
         without = logits(model, ids, mask, None)
         torch.testing.assert_close(without, logits(model, ids, mask, task_ids), rtol=0, atol=0)
+        generated = model.generate(ids, attention_mask=mask, **GENERATE)
+        assert torch.equal(generated, model.generate(ids, attention_mask=mask, task_ids=task_ids, **GENERATE))
         return
     for call in (model, lambda **kw: model.generate(**kw, max_new_tokens=1)):
         with pytest.raises(ValueError, match="task_ids"):
@@ -339,7 +347,8 @@ def check_aux_loss_gradients_survive_gradient_checkpointing(case: Case) -> None:
 
 
 def check_gradient_checkpointing_gives_the_same_gradients(case: Case) -> None:
-    """Recomputed layers see the same task ids (and everything else) as the original forward."""
+    """Recomputed layers see the same task ids, routing noise and dropout as the original forward (train
+    mode, one seed for both runs)."""
     grads, losses = [], []
     for checkpointing in (False, True):
         model = build(case)
@@ -348,7 +357,8 @@ def check_gradient_checkpointing_gives_the_same_gradients(case: Case) -> None:
         perturb(model)  # off the identity init, so that every parameter gets a gradient
         if checkpointing:
             model.gradient_checkpointing_enable()
-        model.eval()  # no dropout / routing noise: both passes compute the same function
+        model.train()
+        torch.manual_seed(0)  # the same dropout masks and routing noise in both runs
         loss = loss_on(model, inputs(case))
         loss.backward()
         losses.append(loss.detach())

@@ -1,4 +1,8 @@
-"""C-Poly: the equations by hand, exclusivity of task skills, reduction to peft Poly, formula, errors."""
+"""C-Poly: the equations by hand, exclusivity of task skills, reduction to peft Poly, the worked count.
+
+The contract (mixed-task rows, beam search, parameter counts by hand for several T, H, B and weightings, bad
+configs) runs on the variants ``cpoly-*`` of tests/test_method_contract.py.
+"""
 
 from __future__ import annotations
 
@@ -163,74 +167,11 @@ def test_without_specific_skills_equals_peft_poly(n_splits: int) -> None:
         torch.testing.assert_close(cpoly(input_ids=ids, task_ids=task_ids).logits, expected)
 
 
-def test_mixed_task_rows_get_their_own_task_and_beams_work() -> None:
-    model = build_method("cpoly", {"r": 4, "n_splits": 2}, make_tiny_base(), num_tasks=NUM_TASKS)
-    _randomise(model)
-    model.eval()
-    ids, task_ids = _inputs(batch=3)
-    with torch.no_grad():
-        batched = model(input_ids=ids, task_ids=task_ids).logits
-        for row in range(3):
-            alone = [model(input_ids=ids[row : row + 1], task_ids=torch.tensor([t])).logits for t in range(3)]
-            torch.testing.assert_close(batched[row : row + 1], alone[row])
-            assert not torch.allclose(alone[row], alone[(row + 1) % 3], atol=1e-4)
-    kwargs = dict(max_new_tokens=4, num_beams=2, do_sample=False, pad_token_id=0, eos_token_id=2)
-    generated = model.generate(ids, task_ids=task_ids, **kwargs)
-    for row in range(3):
-        single = model.generate(ids[row : row + 1], task_ids=task_ids[row : row + 1], **kwargs)
-        assert torch.equal(generated[row : row + 1, : single.shape[1]], single)
-
-
-@pytest.mark.parametrize(
-    ("options", "num_tasks"),
-    [
-        ({}, 3),
-        ({"r": 2, "n_skills": 2, "n_specific_skills": 2, "n_splits": 2, "specific_weight": "fixed"}, 2),
-        ({"r": 4, "n_skills": 0, "n_specific_skills": 1, "specific_weight": "learned_raw"}, 4),
-        ({"r": 2, "n_specific_skills": 0, "targets": ["q_proj", "down_proj"]}, 3),
-    ],
-)
-def test_parameter_count_matches_formula(options: dict, num_tasks: int) -> None:
-    model = build_method("cpoly", options, make_tiny_base(), num_tasks=num_tasks)
-    c, t = model.config, num_tasks
-    sizes = {"q_proj": 64, "k_proj": 48, "v_proj": 48, "o_proj": 64, "down_proj": 96}  # d_in + d_out
-    learned = t * c.n_specific_skills if c.n_specific_skills and c.specific_weight != "fixed" else 0
-    per_layer = sum(
-        (c.n_skills + t * c.n_specific_skills) * c.r * sizes[name] + t * c.n_splits * c.n_skills + learned
-        for name in c.targets
-    )
-    assert model.count_parameters()[0] == model.expected_trainable_parameters() == 2 * per_layer
-
-
 def test_methods_md_worked_count_qwen_shape() -> None:
     """docs/methods.md section 11: masked C-Poly (K=4, B=1), r=8, T=8, q,k,v,o, Qwen2.5-0.5B shape: 12.98 M."""
     base = qwen2_5_0_5b_shape_on_meta()
     model = build_method("cpoly", {"specific_weight": "fixed"}, base, num_tasks=8)
     assert model.count_parameters()[0] == model.expected_trainable_parameters() == 12_979_200
-
-
-@pytest.mark.parametrize(
-    ("options", "error", "match"),
-    [
-        ({"n_splits": 3}, ValueError, r"method\.n_splits=3 must divide"),
-        ({"n_skills": -1}, ValueError, r"method\.n_skills=-1 is not valid: .*greater than or equal to 0"),
-        (
-            {"n_skills": 0, "n_specific_skills": 0},
-            ValueError,
-            r"method\.n_skills \+ n_specific_skills must be",
-        ),
-        ({"specific_weight": "raw"}, ValueError, r"method\.specific_weight='raw' is not valid"),
-        (
-            {"specific_weight": "learned_raw", "normalize_jointly": True},
-            ValueError,
-            r"method\.normalize_jointly=true needs non-negative",
-        ),
-        ({"r": 2.5}, ValueError, r"method\.r=2\.5 is not valid: .*integer \(conf/method/cpoly\.yaml\)"),
-    ],
-)
-def test_bad_config_names_the_field(options: dict, error: type, match: str) -> None:
-    with pytest.raises(error, match=match):
-        build_method("cpoly", options, make_tiny_base(), num_tasks=NUM_TASKS)
 
 
 def test_yaml_defaults_are_the_config_defaults() -> None:

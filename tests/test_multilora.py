@@ -1,7 +1,7 @@
-"""MultiLoRA specifics: the equations, init and first-step gradients, parameter counts, configs.
+"""MultiLoRA specifics: the equations, the reduction to LoRA, init and first-step gradients.
 
-The generic contract (identity at init, only adapter params change, save/load, generation) is in the
-contract suite.
+The contract (task ids ignored, identity at init, only adapter params change, save/load, generation,
+parameter counts by hand, bad configs) runs on the variants ``multilora-*`` of tests/test_method_contract.py.
 """
 
 from __future__ import annotations
@@ -47,13 +47,6 @@ def test_one_lora_with_unit_scale_is_lora(arch):
     torch.testing.assert_close(model(ids).logits, lora(ids).logits)
 
 
-def test_task_ids_are_ignored():
-    model = multilora(init_weights=False)
-    ids = torch.randint(0, 128, (2, 6))
-    torch.testing.assert_close(model(ids).logits, model(ids, task_ids=torch.tensor([0, 1])).logits)
-    assert model.task_conditioned_modules() == ()
-
-
 def test_init_and_first_step_gradients_follow_reference():
     model = multilora(r=4).train()
     layer = model.base_model.get_submodule(V0)
@@ -66,37 +59,3 @@ def test_init_and_first_step_gradients_follow_reference():
     # at step 0 only the scales get a gradient (A and B gradients are multiplied by σ = 0)
     assert layer.lora_scaling.grad.abs().sum() > 0
     assert layer.lora_A.grad.abs().sum() == 0 and layer.lora_B.grad.abs().sum() == 0
-
-
-@pytest.mark.parametrize(
-    "arch, cfg",
-    [
-        ("llama", {}),
-        ("qwen2", {"r": 2, "num_loras": 1, "scale_granularity": "module"}),
-        ("mistral", {"num_loras": 4, "targets": ["k_proj", "gate_proj", "down_proj"]}),
-    ],
-)
-def test_parameter_count_matches_formula(arch, cfg):
-    model = multilora(arch, **cfg)
-    assert model.count_parameters()[0] == model.expected_trainable_parameters()
-
-
-def test_parameter_count_worked_example():
-    # docs/methods.md 5h per linear: n·r·(d_in + d_out) + n·d_out; q,k,v,o of the tiny shape (d=32, d_kv=16)
-    shapes = [(32, 32), (32, 16), (32, 16), (32, 32)]
-    assert multilora().expected_trainable_parameters() == 2 * sum(3 * 8 * (i + o) + 3 * o for i, o in shapes)
-
-
-@pytest.mark.parametrize(
-    "cfg, field",
-    [
-        ({"num_loras": 0}, "method.num_loras"),
-        ({"dropout": 1.0}, "method.dropout"),
-        ({"scale_granularity": "row"}, "method.scale_granularity"),
-        ({"targets": []}, "method.targets"),
-        ({"n": 3}, r"unknown key method\.n: 'n' is not an option of method"),
-    ],
-)
-def test_bad_config_names_the_field(cfg, field):
-    with pytest.raises(ValueError, match=field):
-        build_method("multilora", cfg, make_tiny_base(), num_tasks=2)

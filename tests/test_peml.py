@@ -1,8 +1,12 @@
-"""PEML-style prompts + LoRA: virtual-token bookkeeping, generation, task conditioning, reparam, config."""
+"""PEML-style prompts + LoRA: virtual-token bookkeeping, generation, reparam, the formula over the search
+space, config.
+
+The contract (task ids, mixed-task batches, save/load of nested configs, checkpointing of deep prefixes,
+parameter counts by hand, bad configs naming the nested key) runs on the variants ``peml-*`` of
+tests/test_method_contract.py: input and deep mode, shared, per_task, shared+per_task and mpt seeds.
+"""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +14,7 @@ import torch.nn.functional as F
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from mtpeft.methods import build_method, load_adapter, parse_method_config
+from mtpeft.methods import build_method, parse_method_config
 from tests.conftest import ARCHS, CONF_DIR, make_tiny_base
 
 NUM_TASKS = 3
@@ -117,36 +121,6 @@ def test_generate_expands_task_prompts_for_beams_and_returns() -> None:
     assert out.shape == (6, 10) and torch.equal(out[::2, :7], ids)
 
 
-@pytest.mark.parametrize("sharing", ["per_task", "shared+per_task", "mpt"])
-def test_rows_of_a_mixed_batch_use_their_own_task_prompt(sharing: str) -> None:
-    model = _build(sharing=sharing)
-    ids, mask, _ = _inputs()
-    ids, mask, task_ids = ids[1:].repeat(2, 1), mask[1:].repeat(2, 1), torch.tensor([0, 1, 2, 2])
-    with torch.no_grad():
-        batched = model(input_ids=ids, attention_mask=mask, task_ids=task_ids).logits
-        for row in range(ids.shape[0]):
-            single = model(input_ids=ids[row : row + 1], task_ids=task_ids[row : row + 1]).logits
-            torch.testing.assert_close(batched[row : row + 1], single, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(batched[0], batched[2], atol=1e-4), "tasks 0 and 2 got the same prompt"
-
-
-@pytest.mark.parametrize("sharing", ["shared", "per_task", "shared+per_task", "mpt"])
-def test_task_ids_required_for_task_conditioned_sharing(sharing: str) -> None:
-    model = _build(sharing=sharing)
-    ids, mask, _ = _inputs()
-    assert model.requires_task_ids == (sharing != "shared")
-    if sharing == "shared":
-        model(input_ids=ids, attention_mask=mask)
-        model.generate(ids, attention_mask=mask, max_new_tokens=1)
-        return
-    with pytest.raises(ValueError, match="task_ids"):
-        model(input_ids=ids, attention_mask=mask)
-    with pytest.raises(ValueError, match="task_ids"):
-        model.generate(ids, attention_mask=mask, max_new_tokens=1)
-    with pytest.raises(ValueError, match="out of range"):
-        model(input_ids=ids, attention_mask=mask, task_ids=torch.full((3,), NUM_TASKS))
-
-
 @pytest.mark.parametrize(("mode", "encoder"), [("input", "lstm"), ("deep", "transformer")])
 def test_reparam_at_inference_caches_prompts_with_identical_outputs(mode: str, encoder: str) -> None:
     plain = _build(mode=mode, encoder={"type": encoder, "hidden": 16})
@@ -192,16 +166,6 @@ def test_parameter_count_matches_formula(mode: str, encoder: str, sharing: str) 
     assert model.count_parameters()[0] == model.expected_trainable_parameters()
 
 
-def test_parameter_count_worked_example() -> None:
-    """d=32, L=2, d_kv=16, m=8, h=16, shared seeds, 3-linear MLP, LoRA r=4 on q,k,v,o (by hand)."""
-    options = {"prompt": {"sharing": "shared", "encoder": {"hidden": 16}}, "lora": {"r": 4}}
-    model = build_method("peml", options, make_tiny_base(), num_tasks=NUM_TASKS)
-    seeds = 8 * 32
-    mlp = (32 * 16 + 16) + (16 * 16 + 16) + (16 * 32 + 32)
-    lora = 2 * 4 * ((32 + 32) + (32 + 16) + (32 + 16) + (32 + 32))
-    assert model.expected_trainable_parameters() == seeds + mlp + lora == model.count_parameters()[0]
-
-
 def test_parameter_groups_carry_their_learning_rates() -> None:
     options = {"prompt": {}, "lora": {"r": 4}, "lr_prompt": 3e-2}
     model = build_method("peml", options, make_tiny_base(), num_tasks=NUM_TASKS)
@@ -217,83 +181,6 @@ def test_parameter_groups_carry_their_learning_rates() -> None:
     model.config.lr_lora = 2e-4
     optimizer = torch.optim.AdamW(model.parameter_groups(0.0), lr=1e-3)
     assert [g["lr"] for g in optimizer.param_groups] == [3e-2, 2e-4]
-
-
-def test_deep_prefix_keeps_gradients_under_gradient_checkpointing() -> None:
-    ids, mask, task_ids = _inputs()
-    grads, losses = [], []
-    for checkpointing in (False, True):
-        model = _build(mode="deep")
-        if checkpointing:
-            model.gradient_checkpointing_enable()
-        model.train()
-        out = model(input_ids=ids, attention_mask=mask, task_ids=task_ids, labels=ids)
-        out.loss.backward()
-        losses.append(out.loss.detach())
-        grads.append(torch.cat([p.grad.flatten() for p in model.prompt.parameters()]))
-    assert grads[0].abs().sum() > 0
-    torch.testing.assert_close(losses[1], losses[0])
-    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
-
-
-def test_save_load_round_trip_of_a_nested_config(tmp_path: Path) -> None:
-    model = _build(mode="deep", sharing="mpt", encoder={"type": "lstm", "hidden": 8, "layers": 1})
-    model.save_adapter(tmp_path / "adapter")
-    reloaded = load_adapter(tmp_path / "adapter", make_tiny_base()).eval()
-    assert reloaded.config == model.config
-    ids, mask, task_ids = _inputs()
-    with torch.no_grad():
-        torch.testing.assert_close(
-            reloaded(input_ids=ids, attention_mask=mask, task_ids=task_ids).logits,
-            model(input_ids=ids, attention_mask=mask, task_ids=task_ids).logits,
-        )
-
-
-@pytest.mark.parametrize(
-    ("options", "error", "match"),
-    [
-        (
-            {"prompt": {"lenght": 4}},
-            ValueError,
-            r"unknown key method\.prompt\.lenght: 'lenght' is not an option of method\.prompt .*valid keys: encoder, init",
-        ),
-        (
-            {"prompt": {"encoder": {"size": 4}}},
-            ValueError,
-            r"'size' is not an option of method\.prompt\.encoder; valid keys",
-        ),
-        (
-            {"prompt": {"length": 0}},
-            ValueError,
-            r"method\.prompt\.length=0 is not valid: .*greater than or equal to 1",
-        ),
-        (
-            {"prompt": {"encoder": {"type": "cnn"}}},
-            ValueError,
-            r"method\.prompt\.encoder\.type='cnn'.*identity",
-        ),
-        ({"prompt": {"mode": "deep_last_k"}}, ValueError, r"method\.prompt\.mode='deep_last_k'"),
-        ({"prompt": {"encoder": {"hidden": "d"}}}, ValueError, r"method\.prompt\.encoder\.hidden='d'"),
-        ({"prompt": {"encoder": {"dropout": 1.0}}}, ValueError, r"method\.prompt\.encoder\.dropout"),
-        ({"lora": {"r": 0}}, ValueError, r"method\.lora\.r=0 is not valid: .*greater than or equal to 1"),
-        (
-            {"lora": {"rank": 4}},
-            ValueError,
-            r"unknown key method\.lora\.rank: 'rank' is not an option of method\.lora",
-        ),
-        ({"lr_prompt": -1.0}, ValueError, r"method\.lr_prompt=-1\.0 is not valid: .*greater than 0"),
-        ({"prompt": 3}, ValueError, r"method\.prompt=3 is not valid: .*PromptConfig"),
-    ],
-)
-def test_bad_config_names_the_field(options: dict, error: type, match: str) -> None:
-    with pytest.raises(error, match=match):
-        parse_method_config("peml", options)
-
-
-def test_transformer_heads_must_divide_the_width() -> None:
-    options = {"prompt": {"encoder": {"type": "transformer", "heads": 5}}}
-    with pytest.raises(ValueError, match=r"method\.prompt\.encoder\.heads=5 must divide"):
-        build_method("peml", options, make_tiny_base(), num_tasks=1)
 
 
 def test_method_yaml_and_optuna_search_space_are_valid() -> None:
