@@ -13,8 +13,8 @@ from mtpeft.data.synthetic.lexicon import vocabulary
 from mtpeft.data.synthetic.primitives import MAX_LINE_TOKENS, primitives_corpus, tokenizer_corpus
 from mtpeft.data.tasks import available_tasks, build_splits, get_task
 from mtpeft.data.templates import get_template
-from mtpeft.utils.registry import UnknownNameError
 from mtpeft.metrics.code_exec import PassAtOne
+from mtpeft.utils.registry import UnknownNameError
 
 GENERATORS = {
     "qa": (qa.generate, qa.QAConfig),
