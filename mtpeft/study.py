@@ -41,14 +41,16 @@ never invalidates a finished job):
 
   *Optuna* (``sampler: optuna``): instead of the grid, a TPE search per method driven from this runner
   with Optuna's ask-and-tell API (``optuna.create_study`` in memory, ``TPESampler(seed=tune.seed)``;
-  written against optuna 2.10, the version ``hydra-optuna-sweeper`` pins, and using only calls that newer
-  versions keep: ``ask``, ``suggest_float/int/categorical``, ``tell``). The search space is the same keys:
-  a list is categorical, ``{low: 1.0e-4, high: 1.0e-1, log: true}`` a range (integers when both ends
-  are). Each trial is an ordinary one-job tuning sweep and its ``val/avg/score`` is told back (a failed
-  job: a failed trial). A re-run asks the same trials in the same order (the sampler is seeded and sees the
-  same scores), so every finished trial is skipped by its job hash and its score replayed into the new
-  search; only the rest run (one short process per replayed trial). Trials of one method run one at a
-  time; with the joblib launcher ``--n-jobs`` methods search at once. ``widen`` does not apply.
+  written against optuna 2.10, the version ``hydra-optuna-sweeper`` pins (``sweeps`` extra), using only
+  calls that newer versions keep: ``ask``, ``suggest_float/int/categorical``, ``tell``). The search space
+  is the same keys: a list is categorical, ``{low: 1.0e-4, high: 1.0e-1, log: true}`` a range (integers
+  when both ends are); on the command line
+  ``+tune.sampler=optuna '~tune.lr' '+tune.lr={low:1e-4,high:1e-1,log:true}'``. Each trial is an ordinary
+  one-job tuning sweep whose ``val/avg/score`` is told back (a failed job: a failed trial). A re-run asks
+  the same trials in the same order (the sampler is seeded and sees the same scores), so every finished
+  trial is skipped by its job hash and its score replayed into the new search; only the rest run (one
+  short process per replayed trial). Trials of one method run one at a time; with the joblib launcher
+  ``--n-jobs`` methods search at once. ``widen`` does not apply.
 
 ``probe`` -- a capacity probe (``probe: {loss_threshold: 0.1}``, e.g. ``conf/experiment/capacity.yaml``
 with ``debug=overfit``): after the sweep, ``experiments/<name>/capacity.{md,csv}`` gives per method the
@@ -313,6 +315,8 @@ def check_tune(study: Study) -> None:
             raise SystemExit(f"{where}.methods.{method} must be a mapping of key -> values, or null")
     if study.sampler not in SAMPLERS:
         raise SystemExit(f"{where}.sampler: {study.sampler!r} is not one of {', '.join(SAMPLERS)}")
+    if study.sampler == "optuna" and importlib.util.find_spec("optuna") is None:
+        raise SystemExit(f"{where}.sampler: optuna needs the optuna package: pip install -e '.[sweeps]'")
     for key, least in (("widen", 0), ("trials", 1)):
         value = study.tune.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):

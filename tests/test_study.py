@@ -150,16 +150,14 @@ class FakeSweeps:
                 node[last] = value
             config["data"] = {"tasks": {"qa": {}}}
             score = self.score(method, values)
-            record = {
-                "status": "success",
-                "method": method,
-                "seed": seed,
-                "tasks": ["qa"],
-                "config": config,
-                "metrics": {"val": {"val/qa/score": score, "val/avg/score": score}},
-            }
+            record = {"method": method, "seed": seed, "tasks": ["qa"], "config": config}
+            if score is None:  # a failed job (never skipped later, like mtpeft.train's)
+                record.update(status="failed", error="RuntimeError: diverged")
+            else:
+                metrics = {"val/qa/score": score, "val/avg/score": score}
+                record.update(status="success", metrics={"val": metrics})
+                self.finished[job] = out
             (out / "results.json").write_text(json.dumps(record))
-            self.finished[job] = out
             self.ran.append((method, values))
         self.sweeps.append(jobs)
         return 0
@@ -274,31 +272,34 @@ def test_optuna_sampler_searches_each_method_and_replays_finished_trials(tmp_pat
     )
     study.log_dir = tmp_path
     check_tune(study)
-    sweeps = FakeSweeps(
-        lambda m, v: (
-            1.0 - abs(math.log10(v["optimizer.lr"] / 3.0e-3)) / 10 + (v.get("method.routing") == "softmax")
-        )
-    )
+
+    def score(method: str, values: dict) -> float | None:
+        if values.get("method.routing") == "hard_gumbel":
+            return None  # hycam with hard routing fails: failed trials never win
+        return 1.0 - abs(math.log10(values["optimizer.lr"] / 3.0e-3)) / 10
+
+    sweeps = FakeSweeps(score)
     tuning = Tuner(study, runner=sweeps).run()
     assert len(sweeps.sweeps) == 12 and all(len(jobs) == 1 for jobs in sweeps.sweeps)  # one job per trial
     assert all(1.0e-4 <= v["optimizer.lr"] <= 1.0e-1 for _, v in sweeps.ran)
-    assert {v["method.routing"] for m, v in sweeps.ran if m == "hycam"} <= {"softmax", "hard_gumbel"}
+    routings = [v["method.routing"] for m, v in sweeps.ran if m == "hycam"]
+    assert set(routings) == {"softmax", "hard_gumbel"}  # both tried (seeded: always the same trials)
     table = tuning.table
     assert sorted(table["trial"]) == sorted([*range(6), *range(6)])
+    assert (table["status"] == "failed").sum() == routings.count("hard_gumbel")
     for method in ("lora", "hycam"):
-        mine = table[table["method"] == method]
+        mine = table[(table["method"] == method) & (table["status"] == "success")]
         best = mine.loc[mine["val_avg"].idxmax()]
         assert tuning.chosen[method]["optimizer.lr"] == best["optimizer.lr"]
-    assert (
-        tuning.chosen["hycam"]["method.routing"]
-        == table.loc[table[table["method"] == "hycam"]["val_avg"].idxmax(), "method.routing"]
-    )
+        assert abs(math.log10(best["optimizer.lr"] / 3.0e-3)) < 1  # TPE found the peak's neighbourhood
+    assert tuning.chosen["hycam"]["method.routing"] == "softmax"
 
-    # a re-run asks the same trials (seeded TPE, the same scores told back): every job is skipped
+    # a re-run asks the same trials (seeded TPE, the same scores told back): finished jobs are skipped,
+    # only the failed ones run again
     ran = list(sweeps.ran)
     again = Tuner(study, runner=sweeps).run()
-    assert sweeps.ran == ran and again.chosen == tuning.chosen
-    assert sweeps.sweeps[12:] == sweeps.sweeps[:12]
+    assert again.chosen == tuning.chosen and sweeps.sweeps[12:] == sweeps.sweeps[:12]
+    assert sweeps.ran[len(ran) :] == [(m, v) for m, v in ran if v.get("method.routing") == "hard_gumbel"]
 
 
 def test_tune_settings_are_checked() -> None:
@@ -398,16 +399,20 @@ def _results(directory: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_tuned_study_end_to_end_and_resumed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """2 methods x 2 lrs (tuning seed 0, validation) -> chosen lr -> 2 seeds on test; then a re-run resumes."""
+    """2 methods x 2 lrs (tuning seed 0, validation; one widening: with two lrs the best is at an edge) ->
+    chosen lr -> 2 seeds on test; then a re-run resumes."""
     monkeypatch.setenv("MTPEFT_ROOT", str(tmp_path))
     code_before = _code_digest()
     args = ["seed=0,1", "tune.lr=[0.001,0.03]", "debug=limit", *TINY_RUN, "--launcher", "basic", "--no-plots"]
-    assert main(["methods_mix3_tuned", "method=lora,mtl_lora", *args]) == 0
+    assert main(["methods_mix3_tuned", "method=lora,mtl_lora", "tune.widen=1", *args]) == 0
     logs = tmp_path / "logs" / "methods_mix3_tuned" / "multiruns"
-    tuning = [r for d in logs.glob("*_tune0") for r in _results(d)]
-    assert len(tuning) == 4 and all(
+    assert len([r for d in logs.glob("*_tune0") for r in _results(d)]) == 4  # the declared grid
+    tuning = [r for d in logs.glob("*_tune*") for r in _results(d)]
+    assert len(tuning) == 6 and all(
         r["config"]["test"] is False and "test" not in r["metrics"] for r in tuning
     )
+    widened = {r["config"]["optimizer"]["lr"] for d in logs.glob("*_tune-widen1-*") for r in _results(d)}
+    assert widened and widened <= {next_value([0.001, 0.03], "low"), next_value([0.001, 0.03], "high")}
     expected = {}
     for method in ("lora", "mtl_lora"):
         scores = {
@@ -446,7 +451,7 @@ def test_tuned_study_end_to_end_and_resumed(tmp_path: Path, monkeypatch: pytest.
     data = json.loads(path.read_text())
     data["metrics"]["val"]["val/avg/score"] = 1.0
     path.write_text(json.dumps(data))
-    assert main(["methods_mix3_tuned", "method=lora", *args]) == 0
+    assert main(["methods_mix3_tuned", "method=lora", "tune.widen=0", *args]) == 0
     (second,) = sorted(logs.glob("*_tune0"))[1:]
     assert not _results(second) and len(list(second.rglob("skipped.json"))) == 2
     assert pd.read_csv(out / "tuning.csv").query("chosen")["optimizer.lr"].tolist() == [0.03]
