@@ -235,8 +235,7 @@ def _target_nodes(cfg: DictConfig) -> Iterator[tuple[str, DictConfig]]:
 # -- method ---------------------------------------------------------------------------------------
 def check_method(cfg: DictConfig) -> None:
     """Parse the ``method`` node into the method's typed config (unknown keys, types, cross-checks)."""
-    from mtpeft.methods import parse_method_config
-    from mtpeft.run import method_options
+    from mtpeft.methods import method_options, parse_method_config
 
     name, options = method_options(cfg)
     parse_method_config(name, options)

@@ -34,7 +34,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
-from mtpeft.methods import build_method
+from mtpeft.methods import build_method, method_options
 from mtpeft.models.loader import adapter_dtype, describe_model, load_base_model
 from mtpeft.module import MultiTaskModule
 from mtpeft.preflight import preflight
@@ -58,16 +58,6 @@ from mtpeft.utils.tables import parameter_table, print_table, results_table
 from mtpeft.utils.threads import apply_cpu_threads
 
 log = logging.getLogger(__name__)
-
-
-def method_options(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
-    """Split the ``method`` node into the registry name and the options of its config dataclass."""
-    options = OmegaConf.to_container(cfg.method, resolve=True)
-    if "name" not in options:
-        raise ValueError(
-            "the method config needs a 'name' key naming a registered method (conf/method/*.yaml)"
-        )
-    return options.pop("name"), options
 
 
 def build_loggers(cfg: DictConfig) -> list[Any]:

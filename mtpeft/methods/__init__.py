@@ -12,6 +12,7 @@ from mtpeft.adapters.registry import (
     build_method,
     get_method,
     load_adapter,
+    method_options,
     parse_method_config,
     register_method,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "build_method",
     "get_method",
     "load_adapter",
+    "method_options",
     "parse_method_config",
     "register_method",
 ]
