@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 for _key, _value in {
@@ -18,6 +19,7 @@ for _key, _value in {
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+import yaml  # noqa: E402
 
 ARCHS = ("llama", "qwen2", "mistral")
 _CONFIGS = {
@@ -27,31 +29,63 @@ _CONFIGS = {
 }
 
 
-def make_tiny_base(arch: str = "llama", seed: int = 0) -> transformers.PreTrainedModel:
-    """A random decoder of the given family: vocab 128, d=32, 2 layers, 4 heads, 2 KV heads (GQA)."""
-    torch.manual_seed(seed)
-    config = _CONFIGS[arch](
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=True,
-    )
-    model = _CONFIGS_MODEL[arch](config)
-    return model.eval()
-
-
 _CONFIGS_MODEL = {
     "llama": transformers.LlamaForCausalLM,
     "qwen2": transformers.Qwen2ForCausalLM,
     "mistral": transformers.MistralForCausalLM,
 }
+TINY_SHAPE = {
+    "vocab_size": 128,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "tie_word_embeddings": True,
+}
+"""The unit tests' decoder: vocab 128, d=32, 2 layers, 4 heads, 2 KV heads (GQA)."""
+QWEN2_5_0_5B_SHAPE = {
+    "vocab_size": 1024,
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+}
+"""Qwen2.5-0.5B's layer shapes (a small vocabulary: counts of adapter parameters do not depend on it)."""
+TINY_YAML_KEYS = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads"}
+TINY_YAML_KEYS |= {"num_kv_heads": "num_key_value_heads"}
+"""conf/model/tiny_*.yaml keys that transformers names otherwise."""
+TINY_YAML_SHAPE = ("hidden_size", "intermediate_size", "max_position_embeddings", "vocab_size")
+
+
+def decoder(
+    arch: str, seed: int = 0, device: str | None = None, **shape: object
+) -> transformers.PreTrainedModel:
+    """A random decoder of family ``arch`` with config values ``shape``, in eval mode; ``device="meta"``
+    builds shapes only (no memory, no initialisation)."""
+    torch.manual_seed(seed)
+    config = _CONFIGS[arch](**shape)
+    with torch.device(device) if device else contextlib.nullcontext():
+        return _CONFIGS_MODEL[arch](config).eval()
+
+
+def make_tiny_base(arch: str = "llama", seed: int = 0) -> transformers.PreTrainedModel:
+    """The unit tests' random decoder of the given family (`TINY_SHAPE`)."""
+    return decoder(arch, seed, **TINY_SHAPE)
+
+
+def tiny_preset_shape(preset: str = "tiny_llama", seed: int = 0) -> transformers.PreTrainedModel:
+    """A random decoder with the shape of ``conf/model/<preset>.yaml`` (read from it, so never stale), for
+    parameter counts without pre-training it or building its tokenizer."""
+    values = yaml.safe_load((CONF_DIR / "model" / f"{preset}.yaml").read_text())
+    shape = {TINY_YAML_KEYS.get(key, key): value for key, value in values.items()}
+    keys = (*TINY_YAML_SHAPE, *TINY_YAML_KEYS.values())
+    return decoder(values["arch"], seed, **{key: shape[key] for key in keys})
 
 
 @pytest.fixture(params=ARCHS)
@@ -126,13 +160,4 @@ def lora_twin(adapted: dict, arch: str, num_tasks: int, a_index: int | None = 0,
 
 def qwen2_5_0_5b_shape_on_meta() -> transformers.PreTrainedModel:
     """A Qwen2.5-0.5B-shaped model on the meta device (shapes only), for docs/methods.md section 11 counts."""
-    config = transformers.Qwen2Config(
-        vocab_size=1024,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-    )
-    with torch.device("meta"):
-        return transformers.Qwen2ForCausalLM(config)
+    return decoder("qwen2", device="meta", **QWEN2_5_0_5B_SHAPE)

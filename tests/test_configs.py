@@ -105,12 +105,12 @@ def test_misspelled_method_key_names_key_and_valid_keys(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("variant", _options("matched"))
 def test_param_matched_variants_within_ten_percent_of_lora_r16(variant: str, tmp_path: Path) -> None:
-    from mtpeft.bench import base_model
     from mtpeft.methods import build_method
+    from tests.conftest import tiny_preset_shape
 
-    reference = build_method("lora", {"r": 16}, base_model(), num_tasks=3).count_parameters()[0]
+    reference = build_method("lora", {"r": 16}, tiny_preset_shape(), num_tasks=3).count_parameters()[0]
     name, options = method_options(compose_train([f"matched={variant}"], tmp_path))
-    count = build_method(name, options, base_model(), num_tasks=3).count_parameters()[0]
+    count = build_method(name, options, tiny_preset_shape(), num_tasks=3).count_parameters()[0]
     assert abs(count - reference) <= 0.1 * reference, f"{variant}: {count} vs LoRA r=16 {reference}"
 
 

@@ -11,24 +11,3 @@ overrides, e.g. ``model=tiny_qwen2 data=mix3``), all built the way ``python -m m
   and on real batches, eager and compiled, with activation memory and trainable parameters (targets: HyCAM
   <= 1.3x LoRA; MTL-LoRA, MultiLoRA, C-Poly <= 1.5x; MoE-LoRA E=8,k=2 <= 1.3x LoRA on real batches).
 """
-
-from __future__ import annotations
-
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
-
-def base_model(seed: int = 0) -> LlamaForCausalLM:
-    """The tiny Llama shape of ``conf/model/tiny_llama.yaml`` with random weights, no cache or tokenizer
-    needed (parameter counts; the benchmarks themselves load ``model=`` as a run does)."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=1024,
-        hidden_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=344,
-        max_position_embeddings=256,
-    )
-    return LlamaForCausalLM(config)
