@@ -1,21 +1,26 @@
 """Pre-flight checks: every mistake that can be seen in the config is an error before any model is loaded.
 
 ``preflight(cfg)`` is the first thing a run does (`mtpeft.run.run`). It needs no model, tokenizer or
-data beyond a look at the data files, and each error names the key (or file and line) and the fix:
+data beyond a look at the data files, and each error names the key (or file and line) and the fix. Every
+node is checked by its typed schema (`mtpeft.utils.schema`: unknown keys rejected with the valid ones,
+strict types, ranges), so no key goes unchecked:
 
 * **top-level keys**: a key the configs do not declare (``+seeed=1``) is rejected with the valid ones
-  (``allowed_top_level_keys``);
-* **run settings**: ``seed`` is an integer, ``train``/``test``/``save_adapter`` are booleans, ...;
-* **nodes declared in conf/train.yaml** (``evaluation``): no unknown sub-keys; sampled
-  evaluation (``evaluation.num_samples > 1``) needs ``evaluation.temperature > 0`` and
-  ``0 < evaluation.top_p <= 1``;
-* **instantiated nodes** (``optimizer``, ``trainer``, ``callbacks.*``, ``logger.*``): every key is an
-  argument of the ``_target_``;
-* **method**: the options parse into the method's typed config (unknown keys, types, ranges);
+  (``allowed_top_level_keys``: the keys of conf/train.yaml, its groups and ``@package _global_`` options);
+* **run settings** (`RunSettings`): ``seed`` is an integer, ``train``/``test``/``save_adapter`` are
+  booleans, ``warmup_ratio`` is in [0, 1), ...;
+* **plain nodes of conf/train.yaml** (``NODE_SCHEMAS``: `EvaluationConfig`): sampled evaluation
+  (``evaluation.num_samples > 1``) needs ``evaluation.temperature > 0`` and ``0 < evaluation.top_p <= 1``;
+* **instantiated nodes** (``optimizer``, ``scheduler``, ``data``, ``trainer``, ``callbacks.*``,
+  ``logger.*``): every key is an argument of the ``_target_`` (``_partial_``/``_target_`` themselves are
+  Hydra's); their values are checked by the target when it is instantiated;
+* **method**: the options parse into the method's ``@config_dataclass`` (unknown keys, types, ranges);
+* **model**: the node parses into its ``kind``'s spec (`mtpeft.models.config`);
 * **cache**: the model cache directory (``$MTPEFT_CACHE_DIR``) is a directory;
-* **data**: generator tasks and their knobs exist, ``data.sources`` entries parse, every local data file
-  reads (exists, is a file, is UTF-8 JSON or JSON Lines with records), and the val split (and the test
-  split when ``test=true``) will have records.
+* **data**: the datamodule's settings against its typed signature, generator tasks (split sizes, knobs),
+  ``data.sources`` entries (`SourceConfig`), every local data file reads (exists, is a file, is UTF-8
+  JSON or JSON Lines with records), and the val split (and the test split when ``test=true``) will have
+  records.
 
 ``run_cli(main)`` runs a Hydra entry point so that a failure's last line on stderr is ``Error: <message>``
 (after Hydra's traceback; ``HYDRA_FULL_ERROR=1`` still prints the full one).
@@ -23,19 +28,31 @@ data beyond a look at the data files, and each error names the key (or file and 
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
+from pydantic import AfterValidator, BaseModel, Field, Strict, model_validator
 
 from mtpeft.models.cache import check_cache_dir
+from mtpeft.utils.schema import (
+    CONFIG,
+    Bool,
+    Float,
+    Int,
+    PositiveInt,
+    Str,
+    arguments_model,
+    did_you_mean,
+    parse,
+    to_plain,
+)
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 """The config directory of ``python -m mtpeft.train`` (``conf/train.yaml`` and its groups)."""
@@ -46,19 +63,16 @@ OPTIONAL_TOP_LEVEL: Mapping[str, str] = {
 }
 """Top-level keys that no config file sets but configs read when present (documented allow-list)."""
 
-DECLARED_NODES: tuple[str, ...] = ("evaluation",)
-"""Nodes of conf/train.yaml read key by key by the run: keys they do not declare are typos."""
-
 
 # -- entry points ---------------------------------------------------------------------------------
 def preflight(cfg: DictConfig, conf_dir: Path = CONF_DIR) -> None:
     """Run every check that needs no model; raise ValueError (or an OSError subclass) on the first failure."""
     check_top_level_keys(cfg, conf_dir)
     check_run_settings(cfg)
-    check_declared_nodes(cfg, conf_dir)
-    check_evaluation(cfg.get("evaluation") or {})
+    check_declared_nodes(cfg)
     check_targets(cfg)
     check_method(cfg)
+    check_model(cfg)
     check_cache_dir((cfg.get("model") or {}).get("cache_dir"))
     check_data(cfg.data, test=bool(cfg.get("test", True)))
 
@@ -113,90 +127,96 @@ def check_top_level_keys(cfg: DictConfig, conf_dir: Path = CONF_DIR) -> None:
     unknown = sorted(set(cfg.keys()) - allowed)
     if unknown:
         raise ValueError(
-            f"unknown top-level key {unknown[0]!r}{_did_you_mean(unknown[0], allowed)} (was it added with "
+            f"unknown top-level key {unknown[0]!r}{did_you_mean(unknown[0], allowed)} (was it added with "
             f"+{unknown[0]}=...?); valid top-level keys: {', '.join(sorted(allowed))}. A new top-level key "
             "must be declared in conf/train.yaml or in a config group option first"
         )
 
 
 # -- scalar run settings ----------------------------------------------------------------------------
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must be a non-empty name (logs/<task_name>/...)")
+    return value
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+class RunSettings(BaseModel):
+    """Schema of the top-level settings the run reads (values: conf/train.yaml); a key absent from the
+    config is not checked. Other top-level keys are nodes with their own schema or ``_target_``."""
 
+    model_config = CONFIG
 
-RUN_SETTINGS: Mapping[str, tuple[Callable[[Any], bool], str]] = {
-    "seed": (_is_int, "an integer, e.g. seed=0"),
-    "train": (lambda v: isinstance(v, bool), "true or false"),
-    "test": (lambda v: isinstance(v, bool), "true or false"),
-    "save_adapter": (lambda v: isinstance(v, bool), "true or false"),
-    "gradient_checkpointing": (lambda v: isinstance(v, bool), "true or false"),
-    "compile": (lambda v: isinstance(v, bool), "true or false"),
-    "warmup_ratio": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1), e.g. warmup_ratio=0.05"),
-    "skip_finished": (lambda v: v is None or isinstance(v, bool), "null, true or false"),
-    "task_name": (
-        lambda v: isinstance(v, str) and v.strip() != "",
-        "a non-empty name (logs/<task_name>/...)",
-    ),
-}
-"""Top-level settings read by the run: key -> (valid?, what a valid value is)."""
+    seed: Int | None = None
+    """Seeds Python, numpy, torch, data generation and the sampler."""
+    train: Bool | None = None
+    test: Bool | None = None
+    save_adapter: Bool | None = None
+    gradient_checkpointing: Bool | None = None
+    compile: Bool | None = None
+    warmup_ratio: Annotated[float, Strict(), Field(ge=0, lt=1)] | None = None
+    """Share of the optimiser steps spent warming up, in [0, 1)."""
+    skip_finished: Bool | None = None
+    task_name: Annotated[Str, AfterValidator(_not_blank)] | None = None
 
 
 def check_run_settings(cfg: DictConfig) -> None:
-    """Each top-level setting of ``RUN_SETTINGS`` present in ``cfg`` has a valid value."""
-    for key, (valid, expected) in RUN_SETTINGS.items():
-        if key in cfg and not valid(cfg[key]):
-            raise ValueError(f"{key}={cfg[key]!r} is not valid: {key} must be {expected}")
+    """Each top-level setting of `RunSettings` present in ``cfg`` has a valid value."""
+    present = {key: cfg[key] for key in RunSettings.model_fields if key in cfg}
+    parse(RunSettings, present, "", "conf/train.yaml")
 
 
 # -- nodes of conf/train.yaml ---------------------------------------------------------------------
-def check_declared_nodes(cfg: DictConfig, conf_dir: Path = CONF_DIR) -> None:
-    """``evaluation.*`` keys must be the ones conf/train.yaml declares."""
-    if not (conf_dir / "train.yaml").is_file():
-        return
-    base = _yaml(conf_dir / "train.yaml")
-    for node in DECLARED_NODES:
-        declared = set(base.get(node) or {})
-        unknown = sorted(set(cfg.get(node) or {}) - declared)
-        if declared and unknown:
+class EvaluationConfig(BaseModel):
+    """Schema of the ``evaluation`` node (its values live in conf/train.yaml)."""
+
+    model_config = CONFIG
+
+    batch_size: PositiveInt | None = None
+    """Prompts per generation batch (fixed: part of what a score means)."""
+    max_new_tokens: PositiveInt | None = None
+    """Generation budget for every task; null: each task's own."""
+    num_samples: PositiveInt | None = None
+    """1: greedy decoding; n > 1: n sampled completions per prompt."""
+    temperature: Float | None = None
+    """Sampling temperature (num_samples > 1)."""
+    top_p: Float | None = None
+    """Nucleus sampling threshold (num_samples > 1)."""
+
+    @model_validator(mode="after")
+    def _sampling(self) -> EvaluationConfig:
+        """Sampled evaluation needs temperature > 0 and 0 < top_p <= 1 (greedy decoding ignores both)."""
+        samples = self.num_samples or 1
+        if samples == 1:
+            return self
+        if self.temperature is not None and self.temperature <= 0:
             raise ValueError(
-                f"unknown key {node}.{unknown[0]}{_did_you_mean(unknown[0], declared)}; valid keys of "
-                f"{node}: {', '.join(sorted(declared))}"
+                f"temperature={self.temperature:g} is not valid with evaluation.num_samples={samples}: sampling "
+                "needs a "
+                "temperature > 0 (e.g. 0.8); for greedy decoding set evaluation.num_samples=1"
             )
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(
+                f"top_p={self.top_p:g} is not valid with evaluation.num_samples={samples}: nucleus sampling needs "
+                "0 < top_p <= 1 (1 = no nucleus cut)"
+            )
+        return self
+
+
+NODE_SCHEMAS: Mapping[str, type[BaseModel]] = {"evaluation": EvaluationConfig}
+"""Plain (non-``_target_``) nodes of conf/train.yaml and their schemas; ``_target_`` nodes such as
+``optimizer`` and ``scheduler`` are checked against their target's signature (`check_targets`)."""
+
+
+def check_declared_nodes(cfg: DictConfig) -> None:
+    """Every node of ``NODE_SCHEMAS`` parses (unknown keys, types, ranges)."""
+    for node, schema in NODE_SCHEMAS.items():
+        if node in cfg:
+            parse(schema, cfg[node], node, "conf/train.yaml")
 
 
 def check_evaluation(evaluation: Mapping[str, Any]) -> None:
     """Batch size, generation budget and, for sampled evaluation, temperature and top-p."""
-    batch_size = evaluation.get("batch_size", 1)
-    if not _is_int(batch_size) or batch_size < 1:
-        raise ValueError(f"evaluation.batch_size={batch_size!r} is not valid: use an integer >= 1")
-    budget = evaluation.get("max_new_tokens")
-    if budget is not None and (not _is_int(budget) or budget < 1):
-        raise ValueError(
-            f"evaluation.max_new_tokens={budget!r} is not valid: use an integer >= 1, or null for each "
-            "task's own budget"
-        )
-    samples = evaluation.get("num_samples", 1)
-    if not _is_int(samples) or samples < 1:
-        raise ValueError(
-            f"evaluation.num_samples={samples!r} is not valid: use 1 (greedy) or n > 1 sampled completions"
-        )
-    if samples == 1:
-        return  # greedy decoding ignores temperature and top_p
-    temperature, top_p = evaluation.get("temperature", 0.8), evaluation.get("top_p", 0.95)
-    if not _is_number(temperature) or temperature <= 0:
-        raise ValueError(
-            f"evaluation.temperature={temperature!r} is not valid with evaluation.num_samples={samples}: "
-            "sampling needs a temperature > 0 (e.g. 0.8); for greedy decoding set evaluation.num_samples=1"
-        )
-    if not _is_number(top_p) or not 0 < top_p <= 1:
-        raise ValueError(
-            f"evaluation.top_p={top_p!r} is not valid with evaluation.num_samples={samples}: nucleus "
-            "sampling needs 0 < top_p <= 1 (1 = no nucleus cut)"
-        )
+    parse(EvaluationConfig, evaluation, "evaluation", "conf/train.yaml")
 
 
 # -- instantiated nodes ---------------------------------------------------------------------------
@@ -205,18 +225,31 @@ def check_targets(cfg: DictConfig) -> None:
     for where, node in _target_nodes(cfg):
         target = node["_target_"]
         try:
-            params = inspect.signature(get_object(target)).parameters
+            names, open_ended = _argument_names(get_object(target))
         except (ImportError, ValueError, TypeError) as err:
             raise ValueError(f"{where}._target_={target!r} cannot be imported or inspected: {err}") from err
-        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        if open_ended:
             continue  # **kwargs: the target checks its own keys
-        names = {name for name in params if name != "self"}
         unknown = sorted(k for k in node if not str(k).startswith("_") and k not in names)
         if unknown:
             raise ValueError(
-                f"unknown key {where}.{unknown[0]}{_did_you_mean(unknown[0], names)}: it is not an argument "
+                f"unknown key {where}.{unknown[0]}{did_you_mean(unknown[0], names)}: it is not an argument "
                 f"of {target}; valid keys: {', '.join(sorted(names))}"
             )
+
+
+def _argument_names(target: Any) -> tuple[set[str], bool]:
+    """The keyword arguments ``target`` accepts, and whether it takes any others (``**kwargs``). A
+    classmethod constructor's ``**kwargs`` are taken to go to its class (``MultiTaskDataModule.from_files``)."""
+    params = inspect.signature(target).parameters
+    names = {name for name, p in params.items() if name != "self" and p.kind is not p.VAR_KEYWORD}
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return names, False
+    owner = getattr(target, "__self__", None)
+    if isinstance(owner, type):
+        more, open_ended = _argument_names(owner)
+        return names | more, open_ended
+    return names, True
 
 
 def _target_nodes(cfg: DictConfig) -> Iterator[tuple[str, DictConfig]]:
@@ -241,16 +274,26 @@ def check_method(cfg: DictConfig) -> None:
     parse_method_config(name, options)
 
 
+# -- model ----------------------------------------------------------------------------------------
+def check_model(cfg: DictConfig) -> None:
+    """Parse the ``model`` node into its typed spec (``kind``, unknown keys, types; `mtpeft.models.config`)."""
+    from mtpeft.models.config import parse_model
+
+    if "model" in cfg:
+        parse_model(cfg.model)
+
+
 # -- data -----------------------------------------------------------------------------------------
 def check_data(data: DictConfig, test: bool) -> None:
     """Generator tasks, source entries and data files; val (and test when ``test``) will have records."""
+    from mtpeft.data.datamodule import parse_tasks
     from mtpeft.data.sources.files import read_rows
     from mtpeft.data.sources.load import source_splits
 
+    _check_data_arguments(data)
     # split -> the settings that leave it empty, or None once some task fills it
     empty_by: dict[str, list[str] | None] = {"val": [], "test": []}
-    for name, entry in _plain(data.get("tasks") or {}).items():
-        _check_generator_task(name, entry)
+    for name, entry in parse_tasks(data.get("tasks"), allow_empty=True).items():
         for split in empty_by:
             _note(
                 empty_by, split, entry.get(split, 0) > 0, f"data.tasks.{name}.{split}={entry.get(split, 0)}"
@@ -289,38 +332,48 @@ def _check_eval_splits(empty_by: Mapping[str, list[str] | None], test: bool) -> 
         )
 
 
-def _check_generator_task(name: str, entry: Any) -> None:
-    """A registered generator task with known knobs and integer split sizes >= 0."""
-    from mtpeft.data.tasks import SPLITS, get_task
+DATA_NODE_PARTS: tuple[str, ...] = ("tasks", "sources", "paths", "tokenizer")
+"""Arguments of the ``data`` target checked on their own (tasks, sources, files) or given by the run."""
 
-    spec = get_task(name)
-    if not isinstance(entry, Mapping):
-        raise ValueError(f"data.tasks.{name} must be a mapping like {{train: 3000, val: 100, test: 300}}")
-    for key, value in entry.items():
-        if key in SPLITS and (not _is_int(value) or value < 0):
-            raise ValueError(
-                f"data.tasks.{name}.{key}={value!r} is not valid: a split size is an integer >= 0"
-            )
-        if key not in SPLITS and key not in spec.knobs:
-            valid = ", ".join([*SPLITS, *spec.knobs])
-            raise ValueError(
-                f"unknown key data.tasks.{name}.{key}{_did_you_mean(key, [*SPLITS, *spec.knobs])}; valid "
-                f"keys: {valid}"
-            )
+
+def _check_data_arguments(data: DictConfig) -> None:
+    """The ``data`` node's other settings (batch sizes, template, ...) against its target's signature
+    (the datamodule's typed arguments), before the tokenizer they will be called with exists."""
+    if "_target_" not in data:
+        return
+    target = get_object(data["_target_"])
+    owner = getattr(target, "__self__", None)
+    functions = [target, owner.__init__] if isinstance(owner, type) else [getattr(target, "__init__", target)]
+    schema = arguments_model(*functions, skip=DATA_NODE_PARTS)
+    values = {k: v for k, v in to_plain(data).items() if not k.startswith("_") and k not in DATA_NODE_PARTS}
+    parse(schema, values, "data")
+
+
+FILES_SOURCE_KEYS: tuple[str, ...] = (
+    "ratios",
+    "split_seed",
+    "metrics",
+    "max_new_tokens",
+    "dedup",
+    "limit",
+    "fields",
+)
+"""Keys of ``data=files`` that make its single source (``MultiTaskDataModule.from_files``)."""
 
 
 def _sources(data: DictConfig) -> list[Any]:
     """``data.sources`` entries plus the single files source of ``data=files`` (``data.paths``)."""
     from mtpeft.data.sources import parse_source, parse_sources
 
-    sources = parse_sources(_plain(data.get("sources")))
+    sources = parse_sources(to_plain(data.get("sources")))
     if "paths" in data.keys():  # noqa: SIM118 - `in data` is False for a missing (???) value
         if OmegaConf.is_missing(data, "paths") or not data.paths:
             raise ValueError(
                 "data.paths is not set: pass data.paths=[a.json,b.jsonl] (Alpaca JSON or JSON Lines)"
             )
-        raw = {"files": _plain(data.paths), "ratios": _plain(data.get("ratios"))}
-        sources.append(parse_source({**raw, "format": data.get("format", "alpaca")}, "data"))
+        raw = {"files": to_plain(data.paths), "format": data.get("format", "alpaca")}
+        raw |= {k: to_plain(data[k]) for k in FILES_SOURCE_KEYS if data.get(k) is not None}
+        sources.append(parse_source(raw, "data"))
     return sources
 
 
@@ -354,17 +407,5 @@ def _group_name(entry: Mapping[str, Any]) -> str:
     return key.split()[-1].split("/")[0].split("@")[0]
 
 
-def _did_you_mean(key: str, valid: Any) -> str:
-    close = difflib.get_close_matches(str(key), [str(v) for v in valid], n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def _number(value: float) -> int | float:
     return int(value) if float(value).is_integer() else value
-
-
-def _plain(value: Any) -> Any:
-    """Config containers as plain dicts and lists (resolved)."""
-    if isinstance(value, DictConfig) or OmegaConf.is_list(value):
-        return OmegaConf.to_container(value, resolve=True)
-    return value

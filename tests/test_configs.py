@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from mtpeft.methods import available_methods, parse_method_config
+from mtpeft.methods import available_methods, get_method, parse_method_config
 from mtpeft.preflight import preflight
 from mtpeft.run import method_options
 from tests.conftest import CONF_DIR, compose_train
@@ -99,8 +101,20 @@ def test_plus_experiment_is_refused_by_hydra(tmp_path: Path) -> None:
 def test_misspelled_method_key_names_key_and_valid_keys(tmp_path: Path) -> None:
     cfg = compose_train(["method=lora", "+method.rank=4"], tmp_path)
     name, options = method_options(cfg)
-    with pytest.raises(ValueError, match=r"unknown key.*rank.*valid keys: alpha, dropout"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown key method\.rank: .*valid keys: alpha, dropout.*\(conf/method/lora\.yaml\)",
+    ):
         parse_method_config(name, options)
+
+
+@pytest.mark.parametrize("method", _options("method"))
+def test_method_yaml_states_exactly_the_config_defaults(method: str) -> None:
+    """conf/method/<name>.yaml never drifts from its config class: it sets every field, each to the default
+    (presets that change values live in subfolders such as conf/method/moe_lora/)."""
+    values = yaml.safe_load((CONF_DIR / "method" / f"{method}.yaml").read_text())
+    config_class = get_method(values.pop("name")).config_class
+    assert values == dataclasses.asdict(config_class())
 
 
 @pytest.mark.parametrize("variant", _options("matched"))
@@ -140,7 +154,6 @@ def test_param_matched_study_sweeps_every_matched_config() -> None:
 @pytest.mark.parametrize("search", [o for o in _options("hparams_search") if o.endswith("_optuna")])
 def test_optuna_search_spaces_name_real_keys_and_valid_values(search: str, tmp_path: Path) -> None:
     """Every swept key exists, and every choice (or interval end) of a method key builds a valid config."""
-    import yaml
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     spec = yaml.safe_load((CONF_DIR / "hparams_search" / f"{search}.yaml").read_text())

@@ -11,13 +11,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from omegaconf import DictConfig
 
 import mtpeft.run
 from mtpeft.models.cache import cache_root, check_cache_dir
 from mtpeft.preflight import (
     CONF_DIR,
+    NODE_SCHEMAS,
     OPTIONAL_TOP_LEVEL,
+    RunSettings,
     allowed_top_level_keys,
     check_evaluation,
     error_line,
@@ -84,18 +87,37 @@ def test_keys_that_configs_add_or_read_are_allowed(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("seed=abc", r"seed='abc' is not valid: seed must be an integer"),
+        ("seed=abc", r"seed='abc' is not valid: Input should be a valid integer \(conf/train\.yaml\)"),
         ("seed=1.5", r"seed=1\.5 is not valid"),
-        ("test=maybe", r"test='maybe' is not valid: test must be true or false"),
-        ("+evaluation.temprature=1", r"unknown key evaluation\.temprature \(did you mean 'temperature'\?\)"),
-        ("+scheduler.warmup=0.1", r"unknown key scheduler\.warmup: it is not an argument of .*get_cosine_with_min_lr_schedule_with_warmup"),
-        ("warmup_ratio=1.5", r"warmup_ratio=1\.5 is not valid: warmup_ratio must be a number in \[0, 1\)"),
+        ("test=maybe", r"test='maybe' is not valid: Input should be a valid boolean"),
+        (
+            "+evaluation.temprature=1",
+            r"unknown key evaluation\.temprature: .*\(did you mean 'temperature'\?\)",
+        ),
+        (
+            "+scheduler.warmup=0.1",
+            r"unknown key scheduler\.warmup: it is not an argument of .*get_cosine_with_min_lr_schedule_with_warmup",
+        ),
+        ("warmup_ratio=1.5", r"warmup_ratio=1\.5 is not valid: Input should be less than 1"),
         ("+optimizer.lrr=1", r"unknown key optimizer\.lrr \(did you mean 'lr'\?\).*torch\.optim\.AdamW"),
         ("+trainer.ckpt_path=x.ckpt", r"unknown key trainer\.ckpt_path: it is not an argument of .*Trainer"),
-        ("+data.tasks.qa.confilct=1", r"unknown key data\.tasks\.qa\.confilct \(did you mean 'conflict'\?\)"),
+        (
+            "+data.tasks.qa.confilct=1",
+            r"unknown key data\.tasks\.qa\.confilct: .*\(did you mean 'conflict'\?\)",
+        ),
         ("data.tasks.qa.val=-1", r"data\.tasks\.qa\.val=-1 is not valid"),
         ("+data.tasks.nope.train=3", r"unknown task 'nope'"),
         ("+data.batchsize=3", r"unknown key data\.batchsize \(did you mean 'batch_size'\?\)"),
+        ("data.batch_size=true", r"data\.batch_size=True is not valid: .*integer"),
+        (
+            "data.overlength=drop",
+            r"data\.overlength='drop' is not valid: Input should be 'truncate' or 'skip'",
+        ),
+        ("+model.hiden_size=64", r"unknown key model\.hiden_size: .*\(did you mean 'hidden_size'\?\)"),
+        ("model.kind=gguf", r"model\.kind='gguf' is not valid: use one of 'tiny', 'hub'"),
+        ("model.pretrain.steps=-1", r"model\.pretrain\.steps=-1 is not valid"),
+        ("+model.pretrain.step=1", r"unknown key model\.pretrain\.step: .*valid keys: batch_size"),
+        ("+method.prompt=1", r"unknown key method\.prompt: 'prompt' is not an option of method"),
     ],
 )
 def test_bad_settings_name_the_key(override: str, message: str, tmp_path: Path, no_model: None) -> None:
@@ -127,6 +149,25 @@ def test_misspelled_method_key_fails_before_the_model_is_loaded(tmp_path: Path, 
 def test_bad_evaluation_settings_name_the_key(options: dict, key: str) -> None:
     with pytest.raises(ValueError, match=rf"^{re.escape(key)}="):
         check_evaluation({"batch_size": 8, **options})
+
+
+def test_every_plain_node_of_train_yaml_has_a_schema_with_its_keys() -> None:
+    """A node of conf/train.yaml that is not a ``_target_`` node is checked by a schema of exactly its keys, so
+    a new key or node cannot go unchecked and the schema cannot drift from the file."""
+    train = yaml.safe_load((CONF_DIR / "train.yaml").read_text())
+    plain = {k for k, v in train.items() if isinstance(v, dict) and "_target_" not in v}
+    assert plain == set(NODE_SCHEMAS)
+    for node, schema in NODE_SCHEMAS.items():
+        assert set(train[node]) == set(schema.model_fields), node
+    scalars = {k for k, v in train.items() if not isinstance(v, dict | list) and k != "defaults"}
+    assert set(RunSettings.model_fields) <= scalars | {"gradient_checkpointing"}
+
+
+def test_files_source_settings_fail_before_the_model(tmp_path: Path, no_model: None) -> None:
+    with pytest.raises(ValueError, match=r"data\.limit\.val=0 is not valid: .*greater than or equal to 1"):
+        mtpeft.run.run(_files_cfg(tmp_path, "data.limit={val:0}"), tmp_path)
+    with pytest.raises(ValueError, match=r"data\.ratios: ratios must be 2 numbers"):
+        preflight(_files_cfg(tmp_path, "data.ratios=[1]"))
 
 
 def test_greedy_evaluation_ignores_temperature(tmp_path: Path, no_model: None) -> None:

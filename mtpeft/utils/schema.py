@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
+    BaseModel,
     ConfigDict,
     Field,
     Strict,
@@ -38,6 +39,7 @@ from pydantic import (
     StrictStr,
     TypeAdapter,
     ValidationError,
+    create_model,
     validate_call,
 )
 from pydantic.dataclasses import dataclass as pydantic_dataclass
@@ -164,6 +166,24 @@ def checked_arguments(where: str) -> Callable[[F], F]:
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+def arguments_model(*functions: Callable[..., Any], skip: Iterable[str] = ()) -> type[BaseModel]:
+    """A model of the named parameters of ``functions`` (their annotations and defaults; the first
+    function wins a name), without ``skip``: checks the arguments a config node will be called with
+    before the call can happen (e.g. ``data`` before the tokenizer it needs exists)."""
+    fields: dict[str, Any] = {}
+    for fn in functions:
+        fn = inspect.unwrap(fn)
+        hints = typing.get_type_hints(fn, include_extras=True)
+        for name, param in inspect.signature(fn).parameters.items():
+            kind = param.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+            if kind or name in ("self", "cls") or name in skip or name in fields:
+                continue
+            default = ... if param.default is inspect.Parameter.empty else param.default
+            fields[name] = (hints.get(name, Any), default)
+    config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    return create_model(f"{functions[0].__qualname__}.arguments", __config__=config, **fields)
 
 
 def _plain_omegaconf(value: Any) -> Any:
