@@ -40,9 +40,10 @@ never invalidates a finished job):
   the declared grid; ``tuning.md`` marks such values with ``⁺``.
 
   *Optuna* (``sampler: optuna``): instead of the grid, a TPE search per method driven from this runner
-  with Optuna's ask-and-tell API (``optuna.create_study`` in memory, ``TPESampler(seed=tune.seed)``;
-  written against optuna 2.10, the version ``hydra-optuna-sweeper`` pins (``sweeps`` extra), using only
-  calls that newer versions keep: ``ask``, ``suggest_float/int/categorical``, ``tell``). The search space
+  with Optuna's ask-and-tell API (``optuna.create_study`` in memory, ``TPESampler(seed=tune.seed)``, so
+  methods start from the same random trials where their spaces agree; written against optuna 2.10, the
+  version ``hydra-optuna-sweeper`` pins (``sweeps`` extra), using only calls that newer versions keep:
+  ``ask``, ``suggest_float/int/categorical``, ``tell``). The search space
   is the same keys: a list is categorical, ``{low: 1.0e-4, high: 1.0e-1, log: true}`` a range (integers
   when both ends are); on the command line
   ``+tune.sampler=optuna '~tune.lr' '+tune.lr={low:1e-4,high:1e-1,log:true}'``. Each trial is an ordinary
@@ -751,7 +752,7 @@ class Tuner:
             self.sweep(sweeps, f"tune-widen{round_}-")
         table = tuning_table(load_runs(self.directories, split="val"), self.study, grids)
         chosen, missing = choose(table, self.study, grids)
-        return Tuning(table, chosen, [*self.problems, *missing], self.directories)
+        return Tuning(in_grid_order(table, self.study), chosen, [*self.problems, *missing], self.directories)
 
     def optuna(self) -> Tuning:
         """An Optuna TPE search per method (`search`), ``parallel`` methods at a time."""
@@ -791,6 +792,23 @@ class Tuner:
                 search.tell(trial, state=optuna.trial.TrialState.FAIL)
             rows.append(row.assign(trial=number))
         return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+
+
+def in_grid_order(table: pd.DataFrame, study: Study) -> pd.DataFrame:
+    """Rows by method (the study's order), then by the numeric grid keys' values, so a widened value sits
+    next to the edge it extends."""
+    if table.empty:
+        return table
+    order = {method: i for i, method in enumerate(study.methods)}
+    bookkeeping = ("method", "status", "widened")
+    keys = [
+        c
+        for c in table.columns
+        if c not in bookkeeping and not c.startswith("val_") and pd.api.types.is_numeric_dtype(table[c])
+    ]
+    return table.sort_values(
+        ["method", *keys], key=lambda c: c.map(order) if c.name == "method" else c, kind="stable"
+    ).reset_index(drop=True)
 
 
 def suggest(trial: Any, key: str, spec: list[Any] | Mapping[str, Any]) -> Any:

@@ -190,6 +190,9 @@ def test_grid_is_widened_while_the_best_value_is_at_an_edge(tmp_path: Path) -> N
     assert _lrs(sweeps, "hycam") == [*grid, 3.0e-4, 1.0e-4]  # at most tune.widen values added
     first = {(m, v["optimizer.lr"]) for m, v in sweeps.sweeps[0]}  # the declared grid: jobs as before
     assert len(sweeps.sweeps[0]) == 8 and first == {(m, lr) for m in ("lora", "hycam") for lr in grid}
+    rows = tuning.table  # by method in the study's order, then by value: widened values beside their edge
+    assert rows["optimizer.lr"].tolist() == [*grid, 0.1, 0.3, 1.0e-4, 3.0e-4, *grid]
+    assert rows["method"].tolist() == ["lora"] * 6 + ["hycam"] * 6
     table = tuning.table.set_index(["method", "optimizer.lr"])
     assert (
         table.loc[("lora", 0.3), "widened"] == "optimizer.lr" and table.loc[("lora", 0.03), "widened"] == ""
