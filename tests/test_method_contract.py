@@ -3,20 +3,22 @@
 
 A case is a method, its options, the options that switch its identity init off, invalid options with the
 field their error must name, and its trainable-parameter count by hand from docs/methods.md on the tiny
-Llama shape (d = 32, d_kv = 16 with GQA, d_ff = 64, L = 2). Adding a method is one `Case` line; a variant
-that matters (another gate, dispatch, placement) is another. The first case of each method is its fast
+Llama shape (d = 32, d_kv = 16 with GQA, d_ff = 64, L = 2). A registered method without a case runs with its
+defaults (`defaults_case`); its own cases add variants that matter (another gate, dispatch, placement),
+bad configs and the hand count. The first case of each method is its fast
 representative: the expensive checks (loss decreases, bf16 generation) and the other architectures run on
 every case only in ``make test-full`` (``slow``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
-from mtpeft.methods import available_methods, build_method
+from mtpeft.methods import available_methods, build_method, get_method
 from tests import contract
 from tests.conftest import ARCHS, CONF_DIR, make_tiny_base
 from tests.contract import Case
@@ -408,6 +410,16 @@ CASES: list[Case] = [
 ]
 
 METHODS = available_methods()
+
+
+def defaults_case(method: str) -> Case:
+    """A registered method without a case above runs through every check with its defaults (no hand count,
+    no bad configs): a new method is checked from its two files on; its own cases are an addition."""
+    fields = {f.name for f in dataclasses.fields(get_method(method).config_class)}
+    return Case(method, variant="defaults", non_identity=RANDOM_INIT if "init_weights" in fields else None)
+
+
+CASES += [defaults_case(m) for m in METHODS if m not in {case.method for case in CASES}]
 PRIMARY = {case.method: case for case in reversed(CASES)}  # the first case of each method
 SLOW = pytest.mark.slow
 
@@ -443,9 +455,8 @@ def every_case_and_arch() -> list:
     return params
 
 
-def test_every_registered_method_has_cases() -> None:
-    missing = sorted(set(METHODS) - set(PRIMARY))
-    assert not missing, f"add a Case for {missing} to CASES in {__file__}"
+def test_cases_cover_the_registry() -> None:
+    assert sorted(PRIMARY) == METHODS, "a case names a method that is not registered"
     contract.case_ids(CASES)
 
 
