@@ -157,6 +157,9 @@ class RunSettings(BaseModel):
     """Share of the optimiser steps spent warming up, in [0, 1)."""
     skip_finished: Bool | None = None
     task_name: Annotated[Str, AfterValidator(_not_blank)] | None = None
+    checkpoint_every_n_steps: PositiveInt | None = None
+    """Optimiser steps between two writes of checkpoints/last.ckpt (null: only the best checkpoint)."""
+    allow_failures: Bool | None = None
 
 
 def check_run_settings(cfg: DictConfig) -> None:

@@ -99,6 +99,10 @@ def test_keys_that_configs_add_or_read_are_allowed(tmp_path: Path) -> None:
             r"unknown key scheduler\.warmup: it is not an argument of .*get_cosine_with_min_lr_schedule_with_warmup",
         ),
         ("warmup_ratio=1.5", r"warmup_ratio=1\.5 is not valid: Input should be less than 1"),
+        (
+            "checkpoint_every_n_steps=0",
+            r"checkpoint_every_n_steps=0 is not valid: .*greater than or equal to 1",
+        ),
         ("+optimizer.lrr=1", r"unknown key optimizer\.lrr \(did you mean 'lr'\?\).*torch\.optim\.AdamW"),
         ("+trainer.ckpt_path=x.ckpt", r"unknown key trainer\.ckpt_path: it is not an argument of .*Trainer"),
         (
