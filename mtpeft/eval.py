@@ -67,7 +67,7 @@ from mtpeft.preflight import (
     check_top_level_keys,
     run_cli,
 )
-from mtpeft.record import EVAL, RunRecord, checked
+from mtpeft.record import EVAL, RunRecord, checked_failure
 from mtpeft.run import (
     Job,
     build_loggers,
@@ -414,7 +414,7 @@ def main(cfg: DictConfig) -> float:
         except Exception as err:
             if not is_recorded(err):
                 failure = failure_record(cfg, err, None, time.perf_counter() - started)
-                write_record(output_dir, checked({**failure, "kind": EVAL}))
+                write_record(output_dir, checked_failure({**failure, "kind": EVAL}))
             log.error("evaluation failed: %s (details in %s)", err, output_dir / RESULTS_FILE)
             if not multirun:
                 raise

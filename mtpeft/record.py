@@ -26,10 +26,12 @@ fields their writer set and no others (`RunRecord.to_json`), so the files look a
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+log = logging.getLogger(__name__)
 Status = Literal["running", "success", "failed"]
 Kind = Literal["train", "eval"]
 TRAIN: Kind = "train"
@@ -165,6 +167,17 @@ class RunRecord(BaseModel):
 def checked(record: dict[str, Any]) -> dict[str, Any]:
     """``record`` validated as a `RunRecord` (raises pydantic's ValidationError naming the field)."""
     return RunRecord.model_validate(record).to_json()
+
+
+def checked_failure(record: dict[str, Any]) -> dict[str, Any]:
+    """A ``failed`` record validated like `checked`, but written as it is if it does not validate (with a
+    warning): it is written while an error propagates, and losing the error would be worse than an
+    undeclared field (`mtpeft.results` then lists the file as not a run record, with the reason)."""
+    try:
+        return checked(record)
+    except ValidationError as err:
+        log.warning("the failure record does not validate as a RunRecord (%s); written as it is", err)
+        return record
 
 
 def parse_record(data: Any) -> tuple[RunRecord | None, str | None]:

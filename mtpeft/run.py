@@ -38,7 +38,7 @@ from mtpeft.methods import build_method, method_options
 from mtpeft.models.loader import adapter_dtype, describe_model, load_base_model
 from mtpeft.module import MultiTaskModule
 from mtpeft.preflight import preflight
-from mtpeft.record import RunRecord, checked
+from mtpeft.record import RunRecord, checked, checked_failure
 from mtpeft.utils.callbacks import PeriodicCheckpoint, ResumeState
 from mtpeft.utils.confighash import config_hash, job_hash, run_inputs
 from mtpeft.utils.memory import peak_memory_mb, reset_peak_memory
@@ -135,7 +135,7 @@ def run_record(cfg: DictConfig, output_dir: Path, **extra: Any) -> Iterator[Job]
         if not is_recorded(err):
             wall = time.perf_counter() - started
             failure = failure_record(cfg, err, config_hash(config), wall, job.inputs)
-            write_record(output_dir, checked({**failure, **extra}))
+            write_record(output_dir, checked_failure({**failure, **extra}))
             mark_recorded(err)
         raise
 

@@ -68,3 +68,12 @@ def test_writers_cannot_add_undeclared_fields() -> None:
         checked({**record, "eror": "typo"})
     assert "status: Input should be" in parse_record({"status": "ok", "config": {}})[1]
     assert "no 'metrics'" in parse_record({"status": "success", "config": {}})[1]
+
+
+def test_a_failure_record_is_never_lost(caplog: pytest.LogCaptureFixture) -> None:
+    from mtpeft.record import checked_failure
+
+    record = {"status": "failed", "config": {}, "error": "RuntimeError: boom"}
+    assert checked_failure(record) == record
+    odd = {**record, "tasks": [1, 2]}  # tasks must be names: not a RunRecord, still written
+    assert checked_failure(odd) is odd and "does not validate" in caplog.text
