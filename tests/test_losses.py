@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn
@@ -14,7 +12,8 @@ from mtpeft.methods import available_methods, build_method
 from mtpeft.module import MultiTaskModule
 from mtpeft.run import build_module
 from tests.conftest import make_tiny_base
-from tests.test_method_contract import CASES, NUM_TASKS
+from tests.contract import merged
+from tests.test_method_contract import PRIMARY
 
 TOL = {"rtol": 1e-6, "atol": 1e-6}
 
@@ -33,9 +32,10 @@ def _batch(batch: int = 4, length: int = 10, seed: int = 1) -> dict[str, torch.T
 
 
 def _adapted(name: str, seed: int = 0) -> nn.Module:
-    options = {**copy.deepcopy(CASES[name].options), **(CASES[name].non_identity or {})}
+    case = PRIMARY[name]  # each method's first contract case, its identity init switched off
     torch.manual_seed(seed)
-    model = build_method(name, options, make_tiny_base("llama"), num_tasks=NUM_TASKS)
+    options = merged(case.options, case.non_identity or {})
+    model = build_method(name, options, make_tiny_base("llama"), num_tasks=case.num_tasks)
     return model.train()
 
 
