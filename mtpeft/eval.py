@@ -62,6 +62,7 @@ from mtpeft.preflight import (
     check_declared_nodes,
     check_evaluation,
     check_method,
+    check_model,
     check_run_settings,
     check_targets,
     check_top_level_keys,
@@ -224,7 +225,8 @@ def module_config(cfg: DictConfig, source: AdapterSource) -> DictConfig:
 # -- pre-flight -------------------------------------------------------------------------------------
 def preflight_eval(cfg: DictConfig) -> None:
     """The checks of `mtpeft.preflight` that apply to an evaluation, before any model is loaded: keys,
-    settings, evaluation, instantiated nodes, the adapter's method record, cache dir, data and split."""
+    settings, evaluation, instantiated nodes, the adapter's method record, the model node, cache dir, data and
+    split."""
     if cfg.split not in SPLITS:
         raise ValueError(f"split={cfg.split!r} is not valid: use one of {', '.join(SPLITS)}")
     check_top_level_keys(OmegaConf.masked_copy(cfg, [k for k in cfg if k not in EVAL_KEYS]))
@@ -233,6 +235,7 @@ def preflight_eval(cfg: DictConfig) -> None:
     check_evaluation(cfg.evaluation)
     check_targets(cfg)
     check_method(cfg)
+    check_model(cfg)
     check_cache_dir(cfg.model.get("cache_dir"))
     check_data(cfg.data, test=cfg.split == "test")
 

@@ -175,6 +175,8 @@ def test_bare_adapter_without_model_fails_before_loading(
     assert not (out / "results.json").exists()
     with pytest.raises(FileNotFoundError, match="neither a run directory.*nor an adapter directory"):
         _evaluate([f"adapter={tmp_path}"], out)
+    with pytest.raises(ValueError, match=r"model\.vocab_sise"):
+        _evaluate([f"adapter={run_dir}", "+model.vocab_sise=3"], out)
 
 
 def test_cli_writes_an_eval_run_dir(tmp_path: Path) -> None:
