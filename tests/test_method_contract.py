@@ -424,12 +424,7 @@ PRIMARY = {case.method: case for case in reversed(CASES)}  # the first case of e
 SLOW = pytest.mark.slow
 
 
-KNOWN_FAILURES = {
-    ("bf16_base_with_fp32_adapter", "hycam-reference"): (
-        "upcast_trainable also moves the trained base RMSNorm weights (train_layernorms) to fp32, so the "
-        "norms return fp32 activations into the bf16 projections (dtype mismatch)"
-    ),
-}
+KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 """(check, case id): a contract violation found by the suite and not fixed yet (strict xfail: a fix makes
 the test fail until its entry is removed)."""
 

@@ -24,6 +24,7 @@ hook modules of ``self.base_model``) and ``expected_trainable_parameters``, and 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -278,11 +279,16 @@ class AdaptedModel(nn.Module):
         With a half-precision base (``model.dtype=bfloat16``) the adapters would otherwise be created in
         bf16, whose 8-bit mantissa swallows small AdamW updates; peft upcasts adapters for the same reason
         (``autocast_adapter_dtype``). The frozen base stays in its own dtype; every method casts
-        activations to its parameters' dtype and back.
+        activations to its parameters' dtype and back. A *base* module whose parameters the adapter trains
+        (HyCAM's RMSNorm weights with ``train_layernorms``) would now return ``dtype`` activations into the
+        base's half-precision layers, so its output is cast back to the base dtype (`_cast_output_to`).
         """
         moved = 0
-        for param in self.parameters():
+        for name, param in self.named_parameters():
             if param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+                if name in self._base_values:
+                    owner = self.get_submodule(name.rpartition(".")[0])
+                    owner.register_forward_hook(functools.partial(_cast_output_to, param.dtype))
                 param.data = param.data.to(dtype)
                 moved += 1
         return moved
@@ -405,3 +411,10 @@ def _batch_size(input_ids: torch.Tensor | None, kwargs: dict[str, Any]) -> int:
     if embeds is None:
         raise ValueError("forward() needs input_ids or inputs_embeds")
     return embeds.shape[0]
+
+
+def _cast_output_to(dtype: torch.dtype, module: nn.Module, args: Any, output: Any) -> Any:
+    """Forward hook: a floating-point tensor output back in ``dtype`` (an upcast trained base module)."""
+    if isinstance(output, torch.Tensor) and output.is_floating_point():
+        return output.to(dtype)
+    return output
