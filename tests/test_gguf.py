@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from mtpeft.data.synthetic.primitives import tokenizer_corpus
 from mtpeft.models import gguf as mgguf
+from mtpeft.models import loader
 from mtpeft.models.cache import MANIFEST
-from mtpeft.models.loader import load_base_model
+from mtpeft.models.loader import bf16_is_native, load_base_model
 from mtpeft.models.tiny import TinyModelConfig, build_tiny_model
 from mtpeft.models.tokenizer import train_tokenizer
 from tests.conftest import compose_train
@@ -144,7 +146,8 @@ def test_model_gguf_file_loads_through_the_smollm2_config(tiny_gguf, tmp_path: P
     overrides = ["model=smollm2_135m", "model.gguf_package=null", f"model.gguf_file={path}"]
     cfg = compose_train([*overrides, f"model.cache_dir={tmp_path}"], tmp_path)
     loaded, loaded_tok = load_base_model(cfg.model)
-    assert next(loaded.parameters()).dtype == torch.bfloat16
+    assert cfg.model.dtype == "bfloat16_if_native"
+    assert next(loaded.parameters()).dtype == (torch.bfloat16 if bf16_is_native() else torch.float32)
     ids = torch.tensor([tokenizer(TEXT, add_special_tokens=False).input_ids])
     torch.testing.assert_close(_logits(loaded.float(), ids), _logits(model, ids), rtol=0, atol=0.1)
     assert loaded_tok.pad_token_id == tokenizer.pad_token_id
@@ -220,3 +223,25 @@ def test_loaded_head_gets_contiguous_inputs(tiny_gguf, tmp_path: Path) -> None:
     with torch.no_grad():
         model(input_ids=ids, logits_to_keep=1)  # the head's input is hidden[:, -1:, :]
     assert seen == [True]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bfloat16_if_native_is_bf16_only_where_the_hardware_computes_it(
+    native: bool, tiny_gguf, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Emulated bf16 (an AVX2 CPU) trains ~20x slower than float32, so the real-model config asks for bf16
+    only where it is native; the choice is logged and the loaded model has it."""
+    monkeypatch.setattr(loader, "bf16_is_native", lambda: native)
+    expected = torch.bfloat16 if native else torch.float32
+    assert loader.base_dtype("bfloat16_if_native") == expected
+    assert loader.base_dtype("bfloat16") == torch.bfloat16 and loader.base_dtype("float32") == torch.float32
+    spec = {
+        "kind": "hub",
+        "gguf_file": str(tiny_gguf[0]),
+        "cache_dir": str(tmp_path),
+        "dtype": "bfloat16_if_native",
+    }
+    with caplog.at_level(logging.INFO, logger="mtpeft.models.loader"):
+        model, _ = load_base_model(spec)
+    assert next(model.parameters()).dtype == expected
+    assert f"model.dtype=bfloat16_if_native: {str(expected).removeprefix('torch.')}" in caplog.text

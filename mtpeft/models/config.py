@@ -18,8 +18,9 @@ from mtpeft.models.pretrain import PretrainConfig
 from mtpeft.models.tiny import TinyModelConfig
 from mtpeft.utils.schema import Bool, PositiveInt, Str, config_dataclass, parse
 
-Dtype = Literal["float32", "bfloat16", "float16", "auto"]
-"""Storage dtype of the frozen base weights (``auto``: the checkpoint's own)."""
+Dtype = Literal["float32", "bfloat16", "float16", "auto", "bfloat16_if_native"]
+"""Storage dtype of the frozen base weights (``auto``: the checkpoint's own; ``bfloat16_if_native``:
+bfloat16 where the hardware computes it natively, else float32, see `mtpeft.models.loader.base_dtype`)."""
 AdapterDtype = Literal["float32", "bfloat16", "float16"]
 """Storage dtype of the trainable adapter parameters."""
 

@@ -36,6 +36,8 @@ from mtpeft.utils.threads import build_threads, using_threads
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+NATIVE_BF16 = "bfloat16_if_native"
+"""``model.dtype`` value resolved by the hardware (`base_dtype`)."""
 
 
 class ModelNotAvailableError(FileNotFoundError):
@@ -162,11 +164,36 @@ def load_hub(cfg: Mapping[str, Any] | HubModelSpec) -> tuple[PreTrainedModel, Pr
         common["revision"] = spec.revision
     tokenizer = AutoTokenizer.from_pretrained(name, **common)
     model = AutoModelForCausalLM.from_pretrained(
-        name, dtype=DTYPES[spec.dtype], attn_implementation=spec.attn_implementation, **common
+        name, dtype=base_dtype(spec.dtype), attn_implementation=spec.attn_implementation, **common
     )
     ensure_pad_token(tokenizer, model)
     contiguous_head_input(model)
     return model, tokenizer
+
+
+def bf16_is_native() -> bool:
+    """Whether this machine computes bfloat16 matmuls natively: a CUDA GPU that supports bf16, or a CPU with
+    AVX512-BF16 or AMX tiles. Without them torch emulates bf16 on the CPU, and a bf16 base trains 20x
+    slower than float32 (SmolLM2-135M LoRA step, AVX2 CPU: README, SmolLM2 section)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def base_dtype(name: str) -> torch.dtype | str:
+    """The ``dtype`` argument for ``from_pretrained`` of ``model.dtype``: ``bfloat16_if_native`` is
+    bfloat16 where `bf16_is_native`, else float32 (logged; results.json records the dtype used)."""
+    if name != NATIVE_BF16:
+        return DTYPES[name]
+    native = bf16_is_native()
+    dtype = torch.bfloat16 if native else torch.float32
+    log.info(
+        "model.dtype=%s: %s (bf16 matmuls are %s on this machine)",
+        name,
+        str(dtype).removeprefix("torch."),
+        "native" if native else "emulated",
+    )
+    return dtype
 
 
 def _contiguous(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
