@@ -349,7 +349,9 @@ def test_study_configs() -> None:
         load_study("nope")
 
 
-@pytest.mark.parametrize("study", ["methods_mix3_tuned", "hycam_ablation_tuned", "capacity"])
+@pytest.mark.parametrize(
+    "study", ["methods_mix3_tuned", "methods_mix3_long", "hycam_ablation_tuned", "capacity"]
+)
 def test_new_studies_are_named_tagged_multiruns(study: str) -> None:
     node = OmegaConf.load(CONF_DIR / "experiment" / f"{study}.yaml")
     assert node.task_name == study and len(node.tags) > 0
@@ -475,3 +477,17 @@ def test_capacity_probe_on_two_methods(tmp_path: Path, monkeypatch: pytest.Monke
         assert row["min_loss"] <= row["final_loss"]
         assert math.isnan(row["steps_to_threshold"]) == (row["min_loss"] > 3.0)
     assert "| steps to threshold |" in (tmp_path / "experiments" / "capacity" / "capacity.md").read_text()
+
+
+@pytest.mark.parametrize("method", available_methods())
+def test_long_study_runs_each_method_at_the_lr_the_tuned_study_chose(method: str, tmp_path: Path) -> None:
+    """methods_mix3_long re-runs methods_mix3_tuned's choices at 2x the budget: its lr table must equal the
+    "chosen" rows of the published tuning grid (experiments/methods_mix3_tuned/tuning.csv)."""
+    grid = pd.read_csv(CONF_DIR.parent / "experiments" / "methods_mix3_tuned" / "tuning.csv")
+    chosen = grid[grid["chosen"].astype(bool)].set_index("method")["optimizer.lr"]
+    cfg = compose_train(["experiment=methods_mix3_long", f"method={method}"], tmp_path)
+    assert cfg.trainer.max_steps == 2 * 1200 and cfg.tuned["optimizer.lr"] == cfg.optimizer.lr
+    if method in chosen.index:
+        assert cfg.optimizer.lr == pytest.approx(float(chosen[method]))
+    else:
+        assert method == "none"
