@@ -280,7 +280,7 @@ def record_fields(
     return {
         "status": "success",
         "method": method,
-        "model": describe_model(base_model),
+        "model": describe_model(base_model, model.base_state_dict()),
         "tasks": datamodule.task_names,
         "seed": cfg.seed,
         "config": resolved,

@@ -16,6 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from mtpeft.data.synthetic.primitives import primitives_corpus, tokenizer_corpus
+from mtpeft.methods import available_methods, build_method
 from mtpeft.models import loader as loader_module
 from mtpeft.models.cache import MANIFEST, get_or_build, key_hash, read_manifest
 from mtpeft.models.config import HubModelSpec, TinyModelSpec, parse_model
@@ -29,6 +30,7 @@ from mtpeft.models.loader import (
 from mtpeft.models.pretrain import CHECKPOINT_FILE, PretrainConfig, make_windows, pack_lines, pretrain
 from mtpeft.models.tiny import ARCHITECTURES, TinyModelConfig, build_tiny_model, count_parameters
 from mtpeft.models.tokenizer import fragmentation, train_tokenizer
+from tests.conftest import make_tiny_base
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
 
@@ -440,3 +442,23 @@ def test_manifest_records_build(cached):
     manifest = json.loads((first.entry / MANIFEST).read_text())
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(manifest["files"])
     assert manifest["meta"]["params"] == count_parameters(first.model)
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [(name, {}) for name in available_methods()] + [("hycam", {"train_layernorms": True})],
+)
+def test_weights_digest_of_an_adapted_model_names_its_base(method: str, options: dict) -> None:
+    """A run records the digest of its base after training: `AdaptedModel.base_state_dict` leaves the
+    trained adapter out (wrapped, attached and trained base parameters alike), so every run on one base
+    records the same digest."""
+    base = make_tiny_base()
+    loaded = describe_model(base)["weights_sha256"]
+    model = build_method(method, options, base, num_tasks=3)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.1)  # as if trained
+    assert describe_model(base, model.base_state_dict())["weights_sha256"] == loaded
+    if model.count_parameters()[0]:
+        assert describe_model(base)["weights_sha256"] != loaded  # the adapted model's own state differs

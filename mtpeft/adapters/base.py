@@ -87,6 +87,7 @@ class AdaptedModel(nn.Module):
         self._scoped_task_ids: torch.Tensor | None = None
         base_model.requires_grad_(False)
         base_ids = {id(p) for p in base_model.parameters()}
+        self._base_state_names = frozenset(base_model.state_dict())  # before adapt() adds or renames any
         self.base_model = base_model
         self.adapt()
         self._adapter_names = frozenset(
@@ -292,6 +293,14 @@ class AdaptedModel(nn.Module):
                 param.data = param.data.to(dtype)
                 moved += 1
         return moved
+
+    def base_state_dict(self) -> dict[str, torch.Tensor]:
+        """The base model's state as it was loaded, for `mtpeft.models.loader.weights_digest`: read inside
+        `disable_adapter` (wrapped modules swapped back, trained base parameters at their loaded values) and
+        limited to the base's own entries (not what the method attached to it, e.g. HyCAM's CAMs)."""
+        with self.disable_adapter():
+            state = self.base_model.state_dict()
+        return {name: tensor for name, tensor in state.items() if name in self._base_state_names}
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The adapter's state: parameters the method added plus base parameters it trains."""

@@ -293,8 +293,11 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerFast, model: PreTrainedModel)
 # ------------------------------------------------------------------------------------------- helpers
 
 
-def describe_model(model: PreTrainedModel) -> dict[str, Any]:
-    """Shapes and size of a causal LM (for the parameter table and results.json)."""
+def describe_model(
+    model: PreTrainedModel, base_state: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, Any]:
+    """Shapes and size of a causal LM (for the parameter table and results.json). ``base_state``: the
+    state the weights digest is taken of (an adapted model's `base_state_dict`; default the model's own)."""
     config = model.config.get_text_config()
     heads = getattr(config, "num_attention_heads", None)
     return {
@@ -307,7 +310,7 @@ def describe_model(model: PreTrainedModel) -> dict[str, Any]:
         "vocab_size": getattr(config, "vocab_size", None),
         "total_params": count_parameters(model),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "weights_sha256": weights_digest(model),
+        "weights_sha256": weights_digest(model, base_state),
     }
 
 
@@ -315,16 +318,18 @@ def describe_model(model: PreTrainedModel) -> dict[str, Any]:
 DIGEST_MAX_PARAMS = 200_000_000
 
 
-def weights_digest(model: PreTrainedModel) -> str | None:
+def weights_digest(model: PreTrainedModel, state: Mapping[str, torch.Tensor] | None = None) -> str | None:
     """SHA-256 (16 hex digits) of the base model's weights, names included, or None for large models.
 
     Two runs with the same config can still differ if their base was built differently (the tiny model is
-    pre-trained locally): this digest says which base a result was measured on.
+    pre-trained locally): this digest says which base a result was measured on. After a method adapted
+    the model, pass its `AdaptedModel.base_state_dict` as ``state``: the model's own state then holds the
+    trained adapter too, and the digest would name the run instead of the base.
     """
     if count_parameters(model) > DIGEST_MAX_PARAMS or any(p.is_meta for p in model.parameters()):
         return None
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted((model.state_dict() if state is None else state).items()):
         digest.update(name.encode() + b"\0")
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
