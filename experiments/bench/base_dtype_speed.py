@@ -19,32 +19,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
 DTYPES = ("float32", "bfloat16")
 
 
 def build(overrides: list[str], dtype: str) -> tuple[Any, Any, int]:
     """The adapted model (training mode), its base's output head and vocabulary size, for ``dtype``."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    from adapted import build_adapted
 
-    from mtpeft.methods import build_method
-    from mtpeft.models.loader import adapter_dtype, load_base_model
-    from mtpeft.utils.resolvers import register_resolvers
-
-    register_resolvers()
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        cfg = compose(config_name="train", overrides=[*overrides, f"model.dtype={dtype}"])
-    base, _ = load_base_model(cfg.model)
-    options = OmegaConf.to_container(cfg.method, resolve=True)
-    model = build_method(options.pop("name"), options, base, num_tasks=3)
-    model.upcast_trainable(adapter_dtype(cfg.model))
-    if cfg.gradient_checkpointing:  # as MultiTaskModule does
-        model.gradient_checkpointing_enable()
-    model.train()
+    model, base = build_adapted([*overrides, f"model.dtype={dtype}"])
     return model, base.get_output_embeddings(), base.config.vocab_size
 
 
@@ -75,15 +59,13 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
+    from adapted import random_inputs
 
     from mtpeft.models.loader import bf16_is_native
 
     torch.set_num_threads(args.threads)
     models = {dtype: build(args.overrides, dtype) for dtype in DTYPES}
-    gen = torch.Generator().manual_seed(0)
-    vocab = models["float32"][2]
-    ids = torch.randint(3, vocab, (args.batch, args.length), generator=gen)
-    task_ids = torch.randint(0, 3, (args.batch,), generator=gen)
+    ids, task_ids = random_inputs(models["float32"][2], args.batch, args.length)
     times: dict[str, list[tuple[float, float]]] = {dtype: [] for dtype in DTYPES}
     for _ in range(args.rounds):
         for dtype, (model, head, _) in models.items():

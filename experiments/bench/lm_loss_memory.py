@@ -30,28 +30,13 @@ VARIANTS = ("full", "chunked")
 def measure(overrides: list[str], variant: str, batch: int, length: int, seed: int = 0) -> dict[str, Any]:
     """One step of ``variant`` on the model/method of the Hydra ``overrides``; peak memory and time."""
     import torch
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    from adapted import build_adapted, random_inputs
 
     from mtpeft.losses import model_token_losses, token_losses
-    from mtpeft.methods import build_method
-    from mtpeft.models.loader import adapter_dtype, load_base_model
     from mtpeft.utils.memory import peak_memory_mb, reset_peak_memory
-    from mtpeft.utils.resolvers import register_resolvers
 
-    register_resolvers()
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        cfg = compose(config_name="train", overrides=overrides)
-    base, _ = load_base_model(cfg.model)
-    options = OmegaConf.to_container(cfg.method, resolve=True)
-    model = build_method(options.pop("name"), options, base, num_tasks=3)
-    model.upcast_trainable(adapter_dtype(cfg.model))
-    if cfg.gradient_checkpointing:  # as MultiTaskModule does
-        model.gradient_checkpointing_enable()
-    model.train()
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, base.config.vocab_size, (batch, length), generator=gen)
-    task_ids = torch.randint(0, 3, (batch,), generator=gen)
+    model, base = build_adapted(overrides)
+    ids, task_ids = random_inputs(base.config.vocab_size, batch, length, seed)
     loaded = peak_memory_mb()["cpu_peak_rss_mb"]
     reset_peak_memory()
     start = time.perf_counter()
