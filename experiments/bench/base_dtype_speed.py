@@ -24,27 +24,19 @@ from typing import Any
 DTYPES = ("float32", "bfloat16")
 
 
-def build(overrides: list[str], dtype: str) -> tuple[Any, Any, int]:
-    """The adapted model (training mode), its base's output head and vocabulary size, for ``dtype``."""
+def build(overrides: list[str], dtype: str) -> tuple[Any, Any]:
+    """(adapted model in training mode, its base) with the base stored in ``dtype``."""
     from adapted import build_adapted
 
-    model, base = build_adapted([*overrides, f"model.dtype={dtype}"])
-    return model, base.get_output_embeddings(), base.config.vocab_size
+    return build_adapted([*overrides, f"model.dtype={dtype}"])
 
 
-def step(model: Any, head: Any, ids: Any, task_ids: Any) -> tuple[float, float]:
+def step(model: Any, base: Any, ids: Any, task_ids: Any) -> tuple[float, float]:
     """Wall and CPU seconds of one forward + backward of the chunked LM loss."""
-    import torch
-
-    from mtpeft.losses import model_token_losses
+    from adapted import lm_loss
 
     wall, cpu = time.perf_counter(), time.process_time()
-
-    def forward() -> Any:
-        return model(input_ids=ids, attention_mask=torch.ones_like(ids), task_ids=task_ids)
-
-    loss, mask = model_token_losses(forward, head, ids, head_scope=lambda: model.task_scope(task_ids))
-    (loss.sum() / mask.sum()).backward()
+    lm_loss(model, base, ids, task_ids).backward()
     model.zero_grad(set_to_none=True)
     return time.perf_counter() - wall, time.process_time() - cpu
 
@@ -65,11 +57,11 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     models = {dtype: build(args.overrides, dtype) for dtype in DTYPES}
-    ids, task_ids = random_inputs(models["float32"][2], args.batch, args.length)
+    ids, task_ids = random_inputs(models["float32"][1].config.vocab_size, args.batch, args.length)
     times: dict[str, list[tuple[float, float]]] = {dtype: [] for dtype in DTYPES}
     for _ in range(args.rounds):
-        for dtype, (model, head, _) in models.items():
-            times[dtype].append(step(model, head, ids, task_ids))
+        for dtype, (model, base) in models.items():
+            times[dtype].append(step(model, base, ids, task_ids))
     print(
         f"overrides: {' '.join(args.overrides)}; batch {args.batch} x {args.length}; {args.threads} thread(s); "
         f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "

@@ -29,10 +29,8 @@ VARIANTS = ("full", "chunked")
 
 def measure(overrides: list[str], variant: str, batch: int, length: int, seed: int = 0) -> dict[str, Any]:
     """One step of ``variant`` on the model/method of the Hydra ``overrides``; peak memory and time."""
-    import torch
-    from adapted import build_adapted, random_inputs
+    from adapted import build_adapted, lm_loss, random_inputs
 
-    from mtpeft.losses import model_token_losses, token_losses
     from mtpeft.utils.memory import peak_memory_mb, reset_peak_memory
 
     model, base = build_adapted(overrides)
@@ -41,15 +39,7 @@ def measure(overrides: list[str], variant: str, batch: int, length: int, seed: i
     reset_peak_memory()
     start = time.perf_counter()
 
-    def forward() -> Any:
-        return model(input_ids=ids, attention_mask=torch.ones_like(ids), task_ids=task_ids)
-
-    if variant == "full":
-        loss, mask = token_losses(forward().logits, ids)
-    else:
-        head = base.get_output_embeddings()
-        loss, mask = model_token_losses(forward, head, ids, head_scope=lambda: model.task_scope(task_ids))
-    total = loss.sum() / mask.sum()
+    total = lm_loss(model, base, ids, task_ids, chunked=variant == "chunked")
     total.backward()
     return {
         "variant": variant,

@@ -173,8 +173,8 @@ def load_hub(cfg: Mapping[str, Any] | HubModelSpec) -> tuple[PreTrainedModel, Pr
 
 def bf16_is_native() -> bool:
     """Whether this machine computes bfloat16 matmuls natively: a CUDA GPU that supports bf16, or a CPU with
-    AVX512-BF16 or AMX tiles. Without them torch emulates bf16 on the CPU, and a bf16 base trains 20x
-    slower than float32 (SmolLM2-135M LoRA step, AVX2 CPU: README, SmolLM2 section)."""
+    AVX512-BF16 or AMX tiles. Without them torch emulates bf16 on the CPU, and a bf16 base trains over
+    10x slower than float32 (SmolLM2-135M LoRA step, AVX2 CPU: 14.5x, README, SmolLM2 section)."""
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported(including_emulation=False)
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
