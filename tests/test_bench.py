@@ -62,10 +62,29 @@ def test_bare_loop_trains_like_the_lightning_loop(tmp_path):
         torch.testing.assert_close(bare[key], lightning[key], rtol=1e-4, atol=1e-6)
 
 
-def test_cli_methods_table_only(tmp_path):
-    options = ["--no-loop", "--only", "lora", "--repeats", "1", "--warmup", "0", "--real-batches", "1"]
+@pytest.mark.parametrize("order", ["interleaved", "sequential"])
+def test_cli_methods_table_only(tmp_path, order):
+    options = ["--no-loop", "--only", "hycam", "--repeats", "1", "--warmup", "0", "--real-batches", "1"]
+    options += ["--sequential"] if order == "sequential" else []
     report = main([*TINY, *options, "--batch", "2", "--length", "8", "--no-compile", "--threads", "1"])
-    assert "| lora | " in report and "Loop benchmark" not in report and "MoE-LoRA" not in report
+    assert "| lora | " in report and "| hycam | " in report
+    assert "Loop benchmark" not in report and "MoE-LoRA" not in report
+    assert f"median of 1 {order}" in report
+
+
+def test_activation_measurement_frees_the_graph(tmp_path):
+    """Routers keep records of the last forward; after the measurement they no longer hold its graph (with
+    every activation), which kept one graph per variant alive and ran a real model out of memory."""
+    from mtpeft.bench.methods import random_batch, saved_activation_mb
+
+    parts = RunParts.build(compose_run([*TINY, "method=hycam"], tmp_path))
+    model = parts.fresh_method()
+    batch = random_batch(2, 8, parts.tokenizer.vocab_size, parts.num_tasks, torch.device("cpu"))
+    assert saved_activation_mb(model, batch, parts.num_tasks) > 0
+    aux = sum(model.aux_losses().values())
+    assert aux.requires_grad
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        aux.backward()
 
 
 def test_unknown_variant_is_rejected():

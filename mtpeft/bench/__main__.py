@@ -57,6 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     methods.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, default=True, help="also time the compiled step"
     )
+    methods.add_argument(
+        "--sequential",
+        action="store_true",
+        help="one variant in memory at a time (for real models: interleaving holds a base copy per variant)",
+    )
     args = parser.parse_intermixed_args(argv)
     unknown = sorted(set(args.only or ()) - set(method_variants()))
     if unknown:
@@ -103,12 +108,14 @@ def main(argv: list[str] | None = None) -> str:
                 repeats=args.repeats,
                 warmup=args.warmup,
                 compiled=args.compile,
+                sequential=args.sequential,
             )
+            order = "sequential (one variant at a time)" if args.sequential else "interleaved"
             real_shape = "x".join(str(s) for s in parts.train_batches(1)[0]["input_ids"].shape)
             lines += [
                 f"Per-method training step ({device.type}): random batch {args.batch} x {args.length}; "
                 f"real batches: the first {args.real_batches} of the run's datamodule "
-                f"(first {real_shape}); median of {args.repeats} interleaved rounds after {args.warmup} warm-up.",
+                f"(first {real_shape}); median of {args.repeats} {order} rounds after {args.warmup} warm-up.",
                 "",
                 *methods_markdown(rows, device, args.compile),
             ]

@@ -73,11 +73,14 @@ class RunParts:
         return len(self.datamodule.task_names)
 
     def fresh_method(self, cfg: DictConfig | None = None) -> AdaptedModel:
-        """The method of ``cfg`` (default: the run's) on a copy of the base model, as ``mtpeft.run`` builds it."""
+        """The method of ``cfg`` (default: the run's) on a copy of the base model, as ``mtpeft.run`` builds it
+        (with gradient checkpointing when the config asks for it, as `mtpeft.module.MultiTaskModule` does)."""
         cfg = self.cfg if cfg is None else cfg
         name, options = method_options(cfg)
         model = build_method(name, options, copy.deepcopy(self.base_model), num_tasks=self.num_tasks)
         model.upcast_trainable(adapter_dtype(cfg.model))
+        if cfg.get("gradient_checkpointing"):
+            model.gradient_checkpointing_enable()
         return model.train()
 
     def fresh_datamodule(self) -> Any:

@@ -14,12 +14,18 @@ timed on two kinds of input:
 With ``--compile`` the real batches are also run through the compiled step (``compile: true``); warm-up rounds
 absorb the compilation. Variants are interleaved (warm-up rounds, then timed rounds that run every variant once
 in turn) and the median per variant is reported, so slow drifts of a shared machine hit every variant alike.
-Also reported: activation memory saved for backward on the random batch (bytes of the tensors autograd keeps;
-on CUDA the allocator's peak instead) and trainable parameters. Timings are never asserted in tests.
+Interleaving keeps every variant alive at once (its own copy of the base model, its optimisers); for a real
+model that is several GB per variant, so ``--sequential`` builds, times and frees one variant after the other
+(same rounds and medians, without the protection against drifts). Gradient checkpointing follows the run
+config (``gradient_checkpointing``), as in training.
+Also reported: activation memory saved for backward on the random batch (bytes of the tensors autograd keeps
+in the forward of a training step; on CUDA the allocator's peak of the whole step instead) and trainable
+parameters. Timings are never asserted in tests.
 """
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -87,8 +93,11 @@ def make_step(model: AdaptedModel, num_tasks: int, compiled: bool) -> Step:
     return step
 
 
-def saved_activation_mb(model: AdaptedModel, batch: Batch) -> float:
-    """MB of tensors autograd saves for backward in one forward (storage counted once)."""
+def saved_activation_mb(model: AdaptedModel, batch: Batch, num_tasks: int) -> float:
+    """MB of tensors autograd saves for backward in the forward of a training step (storage counted once).
+
+    The backward runs too (gradients dropped): it frees the graph, which routers' records of the last forward
+    would otherwise keep alive, with every activation, until the model's next forward."""
     seen: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -96,11 +105,13 @@ def saved_activation_mb(model: AdaptedModel, batch: Batch) -> float:
         seen[storage.data_ptr()] = storage.nbytes()
         return tensor
 
+    inputs = (batch["input_ids"], batch["attention_mask"], batch["task_ids"], batch["labels"])
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], task_ids=batch["task_ids"]
-        )
-    del out
+        loss = forward_losses(model, *inputs, num_tasks)[0]
+        for value in model.aux_losses().values():
+            loss = loss + value
+    loss.backward()
+    model.zero_grad(set_to_none=True)
     return sum(seen.values()) / 2**20
 
 
@@ -138,6 +149,21 @@ class Timer:
         return 1000 * statistics.median(self.cpu) if self.cpu else float("nan")
 
 
+@dataclass
+class Variant:
+    """One benchmarked variant: its model, memory figure and timed workloads (random, real, compiled)."""
+
+    model: AdaptedModel
+    memory_mb: float
+    timers: dict[str, Timer]
+
+    def row(self, label: str) -> dict[str, Any]:
+        row: dict[str, Any] = {name: timer.ms for name, timer in self.timers.items()}
+        row.update({f"{name}_cpu": timer.cpu_ms for name, timer in self.timers.items()})
+        row.update(variant=label, memory_mb=self.memory_mb, trainable=self.model.count_parameters()[0])
+        return row
+
+
 def run_methods(
     parts: RunParts,
     variants: dict[str, list[str]],
@@ -149,46 +175,55 @@ def run_methods(
     repeats: int,
     warmup: int,
     compiled: bool,
+    sequential: bool = False,
 ) -> tuple[list[dict[str, Any]], torch.device]:
-    """Time every variant (interleaved rounds); one row per variant with ms per step and memory."""
+    """Time every variant, interleaved rounds (or one variant after the other with ``sequential``, which
+    holds one variant in memory at a time); one row per variant with ms per step and memory."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     vocab = parts.base_model.get_input_embeddings().weight.shape[0]
     fixed = random_batch(batch, length, vocab, parts.num_tasks, device)
     keys = ("input_ids", "attention_mask", "labels", "task_ids")
     real = [{k: b[k].to(device) for k in keys} for b in parts.train_batches(real_batches)]
-    timers: dict[str, dict[str, Timer]] = {}
-    models: dict[str, AdaptedModel] = {}
-    memory: dict[str, float] = {}
-    for label, overrides in variants.items():
-        model = parts.fresh_method(compose(overrides)).to(device)
-        models[label] = model
-        memory[label] = _memory_mb(model, fixed, device, make_step(model, parts.num_tasks, compiled=False))
-        timers[label] = {
+
+    def build(overrides: list[str]) -> Variant:
+        cfg = compose(overrides)
+        model = parts.fresh_method(cfg).to(device)
+        memory = _memory_mb(model, fixed, device, parts.num_tasks)
+        timers = {
             "random": Timer(make_step(model, parts.num_tasks, compiled=False), [fixed]),
             "real": Timer(make_step(model, parts.num_tasks, compiled=False), real),
         }
         if compiled:
-            twin = parts.fresh_method(compose(overrides)).to(device)  # compiled on its own copy
-            timers[label]["compiled"] = Timer(make_step(twin, parts.num_tasks, compiled=True), real)
-    for round_ in range(warmup + repeats):
-        for workloads in timers.values():
-            for timer in workloads.values():
-                timer.run(record=round_ >= warmup, cuda=device.type == "cuda")
+            twin = parts.fresh_method(cfg).to(device)  # compiled on its own copy
+            timers["compiled"] = Timer(make_step(twin, parts.num_tasks, compiled=True), real)
+        return Variant(model, memory, timers)
+
+    def time_rounds(built: list[Variant]) -> None:
+        for round_ in range(warmup + repeats):
+            for variant in built:
+                for timer in variant.timers.values():
+                    timer.run(record=round_ >= warmup, cuda=device.type == "cuda")
+
+    if not sequential:
+        built = {label: build(overrides) for label, overrides in variants.items()}
+        time_rounds(list(built.values()))
+        return [variant.row(label) for label, variant in built.items()], device
     rows = []
-    for label, workloads in timers.items():
-        row = {name: timer.ms for name, timer in workloads.items()}
-        row.update({f"{name}_cpu": timer.cpu_ms for name, timer in workloads.items()})
-        row.update(variant=label, memory_mb=memory[label], trainable=models[label].count_parameters()[0])
-        rows.append(row)
+    for label, overrides in variants.items():
+        variant = build(overrides)
+        time_rounds([variant])
+        rows.append(variant.row(label))
+        del variant
+        gc.collect()
     return rows, device
 
 
-def _memory_mb(model: AdaptedModel, batch: Batch, device: torch.device, step: Step) -> float:
+def _memory_mb(model: AdaptedModel, batch: Batch, device: torch.device, num_tasks: int) -> float:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        step(batch)
+        make_step(model, num_tasks, compiled=False)(batch)
         return torch.cuda.max_memory_allocated() / 2**20
-    return saved_activation_mb(model, batch)
+    return saved_activation_mb(model, batch, num_tasks)
 
 
 def methods_markdown(rows: list[dict[str, Any]], device: torch.device, compiled: bool) -> list[str]:
