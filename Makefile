@@ -7,6 +7,8 @@ STAMP := $(VENV)/.install.stamp
 # Tests and CI never reach the Hub or wandb servers.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_EVALUATE_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 ARGS ?=
+# pytest-xdist workers for `make test`: one per core, at most 4 (each worker builds its own tiny models)
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
 STUDY ?= methods_mix3
 
 .DEFAULT_GOAL := help
@@ -35,10 +37,10 @@ eval: install ## Score a saved adapter (ARGS="adapter=logs/train/runs/<run> [dat
 	TOKENIZERS_PARALLELISM=false $(PY) -m mtpeft.eval $(ARGS)
 
 test: install ## Run the fast test suite (what CI runs)
-	$(OFFLINE) $(PY) -m pytest -q -p no:cacheprovider
+	$(OFFLINE) $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS)
 
 test-full: install ## Run all tests, including slow learning checks
-	$(OFFLINE) $(PY) -m pytest -q -p no:cacheprovider -m "not gpu"
+	$(OFFLINE) $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) -m "not gpu"
 
 bench: install ## Loop table (mtpeft / bare PyTorch / Trainer+peft) + per-method step time, eager and compiled (writes experiments/bench/results.md; ARGS="model=... --only ...")
 	$(OFFLINE) $(PY) -m mtpeft.bench --out experiments/bench/results.md $(ARGS)
