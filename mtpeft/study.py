@@ -80,6 +80,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import logging
 import math
 import os
@@ -983,6 +984,46 @@ def publish(log_root: Path, published: Path) -> tuple[list[Path], int]:
     return new, before
 
 
+def check_published_bases(name: str, task_name: str, published: Path | None) -> None:
+    """Refuse to add runs to a study directory whose published runs were made on another base model.
+
+    A job's identity includes its base (``inputs.base``: `mtpeft.models.identity.base_identity`, the digest of
+    the weight files and the dtype), so on a machine that builds another tiny base every job runs again; its
+    runs would then be published and tabled next to the other base's runs of the same configs. Each published
+    run's base is compared with what this machine loads for that run's ``model`` config; runs recorded before
+    the base was part of the identity have none and count as another base. Raises SystemExit naming the
+    directory, both bases and what to do."""
+    from mtpeft.models.identity import base_identity
+
+    if published is None or not published.is_dir():
+        return
+    here: dict[str, Any] = {}
+    other: dict[str, int] = {}
+    for _, results in run_records(published):
+        model = (results.get("config") or {}).get("model")
+        if results.get("status") != "success" or not isinstance(model, dict):
+            continue
+        key = json.dumps(model, sort_keys=True, default=str)
+        if key not in here:
+            here[key] = base_identity(model)
+        recorded = (results.get("inputs") or {}).get("base")
+        if recorded != here[key]:
+            label = json.dumps(recorded, sort_keys=True) if recorded else "unrecorded"
+            other[label] = other.get(label, 0) + 1
+    if other:
+        bases = "; ".join(f"{count} run(s) on {label}" for label, count in sorted(other.items()))
+        mine = "; ".join(json.dumps(base, sort_keys=True) for base in here.values())
+        suffix = re.sub(r"[^0-9A-Za-z]", "", next(iter(here.values()))["weight_files"])[:8]
+        raise SystemExit(
+            f"study {name!r}: {published} holds runs made on another base model ({bases}); "
+            f"this machine's base is {mine} (the tiny model is pre-trained on each machine, and CPUs with "
+            "other kernels build other weights; 'unrecorded': published before the base was part of a "
+            "job's identity). Running here would put two bases in one table. Run the study into its own "
+            f"directory: python -m mtpeft.study {name} task_name={task_name}_{suffix} "
+            f"(tables in experiments/{task_name}_{suffix}/), or move the published runs away."
+        )
+
+
 def publish_study(study: Study) -> list[Path]:
     """Publish the finished runs of ``study`` (`publish`) and log what was done."""
     if study.published_dir is None:
@@ -1014,8 +1055,9 @@ def run_study(
     parts = split_overrides(overrides)
     study = load_study(name, [*parts.runner, *parts.jobs])
     study.methods = parts.methods or study.methods
+    check_published_bases(name, study.task_name, study.published_dir)
     root = Path(os.environ.get("MTPEFT_ROOT", "."))
-    out = out or root / "experiments" / name
+    out = out or root / "experiments" / study.task_name
     launch = launcher_overrides(launcher, n_jobs)
     chosen: dict[str, dict[str, Any]] = {}
     problems: list[str] = []
@@ -1060,7 +1102,9 @@ def run_study(
 def publish_main(name: str, overrides: Sequence[str]) -> int:
     """``--publish``: publish the finished runs of study ``name`` (any experiment config; ``task_name`` and
     ``paths.*`` overrides respected) and print where they went."""
-    log_root, published = study_roots(compose_study(name, split_overrides(overrides).jobs))
+    cfg = compose_study(name, split_overrides(overrides).jobs)
+    log_root, published = study_roots(cfg)
+    check_published_bases(name, str(cfg.task_name), published)
     if not log_root.is_dir():
         print(f"nothing to publish: {log_root} does not exist (no run of {name!r} in this checkout)")
         return 0

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from mtpeft.methods import available_methods
+from mtpeft.models.identity import base_identity
 from mtpeft.run import run
 from tests.conftest import TINY_RUN, compose_train
 
@@ -48,7 +49,8 @@ def test_each_method_trains_and_writes_results(method: str, tmp_path: Path) -> N
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["status"] == "success" and on_disk.keys() >= RESULT_KEYS
     assert on_disk["method"] == method and on_disk["resumed_from"] is None
-    assert set(on_disk["inputs"]) == {"data", "code"} and "host" not in on_disk  # host: running record only
+    assert set(on_disk["inputs"]) == {"data", "code", "base"} and "host" not in on_disk  # host: running only
+    assert on_disk["inputs"]["base"] == base_identity(on_disk["config"]["model"])
     for split in ("val", "test"):
         metrics = on_disk["metrics"][split]
         assert 0.0 <= metrics[f"{split}/avg/score"] <= 1.0

@@ -16,7 +16,6 @@ SmolLM2-135M-Instruct), located with ``importlib.util.find_spec`` without import
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import logging
@@ -27,6 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from mtpeft.models.cache import get_or_build
+from mtpeft.utils.digests import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +67,6 @@ def packaged_gguf(package: str, filename: str) -> Path:
         f"model.gguf_file={filename!r} is not in the installed package {package!r} "
         f"({list(spec.submodule_search_locations)}); reinstall it: {hint}"
     )
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file (keys the converted cache entry on the GGUF content)."""
-    with path.open("rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> dict[str, Any]:
@@ -126,7 +120,7 @@ def cached_gguf_dir(gguf_path: str | Path, cache_dir: str | None = None) -> Path
             "model.gguf_package to the installed package that ships it)."
         )
     parts = {
-        "gguf_sha256": file_sha256(gguf_path),
+        "gguf_sha256": file_digest(gguf_path),  # keys the entry on the GGUF content
         "transformers": importlib.metadata.version("transformers"),
         "gguf": importlib.metadata.version("gguf"),
     }

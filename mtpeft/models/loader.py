@@ -14,6 +14,7 @@ errors naming ``model.<key>``); its ``kind`` selects one of two loaders:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -69,6 +70,18 @@ def load_base_model(cfg: Mapping[str, Any]) -> tuple[PreTrainedModel, PreTrained
 def load_tiny(cfg: Mapping[str, Any] | TinyModelSpec) -> TinyArtifacts:
     """Load (building and caching on first use) the tiny tokenizer + model described by ``cfg``."""
     spec = parse(TinyModelSpec, cfg, "model")
+    tiny = spec.shapes()
+    entry, meta = tiny_entry(spec)
+    model = AutoModelForCausalLM.from_pretrained(
+        entry, dtype=torch.float32, attn_implementation=tiny.attn_implementation
+    )
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(entry)
+    tokenizer.model_max_length = tiny.max_position_embeddings
+    return TinyArtifacts(model, tokenizer, entry, meta)
+
+
+def tiny_entry(spec: TinyModelSpec) -> tuple[Path, dict[str, Any]]:
+    """(cache directory, build metadata) of the tiny model of ``spec``, built and pre-trained on first use."""
     tiny, pre, cache_dir = spec.shapes(), spec.pretrain, spec.cache_dir
     tok_entry = _cached_tokenizer(spec.vocab_size or 1024, cache_dir)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_entry)
@@ -85,22 +98,20 @@ def load_tiny(cfg: Mapping[str, Any] | TinyModelSpec) -> TinyArtifacts:
         with using_threads(build_threads(asdict(spec))):
             return _build_tiny(tmp, tiny, pre, tokenizer, lines)
 
-    entry, meta = get_or_build(f"tiny-{tiny.arch}", parts, build, cache_dir)
-    model = AutoModelForCausalLM.from_pretrained(
-        entry, dtype=torch.float32, attn_implementation=tiny.attn_implementation
-    )
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(entry)
-    tokenizer.model_max_length = tiny.max_position_embeddings
-    return TinyArtifacts(model, tokenizer, entry, meta)
+    return get_or_build(f"tiny-{tiny.arch}", parts, build, cache_dir)
 
 
 def _corpus(pre: PretrainConfig) -> list[str]:
     """The pre-training lines (empty when nothing is pre-trained)."""
-    if not pre.steps:
-        return []
+    return list(_corpus_lines(pre.corpus_lines, pre.seed)) if pre.steps else []
+
+
+@functools.lru_cache(maxsize=4)
+def _corpus_lines(count: int, seed: int) -> tuple[str, ...]:
+    """`primitives_corpus`, generated once per process (the cache key of every tiny run needs it: ~0.7 s)."""
     from mtpeft.data.synthetic.primitives import primitives_corpus
 
-    return primitives_corpus(pre.corpus_lines, pre.seed)
+    return tuple(primitives_corpus(count, seed))
 
 
 def _cached_tokenizer(vocab_size: int, cache_dir: str | None) -> Path:
@@ -153,11 +164,7 @@ def _build_tiny(
 def load_hub(cfg: Mapping[str, Any] | HubModelSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """Load a local directory or a cached hub id with ``AutoTokenizer`` / ``AutoModelForCausalLM``."""
     spec = parse(HubModelSpec, cfg, "model")
-    name = str(_gguf_source(spec)) if spec.gguf_file else spec.name_or_path
-    if not name or name == "???":
-        raise ValueError(
-            "model.name_or_path is not set: pass model.name_or_path=/path/to/model_dir (or a hub id)."
-        )
+    name = hub_source(spec)
     local_only = _resolve_source(name, spec.revision, spec.allow_download)
     common: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code, "local_files_only": local_only}
     if spec.revision:
@@ -171,6 +178,29 @@ def load_hub(cfg: Mapping[str, Any] | HubModelSpec) -> tuple[PreTrainedModel, Pr
     return model, tokenizer
 
 
+def hub_source(spec: HubModelSpec) -> str:
+    """What ``from_pretrained`` loads for ``spec``: a local directory (the converted one for ``gguf_file``,
+    converting on first use) or a hub id."""
+    name = str(_gguf_source(spec)) if spec.gguf_file else spec.name_or_path
+    if not name or name == "???":
+        raise ValueError(
+            "model.name_or_path is not set: pass model.name_or_path=/path/to/model_dir (or a hub id)."
+        )
+    return name
+
+
+def hub_cache_dir(repo_id: str, revision: str | None) -> Path | None:
+    """The local HF cache snapshot directory of ``repo_id`` (where its ``config.json`` is), or None."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        hit = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except HFValidationError:
+        return None
+    return Path(hit).parent if isinstance(hit, str) else None
+
+
 def bf16_is_native() -> bool:
     """Whether this machine computes bfloat16 matmuls natively: a CUDA GPU that supports bf16, or a CPU with
     AVX512-BF16 or AMX tiles. Without them torch emulates bf16 on the CPU, and a bf16 base trains over
@@ -180,13 +210,21 @@ def bf16_is_native() -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
-def base_dtype(name: str) -> torch.dtype | str:
-    """The ``dtype`` argument for ``from_pretrained`` of ``model.dtype``: ``bfloat16_if_native`` is
-    bfloat16 where `bf16_is_native`, else float32 (logged; results.json records the dtype used)."""
+def resolved_dtype(name: str) -> torch.dtype | str:
+    """``model.dtype`` as this machine loads it: ``bfloat16_if_native`` is bfloat16 where `bf16_is_native`,
+    else float32; every other value is itself."""
     if name != NATIVE_BF16:
         return DTYPES[name]
-    native = bf16_is_native()
-    dtype = torch.bfloat16 if native else torch.float32
+    return torch.bfloat16 if bf16_is_native() else torch.float32
+
+
+def base_dtype(name: str) -> torch.dtype | str:
+    """The ``dtype`` argument for ``from_pretrained`` of ``model.dtype`` (`resolved_dtype`; logged for
+    ``bfloat16_if_native``, and results.json records the dtype used)."""
+    dtype = resolved_dtype(name)
+    if name != NATIVE_BF16:
+        return dtype
+    native = dtype == torch.bfloat16
     log.info(
         "model.dtype=%s: %s (bf16 matmuls are %s on this machine)",
         name,

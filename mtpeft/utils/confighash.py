@@ -6,8 +6,10 @@ Two hashes, for two questions:
   asked for the same computation (it is how tables group and label runs, and it never changes when the code
   or a data file changes).
 - `job_hash`: the config hash plus the *inputs* the config does not spell out (`run_inputs`): a content
-  digest of every data file the config reads and the code version (``mtpeft.RESULTS_VERSION``, bumped by
-  every commit that changes what a run computes, and the versions of the numerical libraries). A sweep
+  digest of every data file the config reads, the code version (``mtpeft.RESULTS_VERSION``, bumped by
+  every commit that changes what a run computes, and the versions of the numerical libraries) and the base
+  model's weights and dtype on this machine (`mtpeft.models.identity`: the tiny model is pre-trained
+  locally and differs across CPUs; records before this have no ``inputs.base`` and match no job). A sweep
   skips a job only when a finished run has the same job hash, so an edited data file, a results-changing
   release or an upgraded ``torch`` never reuses a stale result, while a study started in one session can
   be finished in the next after unrelated edits. ``$MTPEFT_CODE_VERSION=digest`` keys the code part on a
@@ -29,6 +31,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from mtpeft.utils.digests import file_digest
 from mtpeft.utils.provenance import package_versions
 
 #: Bookkeeping that never changes what a run computes: where it writes (paths, the study's directory name
@@ -87,9 +90,16 @@ def job_hash(config: dict[str, Any], inputs: Mapping[str, Any]) -> str:
 
 
 def run_inputs(config: dict[str, Any]) -> dict[str, Any]:
-    """What a run reads besides its config: ``{"data": {file: sha256}, "code": code_version()}``."""
+    """What a run reads besides its config: ``{"data": {file: sha256}, "code": code_version(), "base":
+    {"weight_files": digest, "dtype": name}}`` (``base``: `mtpeft.models.identity.base_identity`, when the config
+    has a ``model`` node; building the tiny model or converting a GGUF file first if needed)."""
     data = config.get("data") if isinstance(config.get("data"), dict) else {}
-    return {"data": data_digests(data), "code": code_version()}
+    inputs = {"data": data_digests(data), "code": code_version()}
+    if isinstance(config.get("model"), dict):
+        from mtpeft.models.identity import base_identity
+
+        inputs["base"] = base_identity(config["model"])
+    return inputs
 
 
 def job_inputs(inputs: Mapping[str, Any]) -> dict[str, Any]:
@@ -155,22 +165,6 @@ SKIPPED_SUFFIXES = (".pyc", ".pyo", ".tmp", ".swp", ".orig", ".rej", ".bak")
 
 
 # -- data --------------------------------------------------------------------------------------------
-_FILE_DIGESTS: dict[tuple[str, int, int, int], str] = {}
-
-
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes, cached by (path, size, mtime, inode): an edited file is hashed again."""
-    stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
-    if key not in _FILE_DIGESTS:
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        _FILE_DIGESTS[key] = digest.hexdigest()
-    return _FILE_DIGESTS[key]
-
-
 def path_digest(path: Path) -> str:
     """Digest of a data file, or of every file inside a data directory (hidden entries left out);
     ``"missing"`` when there is nothing there (the run itself reports that)."""
@@ -257,8 +251,3 @@ def _builder_file(source: Any, name: str, resolve_path: Any) -> Path | str:
     if isinstance(cached, str):
         return Path(cached)
     return f"hub:{source.hub_repo}/{name}@{source.revision or 'unpinned'}"
-
-
-def clear_digest_cache() -> None:
-    """Forget cached file digests (tests; a long-lived process that wants to re-read everything)."""
-    _FILE_DIGESTS.clear()
