@@ -35,7 +35,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from mtpeft.preflight import run_cli
+from mtpeft.preflight import preflight, run_cli
 from mtpeft.utils.confighash import config_hash, job_hash, run_inputs
 from mtpeft.utils.resolvers import register_resolvers
 from mtpeft.utils.runlock import RunDirBusy, RunDirLock
@@ -85,6 +85,7 @@ def _job(cfg: DictConfig, output_dir: Path, multirun: bool) -> float:
         digest = config_hash(config)
         skip = cfg.get("skip_finished")
         if multirun if skip is None else skip:
+            preflight(cfg)  # config errors first: the job's inputs name its base, which may have to be built
             inputs = run_inputs(config)
             job = job_hash(config, inputs)
             finished = find_finished(finished_roots(cfg), job)

@@ -14,6 +14,7 @@ import pytest
 import yaml
 from omegaconf import DictConfig
 
+import mtpeft.models.identity
 import mtpeft.run
 from mtpeft.models.cache import cache_root, check_cache_dir
 from mtpeft.preflight import (
@@ -49,6 +50,7 @@ def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("a model was loaded before the config error was reported")
 
     monkeypatch.setattr(mtpeft.run, "load_base_model", refuse)
+    monkeypatch.setattr(mtpeft.models.identity, "base_identity", refuse)  # a job's inputs name its base
 
 
 # -- top-level keys ---------------------------------------------------------------------------------
@@ -127,6 +129,16 @@ def test_keys_that_configs_add_or_read_are_allowed(tmp_path: Path) -> None:
 def test_bad_settings_name_the_key(override: str, message: str, tmp_path: Path, no_model: None) -> None:
     with pytest.raises(ValueError, match=message):
         mtpeft.run.run(_cfg([override], tmp_path), tmp_path)
+
+
+def test_sweep_job_reports_config_errors_before_naming_its_base(tmp_path: Path, no_model: None) -> None:
+    """A sweep job looks for a finished run of itself first, which needs its base (maybe built first): the
+    config error still comes before that."""
+    from mtpeft.train import _job
+
+    cfg = _cfg(["method=lora", "+method.rnak=4", "skip_finished=true"], tmp_path)
+    with pytest.raises(ValueError, match=r"unknown key.*'rnak'"):
+        _job(cfg, tmp_path / "run", multirun=False)
 
 
 def test_misspelled_method_key_fails_before_the_model_is_loaded(tmp_path: Path, no_model: None) -> None:
