@@ -26,9 +26,10 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
 
-from mtpeft.models.cache import fingerprint, get_or_build, resume_dir
+from mtpeft.models.cache import fingerprint, get_or_build, key_hash, resume_dir
 from mtpeft.models.config import HubModelSpec, TinyModelSpec, parse_model
 from mtpeft.models.pretrain import LR_SCHEDULE, PretrainConfig, pretrain
+from mtpeft.models.shipped import copy_shipped, shipped_entry
 from mtpeft.models.tiny import TinyModelConfig, build_tiny_model, count_parameters
 from mtpeft.models.tokenizer import DEFAULT_WHOLE_WORDS, train_tokenizer
 from mtpeft.utils.schema import parse
@@ -81,9 +82,44 @@ def load_tiny(cfg: Mapping[str, Any] | TinyModelSpec) -> TinyArtifacts:
 
 
 def tiny_entry(spec: TinyModelSpec) -> tuple[Path, dict[str, Any]]:
-    """(cache directory, build metadata) of the tiny model of ``spec``, built and pre-trained on first use."""
-    tiny, pre, cache_dir = spec.shapes(), spec.pretrain, spec.cache_dir
-    tok_entry = _cached_tokenizer(spec.vocab_size or 1024, cache_dir)
+    """(cache directory, build metadata) of the tiny model of ``spec``, on first use copied from the base
+    shipped with mtpeft (`mtpeft.models.shipped`, the default config) or built and pre-trained."""
+    key = _tiny_key(spec)
+    shipped = shipped_entry(key.entry_name)
+    tiny, pre = spec.shapes(), spec.pretrain
+
+    def build(tmp: Path) -> dict[str, Any]:
+        if shipped is not None:  # the same weights on every machine (mtpeft.models.shipped)
+            log.info("tiny-%s: using the base shipped with mtpeft (%s)", tiny.arch, shipped.name)
+            return copy_shipped(shipped, tmp)
+        with using_threads(build_threads(asdict(spec))):
+            return _build_tiny(tmp, tiny, pre, key.tokenizer, key.lines)
+
+    return get_or_build(key.name, key.parts, build, spec.cache_dir)
+
+
+def tiny_entry_name(spec: TinyModelSpec) -> str:
+    """The cache entry name (``tiny-<arch>-<key hash>``) of the tiny model of ``spec``, without building it."""
+    return _tiny_key(spec).entry_name
+
+
+@dataclass(frozen=True)
+class _TinyKey:
+    """What a tiny model's cache entry is keyed on, and the tokenizer and corpus that build it."""
+
+    name: str
+    parts: dict[str, Any]
+    tokenizer: PreTrainedTokenizerFast
+    lines: list[str]
+
+    @property
+    def entry_name(self) -> str:
+        return f"{self.name}-{key_hash(self.parts)}"
+
+
+def _tiny_key(spec: TinyModelSpec) -> _TinyKey:
+    tiny, pre = spec.shapes(), spec.pretrain
+    tok_entry = _cached_tokenizer(spec.vocab_size or 1024, spec.cache_dir)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_entry)
     lines = _corpus(pre)
     parts = {
@@ -93,12 +129,7 @@ def tiny_entry(spec: TinyModelSpec) -> tuple[Path, dict[str, Any]]:
         "tokenizer": tok_entry.name,
         "vocab_size": len(tokenizer),
     }
-
-    def build(tmp: Path) -> dict[str, Any]:
-        with using_threads(build_threads(asdict(spec))):
-            return _build_tiny(tmp, tiny, pre, tokenizer, lines)
-
-    return get_or_build(f"tiny-{tiny.arch}", parts, build, cache_dir)
+    return _TinyKey(f"tiny-{tiny.arch}", parts, tokenizer, lines)
 
 
 def _corpus(pre: PretrainConfig) -> list[str]:
