@@ -105,6 +105,30 @@ def test_variants_only_where_configs_of_one_method_differ(study: Path) -> None:
     }
 
 
+def test_runs_on_two_bases_are_two_rows(tmp_path: Path) -> None:
+    """Same config, other base weights (recorded in ``inputs.base``; or not recorded): never one mean."""
+    for seed, weights in enumerate(["aaaa", "aaaa", "bbbb", None]):
+        data = _write(tmp_path, str(seed), "lora", seed, {"qa": 0.5, "code": 0.25})
+        if weights is not None:
+            data["inputs"] = {"base": {"weight_files": weights, "dtype": "float32"}}
+            (tmp_path / str(seed) / "results.json").write_text(json.dumps(data))
+    table, _, _ = aggregate(load_runs([tmp_path]))
+    assert _row(table, "lora", "base.dtype=float32, base.weight_files=aaaa")["n"] == 2
+    assert _row(table, "lora", "base.dtype=float32, base.weight_files=bbbb")["n"] == 1
+    assert (
+        _row(table, "lora", "base.dtype=—, base.weight_files=—")["n"] == 1
+    )  # published before it was recorded
+
+
+def test_one_base_adds_no_variant(study: Path) -> None:
+    for name in ("0", "1", "2"):
+        data = json.loads((study / name / "results.json").read_text())
+        data["inputs"] = {"base": {"weight_files": "aaaa", "dtype": "float32"}}
+        (study / name / "results.json").write_text(json.dumps(data))
+    table, _, _ = aggregate(load_runs([study]))
+    assert _row(table, "lora")["n"] == 3
+
+
 def test_failed_runs_listed_apart_and_dropped_once_redone(study: Path) -> None:
     table, failed, _ = aggregate(load_runs([study]))
     assert list(failed["method"]) == ["mtl_lora"] and "mtl_lora" not in set(table["method"])

@@ -101,6 +101,14 @@ def result_files(roots: Iterable[Path], problems: list[tuple[str, str]]) -> list
     return paths
 
 
+def base_part(inputs: dict[str, Any] | None) -> dict[str, Any]:
+    """``{"base": {"weight_files": ..., "dtype": ...}}`` of a run that recorded its base model
+    (`mtpeft.models.identity`), else nothing: in the flat config, a base that differs between the runs of one
+    method makes them separate rows (a variant ``base.weight_files=...``) instead of one mean over two bases."""
+    base = (inputs or {}).get("base")
+    return {"base": base} if isinstance(base, dict) else {}
+
+
 def _record(path: Path, run: RunRecord, split: str) -> dict[str, Any]:
     """The flat record of one run (labels, scores of ``split``, costs, flat hashed config)."""
     config = run.config
@@ -119,7 +127,7 @@ def _record(path: Path, run: RunRecord, split: str) -> dict[str, Any]:
         "error": run.error,
         "mtime": path.stat().st_mtime,
         "tasks": list(run.tasks),
-        "flat": flatten(hashed_part(config)),
+        "flat": flatten({**hashed_part(config), **base_part(run.inputs)}),
         "tuned": tuned if isinstance(tuned, dict) else {},
         "scores": {task: metrics.get(f"{split}/{task}/score") for task in [*run.tasks, "avg"]},
     }
