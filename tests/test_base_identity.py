@@ -79,6 +79,28 @@ def test_machine_resolved_dtype_is_part_of_the_job(
     assert hashes[True] != hashes[False]
 
 
+def test_hub_cache_blobs_are_named_by_their_digest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In the HF hub cache a weight file links to a blob named by its SHA-256: the same identity as hashing
+    it, without reading it (a 7B model is 14 GB)."""
+    import hashlib
+
+    import mtpeft.models.identity as identity
+
+    content = b"weights" * 1000
+    blob = tmp_path / "blobs" / hashlib.sha256(content).hexdigest()
+    blob.parent.mkdir()
+    blob.write_bytes(content)
+    snapshot = tmp_path / "snapshots" / "rev"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model.safetensors").symlink_to(blob)
+    copied = tmp_path / "copied"
+    copied.mkdir()
+    (copied / "model.safetensors").write_bytes(content)
+    hashed = weight_files_digest(copied)
+    monkeypatch.setattr(identity, "file_digest", lambda path: pytest.fail(f"read {path}"))
+    assert weight_files_digest(snapshot) == hashed
+
+
 def test_hub_id_outside_the_cache_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     identity = base_identity(
         {"kind": "hub", "name_or_path": "org/not-cached", "revision": "abc", "dtype": "auto"}

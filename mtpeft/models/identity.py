@@ -14,6 +14,7 @@ study directory whose runs were made on another base).
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from mtpeft.models.config import TinyModelSpec, parse_model
 from mtpeft.models.loader import hub_cache_dir, hub_source, resolved_dtype, tiny_entry
 from mtpeft.utils.digests import file_digest
 
+#: Name of a Hugging Face hub cache blob of a large (LFS) file: the SHA-256 of its content.
+HUB_BLOB = re.compile(r"[0-9a-f]{64}")
 #: Files that hold weights (what `weight_files_digest` hashes; configs, tokenizers and manifests do not count).
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
@@ -52,8 +55,17 @@ def weight_files_digest(directory: Path) -> str:
         relative = path.relative_to(directory).as_posix()
         if any(part.startswith(".") for part in Path(relative).parts):
             continue
-        digest.update(relative.encode() + b"\0" + bytes.fromhex(file_digest(path)))
+        digest.update(relative.encode() + b"\0" + bytes.fromhex(content_digest(path)))
     return digest.hexdigest()[:16]
+
+
+def content_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes. A file of the Hugging Face hub cache is a link to a blob named by that
+    digest (for large files), which is taken as it is: a 7B model's 14 GB are not read at every job start."""
+    target = path.resolve()
+    if path.is_symlink() and HUB_BLOB.fullmatch(target.name):
+        return target.name
+    return file_digest(path)
 
 
 def dtype_name(dtype: torch.dtype | str) -> str:
