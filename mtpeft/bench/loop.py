@@ -180,8 +180,8 @@ def trainer_peft_loop(parts: RunParts, steps: int, workdir: Path) -> StepClock |
         seed=cfg.seed,
         use_cpu=cfg.trainer.get("accelerator") != "gpu",
         dataloader_num_workers=0,
-        gradient_checkpointing=bool(cfg.get("gradient_checkpointing")),
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=bool(cfg.get("gradient_checkpointing")),
+        activation_checkpointing_kwargs={"use_reentrant": False},
     )
 
     class LoopTrainer(Trainer):
