@@ -40,9 +40,8 @@ def base_identity(cfg: Mapping[str, Any]) -> dict[str, str]:
         entry, _ = tiny_entry(spec)
         return {"weight_files": weight_files_digest(entry), "dtype": "float32"}
     name = hub_source(spec)
-    where: Path | None = Path(name).expanduser()
-    if where is None or not where.is_dir():
-        where = hub_cache_dir(name, spec.revision)
+    local = Path(name).expanduser()
+    where = local if local.is_dir() else hub_cache_dir(name, spec.revision)
     weights = weight_files_digest(where) if where is not None else f"hub:{name}@{spec.revision or 'unpinned'}"
     return {"weight_files": weights, "dtype": dtype_name(resolved_dtype(spec.dtype))}
 
