@@ -129,6 +129,7 @@ def user_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def toy(user_files: Path) -> Iterator[Path]:
     """The toy registered for this module's tests, and gone afterwards (path, registry, imported module)."""
+    available_methods()  # the built-in methods discovered first: a worker may start with this module
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(mtpeft.methods, "__path__", [*mtpeft.methods.__path__, str(user_files / "methods")])
         patch.setattr(METHODS, "_items", dict(METHODS._items))  # the registry as it was, restored after
