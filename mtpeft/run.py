@@ -34,13 +34,14 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
+from mtpeft.inputs import run_inputs
 from mtpeft.methods import build_method, method_options
 from mtpeft.models.loader import adapter_dtype, describe_model, load_base_model
 from mtpeft.module import MultiTaskModule
 from mtpeft.preflight import preflight
 from mtpeft.record import RunRecord, checked, checked_failure
 from mtpeft.utils.callbacks import PeriodicCheckpoint, ResumeState
-from mtpeft.utils.confighash import config_hash, job_hash, run_inputs
+from mtpeft.utils.confighash import config_hash, job_hash
 from mtpeft.utils.memory import peak_memory_mb, reset_peak_memory
 from mtpeft.utils.provenance import provenance
 from mtpeft.utils.resume import CHECKPOINT_DIR, find_resume_checkpoint

@@ -36,7 +36,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from mtpeft.preflight import preflight, run_cli
-from mtpeft.utils.confighash import config_hash, job_hash, run_inputs
+from mtpeft.utils.confighash import config_hash, job_hash
 from mtpeft.utils.resolvers import register_resolvers
 from mtpeft.utils.runlock import RunDirBusy, RunDirLock
 from mtpeft.utils.sweep import (
@@ -86,6 +86,8 @@ def _job(cfg: DictConfig, output_dir: Path, multirun: bool) -> float:
         skip = cfg.get("skip_finished")
         if multirun if skip is None else skip:
             preflight(cfg)  # config errors first: the job's inputs name its base, which may have to be built
+            from mtpeft.inputs import run_inputs  # loads transformers: only where a job is looked up
+
             inputs = run_inputs(config)
             job = job_hash(config, inputs)
             finished = find_finished(finished_roots(cfg), job)

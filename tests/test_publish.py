@@ -16,9 +16,10 @@ import pytest
 from omegaconf import OmegaConf
 
 import mtpeft.study as study_module
+from mtpeft.inputs import run_inputs
 from mtpeft.results import load_runs
 from mtpeft.study import main, publish, published_name
-from mtpeft.utils.confighash import config_hash, job_hash, run_inputs
+from mtpeft.utils.confighash import config_hash, job_hash
 from mtpeft.utils.sweep import find_finished, finished_roots
 from tests.conftest import TINY_RUN, compose_train
 

@@ -5,7 +5,7 @@ gets. The tiny model is pre-trained on the machine that first needs it, and the 
 weights on CPUs with different kernels (base digests ``abb6a736``, ``4316e7db`` and ``95fef731`` on three
 VMs); a model directory can be replaced in place; ``model.dtype: bfloat16_if_native`` loads bfloat16 on one
 machine and float32 on another. `base_identity` is a digest of the weight files the run loads and the dtype
-it loads them in. `mtpeft.utils.confighash.run_inputs` records it as ``inputs.base``, so it is part of the
+it loads them in. `mtpeft.inputs.run_inputs` records it as ``inputs.base``, so it is part of the
 job hash: a run finished on another base is not a finished run of this job, and a study resumed on another
 machine runs again instead of mixing two bases in one table (`mtpeft.study` also refuses to publish into a
 study directory whose runs were made on another base).

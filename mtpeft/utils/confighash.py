@@ -5,7 +5,7 @@ Two hashes, for two questions:
 - `config_hash`: the resolved config without paths and bookkeeping. Two runs with the same config hash
   asked for the same computation (it is how tables group and label runs, and it never changes when the code
   or a data file changes).
-- `job_hash`: the config hash plus the *inputs* the config does not spell out (`run_inputs`): a content
+- `job_hash`: the config hash plus the *inputs* the config does not spell out (`mtpeft.inputs.run_inputs`): a content
   digest of every data file the config reads, the code version (``mtpeft.RESULTS_VERSION``, bumped by
   every commit that changes what a run computes, and the versions of the numerical libraries) and the base
   model's weights and dtype on this machine (`mtpeft.models.identity`: the tiny model is pre-trained
@@ -85,25 +85,20 @@ def config_hash(config: dict[str, Any]) -> str:
 
 
 def job_hash(config: dict[str, Any], inputs: Mapping[str, Any]) -> str:
-    """The identity of a job's results: `config_hash` plus its `run_inputs` (data digests, code version)."""
+    """The identity of a job's results: `config_hash` plus its inputs (`mtpeft.inputs.run_inputs`: data
+    digests, code version, base model)."""
     return _digest({"config": config_hash(config), "inputs": job_inputs(inputs)})
 
 
-def run_inputs(config: dict[str, Any]) -> dict[str, Any]:
-    """What a run reads besides its config: ``{"data": {file: sha256}, "code": code_version(), "base":
-    {"weight_files": digest, "dtype": name}}`` (``base``: `mtpeft.models.identity.base_identity`, when the config
-    has a ``model`` node; building the tiny model or converting a GGUF file first if needed)."""
+def data_and_code(config: dict[str, Any]) -> dict[str, Any]:
+    """The inputs of a run this layer can name: ``{"data": {file: sha256}, "code": code_version()}``
+    (`mtpeft.inputs.run_inputs` adds the base model)."""
     data = config.get("data") if isinstance(config.get("data"), dict) else {}
-    inputs = {"data": data_digests(data), "code": code_version()}
-    if isinstance(config.get("model"), dict):
-        from mtpeft.models.identity import base_identity
-
-        inputs["base"] = base_identity(config["model"])
-    return inputs
+    return {"data": data_digests(data), "code": code_version()}
 
 
 def job_inputs(inputs: Mapping[str, Any]) -> dict[str, Any]:
-    """The part of `run_inputs` that identifies a job: everything but the audit-only package digest."""
+    """The part of a run's inputs that identifies a job: everything but the audit-only package digest."""
     code = inputs.get("code")
     if isinstance(code, dict):
         code = {k: v for k, v in code.items() if k != "sources_digest"}
