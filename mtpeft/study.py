@@ -1029,13 +1029,56 @@ def publish_study(study: Study) -> list[Path]:
     if study.published_dir is None:
         return []
     new, before = publish(study.log_dir / study.task_name, study.published_dir)
-    log.info(
+    log.log(
+        logging.INFO if new else logging.DEBUG,
         "published %d new run(s) to %s (%d were there already); commit it to keep them",
         len(new),
         study.published_dir,
         before,
     )
     return new
+
+
+PUBLISH_EVERY_S = 300.0
+"""While sweeps run, their finished runs are also published this often (seconds): a tuning sweep of a real
+model takes hours, and a study stopped part-way keeps what finished (commit ``experiments/<name>/runs/``)."""
+
+
+class Publisher:
+    """Publishes a study's finished runs when called (after each sweep) and, inside ``with``, every
+    `PUBLISH_EVERY_S` seconds from a background thread; one publication at a time. ``published``: every run
+    it copied."""
+
+    def __init__(self, study: Study, enabled: bool = True) -> None:
+        self.study = study
+        self.enabled = enabled and study.published_dir is not None
+        self.published: list[Path] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __call__(self) -> None:
+        if self.enabled:
+            with self._lock:
+                self.published += publish_study(self.study)
+
+    def _every_while_running(self) -> None:
+        while not self._stop.wait(PUBLISH_EVERY_S):
+            try:
+                self()
+            except Exception as err:  # noqa: BLE001 - the sweep goes on; the next publication retries
+                log.warning("publishing finished runs while the sweep runs failed: %s", err)
+
+    def __enter__(self) -> Publisher:
+        if self.enabled:
+            self._thread = threading.Thread(target=self._every_while_running, name="publisher", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
 
 
 # -- the whole study -------------------------------------------------------------------------------
@@ -1050,8 +1093,9 @@ def run_study(
 ) -> dict[str, Any]:
     """Tune (if declared), choose, run the final sweeps, write the tables; return what was done.
 
-    After each sweep the study's finished runs are published (`publish_study`; ``publish_runs=False``:
-    not), so committing ``experiments/`` keeps what finished even if the study is stopped later."""
+    After each sweep, and every `PUBLISH_EVERY_S` seconds while one runs, the study's finished runs are
+    published (`Publisher`; ``publish_runs=False``: not), so committing ``experiments/`` keeps what finished
+    even if the study is stopped later."""
     parts = split_overrides(overrides)
     study = load_study(name, [*parts.runner, *parts.jobs])
     study.methods = parts.methods or study.methods
@@ -1062,26 +1106,22 @@ def run_study(
     chosen: dict[str, dict[str, Any]] = {}
     problems: list[str] = []
     files: list[Path] = []
-    published: list[Path] = []
-    if study.tune is not None:
-        tuning = Tuner(
-            study,
-            parts.jobs,
-            launch,
-            after_sweep=lambda: published.extend(publish_study(study) if publish_runs else []),
-            parallel=n_jobs if launch else 1,
-        ).run()
-        chosen = tuning.chosen
-        problems += tuning.problems
-        files += write_tuning(tuning.table, chosen, out, name)
-        for method, values in chosen.items():
-            log.info("tuned %s: %s", method, ", ".join(f"{k}={v}" for k, v in values.items()))
     final_dirs = []
-    for command, directory in final_commands(study, chosen, [*parts.seeds, *parts.jobs], launch):
-        if run_sweep(command, directory) != 0:
-            problems.append(f"sweep {directory} exited non-zero (failed jobs?)")
-        final_dirs.append(directory)
-        published += publish_study(study) if publish_runs else []
+    with Publisher(study, publish_runs) as publish:
+        if study.tune is not None:
+            tuning = Tuner(
+                study, parts.jobs, launch, after_sweep=publish, parallel=n_jobs if launch else 1
+            ).run()
+            chosen = tuning.chosen
+            problems += tuning.problems
+            files += write_tuning(tuning.table, chosen, out, name)
+            for method, values in chosen.items():
+                log.info("tuned %s: %s", method, ", ".join(f"{k}={v}" for k, v in values.items()))
+        for command, directory in final_commands(study, chosen, [*parts.seeds, *parts.jobs], launch):
+            if run_sweep(command, directory) != 0:
+                problems.append(f"sweep {directory} exited non-zero (failed jobs?)")
+            final_dirs.append(directory)
+            publish()
     if study.probe is not None:
         threshold = float(study.probe.get("loss_threshold", 0.1))
         records = load_runs(final_dirs, split="val")
@@ -1095,7 +1135,7 @@ def run_study(
         "problems": problems,
         "files": files,
         "sweeps": final_dirs,
-        "published": published,
+        "published": publish.published,
     }
 
 

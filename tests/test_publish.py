@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -157,6 +158,28 @@ def test_study_runner_publishes_after_each_sweep(tmp_path: Path, monkeypatch: py
     assert [p.name for p in published.iterdir()] == [run.name]
     shutil.rmtree(run)
     assert main(["methods_mix3", "--publish"]) == 0
+    assert [p.name for p in published.iterdir()] == [run.name]
+
+
+def test_runs_are_published_while_a_sweep_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real model's tuning sweep takes hours: a run that finished is published before the sweep ends."""
+    monkeypatch.setenv("MTPEFT_ROOT", str(tmp_path))
+    monkeypatch.setenv("MTPEFT_CODE_VERSION", CODE_VERSION["MTPEFT_CODE_VERSION"])
+    monkeypatch.setattr(study_module, "PUBLISH_EVERY_S", 0.05)
+    published = tmp_path / "experiments" / "methods_mix3" / "runs"
+
+    def slow_sweep(command: list[str], directory: Path) -> int:
+        _fake_run(directory / "0", _config(), ["method=lora", "seed=0"])
+        deadline = time.monotonic() + 60
+        while not (published.is_dir() and any(published.iterdir())):  # the sweep is still running
+            assert time.monotonic() < deadline, "the finished run was not published while the sweep ran"
+            time.sleep(0.02)
+        return 0
+
+    monkeypatch.setattr(study_module, "run_sweep", slow_sweep)
+    monkeypatch.setattr(study_module, "summarise", lambda *args, **kwargs: {"files": []})
+    result = study_module.run_study("methods_mix3", ["method=lora", "seed=0"], launcher="basic")
+    (run,) = result["published"]  # once, though published during and after the sweep
     assert [p.name for p in published.iterdir()] == [run.name]
 
 
