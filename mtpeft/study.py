@@ -65,7 +65,8 @@ tables cover exactly the jobs of this invocation (skipped ones are read from the
 Launcher: joblib (``--n-jobs`` parallel jobs, ``cpu_threads=1``) when the plugin is installed, else
 Hydra's basic (sequential) one. Other arguments are Hydra overrides given to every job.
 
-Publishing (across sessions and fresh checkouts, where ``logs/`` is empty): after each sweep the runner
+Publishing (across sessions and fresh checkouts, where ``logs/`` is empty): after each sweep (and every
+`PUBLISH_EVERY_S` seconds while one runs) the runner
 copies every successful run under ``<paths.log_dir>/<task_name>/`` into
 ``<paths.published_dir>/<task_name>/runs/<name>/`` (``experiments/<name>/runs/`` by default; `publish`):
 ``results.json``, the metrics CSV, ``scores.jsonl.gz`` and ``.hydra/{config,overrides}.yaml``, never
@@ -1174,7 +1175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(small files; a fresh checkout then skips them) and exit",
     )
     parser.add_argument(
-        "--no-publish", action="store_true", help="do not publish finished runs after each sweep"
+        "--no-publish", action="store_true", help="do not publish finished runs (during and after each sweep)"
     )
     args = parser.parse_args(argv)
     if args.publish:
