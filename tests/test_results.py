@@ -120,6 +120,17 @@ def test_runs_on_two_bases_are_two_rows(tmp_path: Path) -> None:
     )  # published before it was recorded
 
 
+def test_validation_tables_say_so_and_gguf_models_are_named(tmp_path: Path) -> None:
+    from mtpeft.results.load import model_label
+
+    _write(tmp_path, "0", "lora", 0, {"qa": 0.5, "code": 0.25})
+    main([str(tmp_path), "--split", "val", "--no-plots", "--out", str(tmp_path / "out")])
+    assert "Validation score (%)" in (tmp_path / "out" / "results.md").read_text()
+    gguf = {"kind": "hub", "name_or_path": None, "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+    assert model_label(gguf) == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert model_label({"kind": "hub", "name_or_path": "org/model"}) == "model"
+
+
 def test_one_base_adds_no_variant(study: Path) -> None:
     for name in ("0", "1", "2"):
         data = json.loads((study / name / "results.json").read_text())

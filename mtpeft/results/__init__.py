@@ -120,8 +120,8 @@ def summarise(
     if len(incomplete):
         incomplete.to_csv(out / "incomplete.csv", index=False)
         files.append(out / "incomplete.csv")
-    (out / "results.md").write_text(to_markdown(table, failed, columns, title, incomplete, problems))
-    (out / "results.tex").write_text(to_latex(table, columns, title))
+    (out / "results.md").write_text(to_markdown(table, failed, columns, title, incomplete, problems, split))
+    (out / "results.tex").write_text(to_latex(table, columns, title, split))
     if plots and len(table):
         files += plot(table, columns, out / "plots")
         curves = validation_curves(records)

@@ -45,13 +45,14 @@ CURVE_FILES = ("csv/metrics.csv", "metrics.csv")
 
 
 def model_label(model: Any) -> str:
-    """``tiny_<arch>`` for the locally built models, else the last part of ``name_or_path`` (``model`` is
-    the config's ``model`` node)."""
+    """``tiny_<arch>`` for the tiny models, the GGUF file's name for a GGUF checkpoint, else the last part of
+    ``name_or_path`` (``model`` is the config's ``model`` node)."""
     if not isinstance(model, dict):
         return MISSING
     if model.get("kind") == "tiny":
         return f"tiny_{model.get('arch')}"
-    return str(model.get("name_or_path", MISSING)).rstrip("/").split("/")[-1]
+    source = model.get("name_or_path") or model.get("gguf_file") or MISSING
+    return str(source).rstrip("/").split("/")[-1]
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:

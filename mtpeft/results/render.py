@@ -112,6 +112,10 @@ def display_table(
     return header, cells, notes
 
 
+SPLIT_NAMES = {"test": "Test", "val": "Validation"}
+"""How a table's caption names the split its scores come from (``--split``)."""
+
+
 def _escape(text: str) -> str:
     return text.replace("|", "\\|")
 
@@ -123,11 +127,14 @@ def to_markdown(
     title: str,
     incomplete: pd.DataFrame | None = None,
     problems: Sequence[tuple[str, str]] = (),
+    split: str = "test",
 ) -> str:
     lines = [f"# {title}", ""]
     if len(table):
         header, cells, notes = display_table(table, columns)
-        caption = "Test score (%) as mean ± std over seeds (n seeds); best per column in bold. "
+        caption = (
+            f"{SPLIT_NAMES[split]} score (%) as mean ± std over seeds (n seeds); best per column in bold. "
+        )
         if tuned_columns(table):
             caption += "Starred columns: values chosen on the validation split by the study's tuning. "
         if has_ci(table):
@@ -193,7 +200,7 @@ def _is_bold(text: str) -> bool:
     return len(text) > 4 and text.startswith("**") and text.endswith("**")
 
 
-def to_latex(table: pd.DataFrame, columns: Sequence[str], title: str) -> str:
+def to_latex(table: pd.DataFrame, columns: Sequence[str], title: str, split: str = "test") -> str:
     """A booktabs table (pandas `Styler.to_latex`): the Markdown table's cells, escaped, best in bold."""
     if not len(table):
         return f"% {title}: no successful runs\n"
@@ -207,7 +214,7 @@ def to_latex(table: pd.DataFrame, columns: Sequence[str], title: str) -> str:
         .apply(lambda _: bold, axis=None)
     )
     body = styler.to_latex(
-        caption=tex_escape("Test score (%), mean ± std over seeds. " + "; ".join(notes)),
+        caption=tex_escape(f"{SPLIT_NAMES[split]} score (%), mean ± std over seeds. " + "; ".join(notes)),
         position="t",
         position_float="centering",
         hrules=True,
