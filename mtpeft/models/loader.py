@@ -221,15 +221,24 @@ def hub_source(spec: HubModelSpec) -> str:
 
 
 def hub_cache_dir(repo_id: str, revision: str | None) -> Path | None:
-    """The local HF cache snapshot directory of ``repo_id`` (where its ``config.json`` is), or None."""
-    from huggingface_hub import try_to_load_from_cache
+    """The local HF cache snapshot directory of ``repo_id`` (where its ``config.json`` is), or None (also for
+    a name that is not a valid hub id)."""
     from huggingface_hub.errors import HFValidationError
 
     try:
-        hit = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+        config = _cached_config(repo_id, revision)
     except HFValidationError:
         return None
-    return Path(hit).parent if isinstance(hit, str) else None
+    return None if config is None else config.parent
+
+
+def _cached_config(repo_id: str, revision: str | None) -> Path | None:
+    """``config.json`` of ``repo_id`` in the local HF cache (no network access), or None; raises
+    ``HFValidationError`` for a name that is not a valid hub id."""
+    from huggingface_hub import try_to_load_from_cache
+
+    hit = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    return Path(hit) if isinstance(hit, str) else None
 
 
 def bf16_is_native() -> bool:
@@ -323,16 +332,14 @@ def _resolve_source(name: str, revision: str | None, allow_download: bool) -> bo
 
 def _in_hf_cache(repo_id: str, revision: str | None) -> bool:
     """Whether ``config.json`` of ``repo_id`` is in the local HF cache (no network access)."""
-    from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
 
     try:
-        hit = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+        return _cached_config(repo_id, revision) is not None
     except HFValidationError as err:
         raise ValueError(
             f"model.name_or_path={repo_id!r} is neither a directory nor a valid hub id: {err}"
         ) from err
-    return isinstance(hit, str)
 
 
 def adapter_dtype(cfg: Mapping[str, Any]) -> torch.dtype:
