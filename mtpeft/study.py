@@ -1017,8 +1017,8 @@ def check_published_bases(name: str, task_name: str, published: Path | None) -> 
         suffix = re.sub(r"[^0-9A-Za-z]", "", next(iter(here.values()))["weight_files"])[:8]
         raise SystemExit(
             f"study {name!r}: {published} holds runs made on another base model ({bases}); "
-            f"this machine's base is {mine} (the tiny model is pre-trained on each machine, and CPUs with "
-            "other kernels build other weights; 'unrecorded': published before the base was part of a "
+            f"this machine's base is {mine} (a tiny model that is not shipped is pre-trained on each machine, "
+            "and CPUs with other kernels build other weights; 'unrecorded': published before the base was part of a "
             "job's identity). Running here would put two bases in one table. Run the study into its own "
             f"directory: python -m mtpeft.study {name} task_name={task_name}_{suffix} "
             f"(tables in experiments/{task_name}_{suffix}/), or move the published runs away."
