@@ -103,8 +103,10 @@ class Job:
         return job_hash(self.config, self.inputs)
 
 
-def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
+def run(cfg: DictConfig, output_dir: str | Path, inputs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train and evaluate one configuration; return the results dict also written to ``results.json``.
+    ``inputs``: the job's `mtpeft.inputs.run_inputs` if the caller computed them for this config already
+    (`mtpeft.train` does, to look for a finished job), so the data and base are not hashed twice.
 
     Holds ``output_dir``'s lock throughout and keeps its ``results.json`` current (running, then success or
     failed; module docstring). Raises `mtpeft.utils.runlock.RunDirBusy` if another live run holds the
@@ -112,14 +114,17 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     """
     preflight(cfg)  # every config error before any model is loaded (mtpeft/preflight.py)
     output_dir = Path(output_dir)
-    with RunDirLock(output_dir), run_record(cfg, output_dir) as job:
+    with RunDirLock(output_dir), run_record(cfg, output_dir, inputs=inputs) as job:
         return _train_and_evaluate(cfg, output_dir, job)
 
 
 @contextlib.contextmanager
-def run_record(cfg: DictConfig, output_dir: Path, **extra: Any) -> Iterator[Job]:
+def run_record(
+    cfg: DictConfig, output_dir: Path, *, inputs: dict[str, Any] | None = None, **extra: Any
+) -> Iterator[Job]:
     """Write the ``running`` record, yield the `Job`; on an exception write the ``failed`` record.
-    ``extra`` fields go into both records (`mtpeft.eval` marks its records ``kind: eval``)."""
+    ``inputs``: the config's `run_inputs` if already computed (else computed here). ``extra`` fields go into
+    both records (`mtpeft.eval` marks its records ``kind: eval``)."""
     started = time.perf_counter()
     config = OmegaConf.to_container(cfg, resolve=True)
     existing = read_results(output_dir / RESULTS_FILE) if (output_dir / RESULTS_FILE).exists() else None
@@ -128,7 +133,7 @@ def run_record(cfg: DictConfig, output_dir: Path, **extra: Any) -> Iterator[Job]
             f"{output_dir} already holds a successful run ({output_dir / RESULTS_FILE}); results are never "
             "replaced: give this run its own directory (drop the hydra.run.dir / hydra.sweep.dir override)"
         )
-    job = Job(config, run_inputs(config))
+    job = Job(config, run_inputs(config) if inputs is None else inputs)
     write_record(output_dir, checked(running_record(config, job.inputs, **extra)))
     try:
         yield job

@@ -95,7 +95,7 @@ def _job(cfg: DictConfig, output_dir: Path, multirun: bool) -> float:
                 return _skip(finished, output_dir, digest, job)
         from mtpeft.run import run  # heavy imports only for jobs that train
 
-        results = run(cfg, output_dir)
+        results = run(cfg, output_dir, inputs)
     except Exception as err:
         if not is_recorded(err):
             failure = failure_record(cfg, err, digest, time.perf_counter() - started, inputs)

@@ -79,6 +79,29 @@ def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+def test_sweep_job_hashes_its_inputs_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sweep job computes its inputs to look for a finished run of itself; the run it then starts records
+    those inputs instead of hashing the data and the base (538 MB for SmolLM2) again."""
+    import mtpeft.inputs
+    import mtpeft.run
+    from mtpeft.train import _job
+
+    calls = []
+
+    def counted(config: dict) -> dict:
+        calls.append(config)
+        return mtpeft.inputs.data_and_code(config) | {"base": base_identity(config["model"])}
+
+    monkeypatch.setattr(mtpeft.inputs, "run_inputs", counted)
+    monkeypatch.setattr(mtpeft.run, "run_inputs", counted)
+    out = tmp_path / "job"
+    cfg = compose_train([*TINY_RUN, "method=lora", "skip_finished=true", "test=false"], out)
+    _job(cfg, out, multirun=False)
+    record = json.loads((out / "results.json").read_text())
+    assert record["status"] == "success" and len(calls) == 1
+    assert record["inputs"] == counted(calls[0])
+
+
 def test_cli_multirun_over_two_methods(tmp_path: Path) -> None:
     proc = _cli(["-m", "method=lora,none", *TINY_RUN, "logger=none"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
