@@ -75,6 +75,7 @@ already published is not copied again. `mtpeft.train` also looks there for finis
 ``experiments/<name>/runs/`` and re-running the command in a new checkout runs only what is missing.
 ``python -m mtpeft.study <name> --publish`` publishes without running anything (e.g. for a plain
 ``python -m mtpeft.train experiment=<name>`` sweep); ``--no-publish`` turns the automatic copy off.
+``python -m mtpeft.study <name> --status`` says where the study stands (`mtpeft.study_status`).
 """
 
 from __future__ import annotations
@@ -90,11 +91,9 @@ import shutil
 import subprocess
 import sys
 import threading
-import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -105,14 +104,9 @@ from omegaconf import DictConfig
 from mtpeft.results import declared_plots, load_runs, summarise
 from mtpeft.results.load import CURVE_FILES
 from mtpeft.results.stats import SCORES_FILE
+from mtpeft.study_stages import run_stage, sweep_dir_name
 from mtpeft.utils.confighash import IGNORED_TOP_LEVEL
-from mtpeft.utils.sweep import (
-    RESULTS_FILE,
-    finished_roots,
-    run_records,
-    stored_hash,
-    stored_job_hash,
-)
+from mtpeft.utils.sweep import RESULTS_FILE, finished_roots, run_identity, run_records
 
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -139,6 +133,8 @@ class Study:
     methods: list[str]
     log_dir: Path
     task_name: str
+    seeds: list[str] = field(default_factory=list)
+    """The seeds of the final stage (``hydra.sweeper.params.seed``)."""
     published_dir: Path | None = None
     """Where finished runs are published (``<paths.published_dir>/<task_name>/runs``); None: nowhere."""
     tune: dict[str, Any] | None = None
@@ -293,6 +289,7 @@ def load_study(name: str, overrides: Sequence[str] = (), conf_dir: Path = CONF_D
     study = Study(
         name=name,
         methods=sweep_values("method", params["method"], conf_dir),
+        seeds=sweep_values("seed", params["seed"], conf_dir) if "seed" in params else [str(cfg.seed)],
         log_dir=Path(str(cfg.paths.log_dir)).resolve(),
         task_name=str(cfg.task_name),
         published_dir=study_roots(cfg)[1],
@@ -372,8 +369,7 @@ def launcher_overrides(launcher: str, n_jobs: int) -> list[str]:
 
 def sweep_dir(study: Study, stage: str) -> Path:
     """A fresh directory for one stage's sweep: ``<log_dir>/<task_name>/multiruns/<time>_<uid>_<stage>``."""
-    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    return study.log_dir / study.task_name / "multiruns" / f"{stamp}_{uuid.uuid4().hex[:6]}_{stage}"
+    return study.log_dir / study.task_name / "multiruns" / sweep_dir_name(stage)
 
 
 def train_command(study: Study, overrides: Iterable[str], directory: Path) -> list[str]:
@@ -894,15 +890,7 @@ NAME_SKIPPED = frozenset({"experiment", "launcher", "method", "seed", "tuned", "
 under a bookkeeping section (`IGNORED_TOP_LEVEL`: paths, hydra, logger, ...). ``method.*`` keys stay."""
 NAME_VALUES_MAX = 60
 """At most this many characters of override values in a published run's name (the hash keeps it unique)."""
-_STAGE = re.compile(r"^\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}_[0-9a-f]+_(?P<stage>[a-z]+)")
-"""A sweep directory of this runner (`sweep_dir`): ``<time>_<uid>_<stage>`` (tune0, final-lora -> tune, final)."""
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+=-]+")
-
-
-def run_identity(results: Mapping[str, Any]) -> str | None:
-    """What makes two records the same job: the job hash, or for records without inputs (older versions)
-    the config hash."""
-    return stored_job_hash(dict(results)) or stored_hash(dict(results))
 
 
 def _override_values(path: Path) -> list[str]:
@@ -925,8 +913,7 @@ def published_name(run_dir: Path, log_root: Path, results: Mapping[str, Any], id
     """A run's directory name among the published ones: ``[<stage>_]<method>[_<key>=<value>...]_s<seed>_
     <first 8 digits of its job hash>``, e.g. ``tune_lora_lr=0.01_s0_3f2a9c1e``: the stage from the sweep
     directory of this runner between ``log_root`` and ``run_dir``, the values from the job's overrides."""
-    relative = run_dir.relative_to(log_root)
-    stage = next((m["stage"] for part in relative.parts if (m := _STAGE.match(part))), None)
+    stage = run_stage(run_dir, log_root)
     config = results.get("config") or {}
     method = results.get("method") or (config.get("method") or {}).get("name") or "run"
     seed = results.get("seed", config.get("seed"))
@@ -1177,9 +1164,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--no-publish", action="store_true", help="do not publish finished runs (during and after each sweep)"
     )
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--status",
+        action="store_true",
+        help="only say where the study stands (finished, running with their step, interrupted, failed jobs "
+        "per stage, from logs/ and the published runs) and exit",
+    )
+    args = parser.parse_intermixed_args(argv)
     if args.publish:
         return publish_main(args.name, args.overrides)
+    if args.status:
+        from mtpeft.study_status import study_status
+
+        print(study_status(load_study(args.name, split_overrides(args.overrides).jobs)))
+        return 0
     result = run_study(
         args.name,
         args.overrides,

@@ -38,7 +38,7 @@ import os
 import socket
 import sys
 import traceback
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +177,12 @@ def stored_job_hash(results: dict[str, Any]) -> str | None:
     if isinstance(config, dict) and isinstance(inputs, dict) and results.get("config_resolved", True):
         return job_hash(config, inputs)
     return None
+
+
+def run_identity(results: Mapping[str, Any]) -> str | None:
+    """What makes two records the same job: the job hash, or for records without inputs (older versions)
+    the config hash."""
+    return stored_job_hash(dict(results)) or stored_hash(dict(results))
 
 
 def run_records(root: Path) -> Iterator[tuple[Path, dict[str, Any]]]:

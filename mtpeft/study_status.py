@@ -1,0 +1,206 @@
+"""Where a study stands: ``python -m mtpeft.study <name> --status``.
+
+A study on a real model runs for many hours, across sessions and machines, and its runs live in two places:
+this checkout's ``logs/<task_name>/`` (running, interrupted, failed and finished runs) and the published
+``experiments/<task_name>/runs/`` (finished runs of earlier sessions). `study_status` reads both and says,
+per stage, how many jobs finished of how many the study declares, which are running now and how far (the
+step of their last checkpoint), which were interrupted (a re-run resumes them from that step) and which
+failed. It reads records only: nothing is composed per job and no model is loaded, so it is quick while the
+study's jobs keep the CPU busy.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mtpeft.study_stages import STAGES, run_stage
+from mtpeft.utils.resume import CHECKPOINT_DIR, LAST_CHECKPOINT
+from mtpeft.utils.runlock import is_locked
+from mtpeft.utils.sweep import RESULTS_FILE, run_identity, run_records
+
+if TYPE_CHECKING:
+    from mtpeft.study import Study
+
+FINISHED, RUNNING, INTERRUPTED, FAILED = "finished", "running", "interrupted", "failed"
+STATES = (FINISHED, RUNNING, INTERRUPTED, FAILED)
+"""A job's state, best first: of several records of one job (a run, its resumed successor, a published
+copy) the best one stands for it."""
+
+
+@dataclass(frozen=True)
+class JobState:
+    """One job of a study as its best record shows it."""
+
+    stage: str
+    method: str
+    values: str
+    """The tuned values (``optimizer.lr=0.001``) of the job, or ``-``."""
+    seed: Any
+    state: str
+    step: int | None
+    """Optimiser steps done: the last checkpoint's (running, interrupted) or the budget (finished)."""
+    max_steps: int | None
+    wall_time_s: float | None
+    updated: datetime
+    directory: Path
+
+
+def record_state(directory: Path, record: Mapping[str, Any]) -> str | None:
+    """`STATES` entry of a run record, or None for a record that stands for nothing (superseded by the run
+    that took it over)."""
+    status = record.get("status")
+    if status == "success":
+        return FINISHED
+    if status == "failed":
+        return FAILED
+    if status == "running" and "superseded_by" not in record:
+        return RUNNING if is_locked(directory) else INTERRUPTED
+    return None
+
+
+def checkpoint_step(directory: Path) -> int | None:
+    """The optimiser step of ``checkpoints/last.ckpt`` in a run directory (memory-mapped: only the small
+    header is read), or None."""
+    import torch
+
+    path = directory / CHECKPOINT_DIR / LAST_CHECKPOINT
+    if not path.is_file():
+        return None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # noqa: BLE001 - a checkpoint being written or cut short: no step to show
+        return None
+    step = checkpoint.get("global_step")
+    return int(step) if step is not None else None
+
+
+def last_written(directory: Path) -> datetime:
+    """When a run last wrote its record or its last checkpoint."""
+    files = [directory / RESULTS_FILE, directory / CHECKPOINT_DIR / LAST_CHECKPOINT]
+    return datetime.fromtimestamp(max(f.stat().st_mtime for f in files if f.exists()))
+
+
+def tuned_values(config: Mapping[str, Any], study: Study, method: str) -> str:
+    """``key=value`` of the method's tuning keys in a run's config (the grid's keys), or ``-``."""
+    parts = []
+    for key in study.grid(method) or {}:
+        node: Any = config
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if node is not None:
+            parts.append(f"{key}={node}")
+    return ", ".join(parts) or "-"
+
+
+def job_state(study: Study, directory: Path, root: Path, record: Mapping[str, Any]) -> JobState | None:
+    """The `JobState` of one run record (None if it stands for nothing, or is not the runner's)."""
+    state = record_state(directory, record)
+    stage = run_stage(directory, root)
+    if state is None or stage is None:
+        return None
+    config = record.get("config") or {}
+    method = str(record.get("method") or (config.get("method") or {}).get("name") or "?")
+    max_steps = (config.get("trainer") or {}).get("max_steps")
+    step = max_steps if state == FINISHED else checkpoint_step(directory)
+    return JobState(
+        stage=stage,
+        method=method,
+        values=tuned_values(config, study, method),
+        seed=record.get("seed", config.get("seed")),
+        state=state,
+        step=step,
+        max_steps=max_steps,
+        wall_time_s=record.get("wall_time_s"),
+        updated=last_written(directory),
+        directory=directory,
+    )
+
+
+def _rank(job: JobState) -> tuple[int, int, float]:
+    """Smaller is better: the state (`STATES` order), then the most steps done, then the newest."""
+    return STATES.index(job.state), -(job.step if job.step is not None else -1), -job.updated.timestamp()
+
+
+def study_jobs(study: Study) -> list[JobState]:
+    """Every job of ``study`` found in its logs and published runs, one `JobState` per job (its best
+    record: finished over running over interrupted over failed, then the most steps done, then the
+    newest), in stage order."""
+    roots = [study.log_dir / study.task_name]
+    if study.published_dir is not None:
+        roots.append(study.published_dir)
+    best: dict[str, JobState] = {}
+    for root in roots:
+        for directory, record in run_records(root):
+            job = job_state(study, directory, root, record)
+            identity = run_identity(record)
+            if job is None or identity is None:
+                continue
+            known = best.get(identity)
+            if known is None or _rank(job) < _rank(known):
+                best[identity] = job
+    return sorted(best.values(), key=lambda j: (STAGES.index(j.stage), j.method, j.values, str(j.seed)))
+
+
+def declared_jobs(study: Study) -> dict[str, int]:
+    """How many jobs each stage declares: every tuned method's grid points (before widening), and a job
+    per method and seed in the final stage."""
+    tuned = 0
+    for method in study.methods:
+        grid = study.grid(method)
+        if grid is not None:
+            tuned += math.prod(len(v) if isinstance(v, list) else 1 for v in grid.values())
+    return {"tune": tuned, "final": len(study.methods) * max(1, len(study.seeds))}
+
+
+def _minutes(seconds: Iterable[float | None]) -> str:
+    values = [s for s in seconds if s is not None]
+    return f"{statistics.median(values) / 60:.0f} min" if values else "-"
+
+
+def format_status(study: Study, jobs: list[JobState]) -> str:
+    """A summary line per stage and a table of the jobs that are not finished."""
+    declared = declared_jobs(study)
+    lines = [
+        f"study {study.name} (runs: {study.log_dir / study.task_name}, published: {study.published_dir})"
+    ]
+    for stage in STAGES:
+        if stage == "tune" and study.tune is None:
+            continue
+        of_stage = [j for j in jobs if j.stage == stage]
+        counts = ", ".join(f"{sum(j.state == s for j in of_stage)} {s}" for s in STATES)
+        extra = " (+ values added by widening at a grid edge)" if stage == "tune" and study.widen else ""
+        finished = [j.wall_time_s for j in of_stage if j.state == FINISHED]
+        lines.append(
+            f"{stage}: {counts}; declared {declared[stage]}{extra}; median wall time of a finished run "
+            f"{_minutes(finished)}"
+        )
+    pending = [j for j in jobs if j.state != FINISHED]
+    if pending:
+        lines += [
+            "",
+            "| stage | method | values | seed | state | step | updated | directory |",
+            "|---" * 8 + "|",
+        ]
+        for j in pending:
+            step = f"{'-' if j.step is None else j.step}/{j.max_steps}"
+            lines.append(
+                f"| {j.stage} | {j.method} | {j.values} | {j.seed} | {j.state} | {step} "
+                f"| {j.updated:%Y-%m-%d %H:%M} | {j.directory} |"
+            )
+    if any(j.state in (INTERRUPTED, FAILED) for j in jobs):
+        lines += [
+            "",
+            f"re-run `python -m mtpeft.study {study.name}` to resume the interrupted and redo the failed",
+        ]
+    return "\n".join(lines)
+
+
+def study_status(study: Study) -> str:
+    """`format_status` of `study_jobs`."""
+    return format_status(study, study_jobs(study))

@@ -1,0 +1,111 @@
+"""`mtpeft.study_status` (``python -m mtpeft.study <name> --status``): per stage, finished jobs of the
+declared ones, running jobs with their checkpoint's step, interrupted and failed jobs, from a study's logs and
+its published runs, one line per job whatever number of records it left."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtpeft.study import Study, main
+from mtpeft.study_status import (
+    FAILED,
+    FINISHED,
+    INTERRUPTED,
+    RUNNING,
+    declared_jobs,
+    format_status,
+    study_jobs,
+)
+from mtpeft.utils.runlock import RunDirLock
+
+TUNE_SWEEP = "2026-12-02_19-37-00_e259e7_tune0"
+WIDEN_SWEEP = "2026-12-02_22-01-00_a1b2c3_tune-widen1-0"
+
+
+def _study(tmp_path: Path) -> Study:
+    return Study(
+        name="s",
+        methods=["lora", "hycam", "none"],
+        seeds=["0", "1"],
+        log_dir=tmp_path / "logs",
+        task_name="s",
+        published_dir=tmp_path / "experiments" / "s" / "runs",
+        tune={"seed": 0, "lr": [1e-3, 3e-3], "methods": {"none": None}},
+        runner_keys=["tune"],
+    )
+
+
+def _write(directory: Path, method: str, lr: float, status: str, seed: int = 0, **extra: object) -> Path:
+    config = {
+        "method": {"name": method},
+        "optimizer": {"lr": lr},
+        "trainer": {"max_steps": 120},
+        "seed": seed,
+    }
+    record = {"status": status, "method": method, "seed": seed, "config": config, "inputs": {"code": "c"}}
+    directory.mkdir(parents=True)
+    (directory / "results.json").write_text(json.dumps({**record, **extra}))
+    return directory
+
+
+def _checkpoint(directory: Path, step: int) -> None:
+    (directory / "checkpoints").mkdir()
+    torch.save(
+        {"global_step": step, "state_dict": {"w": torch.zeros(4)}}, directory / "checkpoints" / "last.ckpt"
+    )
+
+
+def test_every_job_once_in_its_best_state(tmp_path: Path) -> None:
+    study = _study(tmp_path)
+    logs, published = tmp_path / "logs" / "s" / "multiruns", study.published_dir
+    _write(published / "tune_lora_lr=0.001_s0_aaaaaaaa", "lora", 1e-3, "success", wall_time_s=1800.0)
+    _write(logs / TUNE_SWEEP / "0", "lora", 1e-3, "failed")  # an earlier failure of a finished job
+    running = _write(logs / TUNE_SWEEP / "1", "lora", 3e-3, "running")
+    _checkpoint(running, 40)
+    _write(logs / TUNE_SWEEP / "9", "lora", 3e-3, "running")  # the same job, killed before: interrupted
+    interrupted = _write(logs / TUNE_SWEEP / "2", "hycam", 1e-3, "running")
+    _checkpoint(interrupted, 60)
+    _write(logs / TUNE_SWEEP / "3", "hycam", 3e-3, "running", superseded_by="elsewhere")  # taken over
+    _write(logs / WIDEN_SWEEP / "0", "hycam", 3e-4, "failed")
+    _write(published / "final_lora_lr=0.003_s1_bbbbbbbb", "lora", 3e-3, "success", seed=1, wall_time_s=2400.0)
+    _write(tmp_path / "logs" / "s" / "runs" / "x", "lora", 0.1, "success")  # not launched by the runner
+
+    with RunDirLock(running):
+        jobs = study_jobs(study)
+        states = {(j.stage, j.method, j.values, j.seed): (j.state, j.step) for j in jobs}
+        assert states == {
+            ("tune", "lora", "optimizer.lr=0.001", 0): (FINISHED, 120),
+            ("tune", "lora", "optimizer.lr=0.003", 0): (RUNNING, 40),
+            ("tune", "hycam", "optimizer.lr=0.001", 0): (INTERRUPTED, 60),
+            ("tune", "hycam", "optimizer.lr=0.0003", 0): (FAILED, None),
+            ("final", "lora", "optimizer.lr=0.003", 1): (FINISHED, 120),
+        }
+        text = format_status(study, jobs)
+    assert "tune: 1 finished, 1 running, 1 interrupted, 1 failed; declared 4 (+ values added" in text
+    assert "median wall time of a finished run 30 min" in text
+    assert "final: 1 finished, 0 running, 0 interrupted, 0 failed; declared 6;" in text
+    assert "| tune | lora | optimizer.lr=0.003 | 0 | running | 40/120 |" in text
+    assert "| tune | hycam | optimizer.lr=0.001 | 0 | interrupted | 60/120 |" in text
+    assert "| tune | hycam | optimizer.lr=0.0003 | 0 | failed | -/120 |" in text
+    assert "re-run `python -m mtpeft.study s` to resume" in text
+    after = {(j.stage, j.method, j.values): (j.state, j.step) for j in study_jobs(study)}  # lock released
+    assert after["tune", "lora", "optimizer.lr=0.003"] == (INTERRUPTED, 40)  # the newest record of the two
+
+
+def test_declared_jobs_count_grid_points_and_final_seeds(tmp_path: Path) -> None:
+    study = _study(tmp_path)
+    study.tune["methods"]["hycam"] = {"method.routing": ["softmax", "hard_gumbel"]}
+    assert declared_jobs(study) == {"tune": 2 + 4, "final": 3 * 2}
+
+
+def test_status_of_a_real_study_config_runs_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert (
+        main(["smollm2_mix", "--status", f"paths.log_dir={tmp_path}", f"paths.published_dir={tmp_path}"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "tune: 0 finished, 0 running, 0 interrupted, 0 failed; declared 24" in out
+    assert "final: 0 finished" in out and "declared 18" in out
