@@ -357,3 +357,25 @@ def test_latex_escapes_special_characters_in_method_and_task_names(tmp_path: Pat
     assert r"method & n & q\_a & c\textasciitilde d\textasciicircum e & avg & " in tex  # the header
     assert r"mixture: c\textasciitilde d\textasciicircum e+q\_a}" in tex  # the caption
     assert r"\textbf{100 (1.00\%)}" in row
+
+
+def test_convergence_reports_the_last_gain_and_runs_best_at_the_budget(tmp_path: Path) -> None:
+    """``convergence.md``: val avg after each validation (the CSV logs the one after step n at n - 1), the
+    last interval's change, and how many runs' best checkpoint is the last step (still climbing)."""
+    for seed, (early, late, best) in enumerate(((0.2, 0.5, 10), (0.4, 0.3, 5), (0.3, 0.7, 10))):
+        data = _write(tmp_path, f"lora{seed}", "lora", seed, {"qa": 0.5, "code": 0.5})
+        data["best_checkpoint"] = f"/runs/lora/{seed}/checkpoints/step_{best}.ckpt"
+        (tmp_path / f"lora{seed}" / "results.json").write_text(json.dumps(data))
+        (tmp_path / f"lora{seed}" / "csv").mkdir()
+        pd.DataFrame({"step": [4, 9], "val/avg/score": [early, late]}).to_csv(
+            tmp_path / f"lora{seed}" / "csv" / "metrics.csv", index=False
+        )
+    _write(tmp_path, "none", "none", 0, {"qa": 0.0, "code": 0.0})  # no training: no best checkpoint, no CSV
+    main([str(tmp_path), "--no-plots"])
+    md = (tmp_path / "convergence.md").read_text()
+    assert "| method | n | val@5 | val@10 | last-interval change | best at end of budget |" in md
+    assert "| lora | 3 | 30.0 | 50.0 | +20.0 | 2/3 |" in md  # changes +30, -10, +40: mean +20
+    assert "| none | 1 | — | — | — | — |" in md
+    assert "2 of 3 runs had their best validation at the end of their budget." in md
+    table = pd.read_csv(tmp_path / "convergence.csv")
+    assert table.set_index("label").loc["lora", "best_at_end"] == 2

@@ -20,7 +20,8 @@ trainable parameters (and % of the base model), wall time and peak memory (the C
 else the peak resident memory of the process, which in a multirun is the maximum over the jobs so far).
 
 Files: ``results.{md,csv,tex}`` (``results.csv`` holds the unformatted numbers ``<task>_mean``,
-``<task>_std``, ...), ``failed.csv``, ``incomplete.csv`` (only when there are such runs), ``stats.md``,
+``<task>_std``, ...), ``convergence.{md,csv}`` (per row: validation score at each validation step, its last
+change, how many runs were best at the end of their budget: `mtpeft.results.convergence`), ``failed.csv``, ``incomplete.csv`` (only when there are such runs), ``stats.md``,
 ``stats.csv``, ``pairwise.csv`` (only when runs saved per-example scores), and ``plots/``: the generic
 plots, plus the study's own plots that ``conf/experiment/<name>.yaml`` declares (``report: {plots:
 [temperature]}``; for a directory: ``--plot temperature``; `mtpeft.results.plots`).
@@ -34,6 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mtpeft.results.aggregate import ROW_KEYS, aggregate, assign_variants, best_rows, incomplete_runs
+from mtpeft.results.convergence import write_convergence
 from mtpeft.results.load import (
     COSTS,
     CURVE_FILES,
@@ -122,6 +124,7 @@ def summarise(
         files.append(out / "incomplete.csv")
     (out / "results.md").write_text(to_markdown(table, failed, columns, title, incomplete, problems, split))
     (out / "results.tex").write_text(to_latex(table, columns, title, split))
+    files += write_convergence(records, out, title, split)
     if plots and len(table):
         files += plot(table, columns, out / "plots")
         curves = validation_curves(records)

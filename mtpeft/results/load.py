@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 
 COSTS = ["trainable_params", "total_params", "trainable_percent", "wall_time_s", "peak_memory_mb"]
 MISSING = "—"
+CHECKPOINT_STEP = re.compile(r"step[_=](?P<step>\d+)")
+"""The step in a best checkpoint's file name (``mtpeft.run`` names them ``step_<n>.ckpt``)."""
 SKIPPED_FILE = "skipped.json"
 """Written by `mtpeft.train` in the directory of a skipped sweep job; ``finished_in`` names the run."""
 CURVE_FILES = ("csv/metrics.csv", "metrics.csv")
@@ -110,6 +113,12 @@ def base_part(inputs: dict[str, Any] | None) -> dict[str, Any]:
     return {"base": base} if isinstance(base, dict) else {}
 
 
+def checkpoint_step(path: str | None) -> int | None:
+    """The optimiser step in a checkpoint's file name (``.../step_120.ckpt`` -> 120), or None."""
+    match = CHECKPOINT_STEP.search(Path(path).name) if path else None
+    return int(match["step"]) if match else None
+
+
 def _record(path: Path, run: RunRecord, split: str) -> dict[str, Any]:
     """The flat record of one run (labels, scores of ``split``, costs, flat hashed config)."""
     config = run.config
@@ -131,6 +140,8 @@ def _record(path: Path, run: RunRecord, split: str) -> dict[str, Any]:
         "flat": flatten({**hashed_part(config), **base_part(run.inputs)}),
         "tuned": tuned if isinstance(tuned, dict) else {},
         "scores": {task: metrics.get(f"{split}/{task}/score") for task in [*run.tasks, "avg"]},
+        "best_step": checkpoint_step(run.best_checkpoint),
+        "max_steps": (config.get("trainer") or {}).get("max_steps"),
     }
     record.update({key: getattr(run, key) for key in COSTS})
     record["peak_memory_mb"] = run.peak_mb
