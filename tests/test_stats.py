@@ -235,3 +235,30 @@ def test_a_run_writes_per_example_scores_that_average_to_its_metrics(tmp_path: P
             assert np.mean(values) == pytest.approx(
                 results["metrics"][split][f"{split}/{task}/score"], abs=1e-12
             )
+
+
+def test_intervals_depend_on_their_own_data_only() -> None:
+    """A row's interval is the same whatever order its seeds and tasks were read in and whatever other rows
+    the table holds (a table rebuilt from published runs matches the one built from the logs)."""
+    cells = _cells(np.random.default_rng(1), {"qa": 0.4, "code": 0.6}, seeds=3, n=30)
+    shuffled = {s: dict(reversed(cells[s].items())) for s in reversed(list(cells))}
+    assert np.array_equal(bootstrap(cells, 200), bootstrap(shuffled, 200))
+
+
+def test_a_rows_interval_does_not_change_when_other_rows_come_or_go(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for seed in range(2):
+        _run(tmp_path / "both", "lora", seed, {"qa": (rng.random(40) < 0.5).astype(int).tolist()})
+        _run(tmp_path / "both", "hycam", seed, {"qa": (rng.random(40) < 0.3).astype(int).tolist()})
+    (tmp_path / "lora").mkdir()
+    for seed in range(2):
+        (tmp_path / "both" / f"lora_{seed}").rename(tmp_path / "lora" / f"lora_{seed}")
+    _run(tmp_path / "lora", "a_first", 0, {"qa": [1, 0] * 5})  # a row before lora, drawing less than hycam
+    main([str(tmp_path / "lora"), "--no-plots"])
+    alone = pd.read_csv(tmp_path / "lora" / "stats.csv").set_index("label").loc["lora"]
+    for seed in range(2):
+        (tmp_path / "lora" / f"lora_{seed}").rename(tmp_path / "both" / f"lora_{seed}")
+    main([str(tmp_path / "both"), "--no-plots"])
+    together = pd.read_csv(tmp_path / "both" / "stats.csv").set_index("label").loc["lora"]
+    assert (alone["ci_low"], alone["ci_high"]) == (together["ci_low"], together["ci_high"])
+    assert alone["ci_low"] < alone["ci_high"]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,9 +50,11 @@ Cells = dict[Any, dict[str, np.ndarray]]
 
 
 def bootstrap(cells: Cells, n_boot: int = N_BOOT, rng: np.random.Generator | None = None) -> np.ndarray:
-    """Replicates of ``mean_seed mean_task mean_item`` under the two-stage resampling described above."""
+    """Replicates of ``mean_seed mean_task mean_item`` under the two-stage resampling described above.
+    Seeds and tasks are taken in sorted order, so the replicates do not depend on the order the runs were
+    read in (a table rebuilt from published runs gives the same intervals as one built from the logs)."""
     rng = rng if rng is not None else np.random.default_rng(0)
-    seeds = list(cells)
+    seeds = sorted(cells, key=str)
     if not seeds or any(not tasks for tasks in cells.values()):
         raise ValueError("bootstrap needs at least one seed with at least one task")
     n_seeds = len(seeds)
@@ -63,7 +66,7 @@ def bootstrap(cells: Cells, n_boot: int = N_BOOT, rng: np.random.Generator | Non
             continue
         task_means = [
             values[rng.integers(0, len(values), size=(len(replicate), len(values)))].mean(axis=1)
-            for values in cells[seed].values()
+            for _, values in sorted(cells[seed].items())
         ]
         np.add.at(total, replicate, np.mean(task_means, axis=0))
     return total / n_seeds
@@ -130,6 +133,11 @@ def row_scores(row: pd.Series, tasks: Sequence[str], logged: dict[str, dict[str,
     return scores
 
 
+def _rng(seed: int, *labels: str) -> np.random.Generator:
+    """A generator for one row's (or one pair's) bootstrap, from ``seed`` and the rows' labels."""
+    return np.random.default_rng([seed, *(zlib.crc32(label.encode()) for label in labels)])
+
+
 def paired_cells(a: RowScores, b: RowScores) -> tuple[Cells, str | None]:
     """Per-item differences A - B on the seeds both rows have (items must be the same ones)."""
     common = [seed for seed in a.cells if seed in b.cells]
@@ -158,16 +166,17 @@ def compare(
     """(intervals, pairs, problems): a CI per row and a paired comparison per pair of rows.
 
     ``intervals``: label, row index, estimate, ci_low, ci_high, seeds; ``pairs``: a, b, diff, ci_low,
-    ci_high, verdict, seeds (A is the row with the higher estimate). Fixed ``seed``: same numbers every time.
+    ci_high, verdict, seeds (A is the row with the higher estimate). Fixed ``seed``: same numbers every time;
+    each interval draws from its own generator (`_rng`), so it depends on its own row's (or pair's) data only,
+    not on which other rows the table holds or their order.
     """
-    rng = np.random.default_rng(seed)
     rows, problems = [], []
     for i, row in table.iterrows():
         scores = row_scores(row, tasks, logged)
         if scores.problem:
             problems.append((scores.label, scores.problem))
             continue
-        est, low, high = interval(scores.cells, n_boot, rng=rng)
+        est, low, high = interval(scores.cells, n_boot, rng=_rng(seed, scores.label))
         rows.append((i, scores, est, low, high))
     intervals = pd.DataFrame(
         [
@@ -184,7 +193,7 @@ def compare(
             if problem:
                 problems.append((f"{a.label} vs {b.label}", problem))
                 continue
-            est, low, high = interval(diffs, n_boot, rng=rng)
+            est, low, high = interval(diffs, n_boot, rng=_rng(seed, a.label, b.label))
             pairs.append(
                 {
                     "a": a.label,
