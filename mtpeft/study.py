@@ -76,6 +76,9 @@ already published is not copied again. `mtpeft.train` also looks there for finis
 ``python -m mtpeft.study <name> --publish`` publishes without running anything (e.g. for a plain
 ``python -m mtpeft.train experiment=<name>`` sweep); ``--no-publish`` turns the automatic copy off.
 ``python -m mtpeft.study <name> --status`` says where the study stands (`mtpeft.study_status`).
+
+Stopping: a SIGINT, SIGTERM or SIGHUP to the runner stops every job of its sweeps at the end of its current
+step (resumable) and publishes what finished (`mtpeft.study_sweeps`).
 """
 
 from __future__ import annotations
@@ -88,7 +91,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -105,6 +107,7 @@ from mtpeft.results import declared_plots, load_runs, summarise
 from mtpeft.results.load import CURVE_FILES
 from mtpeft.results.stats import SCORES_FILE
 from mtpeft.study_stages import run_stage, sweep_dir_name
+from mtpeft.study_sweeps import StudyStopped, run_sweep, stop_on_signals
 from mtpeft.utils.confighash import IGNORED_TOP_LEVEL
 from mtpeft.utils.sweep import RESULTS_FILE, finished_roots, run_identity, run_records
 
@@ -442,12 +445,6 @@ def final_commands(
         ]
         commands.append((train_command(study, overrides, directory), directory))
     return commands
-
-
-def run_sweep(command: list[str], directory: Path) -> int:
-    """Run one sweep; its output goes to this process's stdout/stderr. Returns the exit status."""
-    log.info("$ %s", " ".join(command))
-    return subprocess.run(command, env={**os.environ}, check=False).returncode
 
 
 # -- choosing --------------------------------------------------------------------------------------
@@ -1064,9 +1061,15 @@ class Publisher:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        """Stop the background publication and publish once more (a study stopped part-way keeps what
+        finished since the last publication)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        try:
+            self()
+        except Exception as err:  # noqa: BLE001 - do not hide the exception that ended the study
+            log.warning("publishing finished runs at the end failed: %s", err)
 
 
 # -- the whole study -------------------------------------------------------------------------------
@@ -1095,7 +1098,7 @@ def run_study(
     problems: list[str] = []
     files: list[Path] = []
     final_dirs = []
-    with Publisher(study, publish_runs) as publish:
+    with stop_on_signals(), Publisher(study, publish_runs) as publish:
         if study.tune is not None:
             tuning = Tuner(
                 study, parts.jobs, launch, after_sweep=publish, parallel=n_jobs if launch else 1
@@ -1178,6 +1181,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(study_status(load_study(args.name, split_overrides(args.overrides).jobs)))
         return 0
+    try:
+        return _run_main(args)
+    except StudyStopped as stop:
+        print(
+            f"study {args.name} {stop}: finished runs are published; run the same command again to resume",
+            file=sys.stderr,
+        )
+        return 128 + stop.signum
+
+
+def _run_main(args: argparse.Namespace) -> int:
+    """Run the study of the parsed command line; print what was chosen, written and went wrong."""
     result = run_study(
         args.name,
         args.overrides,

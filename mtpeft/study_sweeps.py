@@ -1,0 +1,182 @@
+"""Running a study's sweeps as subprocesses, and stopping all of them when the study is stopped.
+
+`mtpeft.study` runs each stage as ``python -m mtpeft.train -m ...``, whose launcher starts the jobs as
+processes of their own (joblib's workers). Stopping the runner alone would leave those jobs running, holding
+their run directories and the CPU, and a re-run of the study would start a second copy of every job next to
+them. So each sweep runs in its own process group (`SweepGroups.start`), and while `stop_on_signals` is
+active a SIGINT (Ctrl-C), SIGTERM or SIGHUP to the runner sends SIGTERM to every sweep group. SIGTERM, not
+the signal received: the launcher process then exits at once, while each job (Lightning's signal handling)
+ends at the end of its current training step or evaluation batch, its run staying ``running``, so the next
+``python -m mtpeft.study <name>`` resumes it from its last checkpoint (on SIGINT, joblib would kill its
+workers mid-step instead). The runner waits until no job holds its run directory any more (at most
+`STOP_WAIT_S`), kills what is left of the group (joblib's idle workers outlive their launcher), starts no
+new sweep (`StudyStopped`) and publishes what finished. A second signal kills the groups at once (the jobs
+then lose the steps since their last periodic checkpoint).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+
+from mtpeft.utils.runlock import LOCK_FILE, is_locked
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""Signals that stop a study (passed on to its sweeps as SIGTERM)."""
+STOP_WAIT_S = 600.0
+"""After a stop, how long the runner waits for a sweep's jobs to end before it kills them (a job ends after
+its current training step or evaluation batch: seconds on the tiny model, about a minute on SmolLM2)."""
+
+
+class StudyStopped(Exception):  # noqa: N818 - it is a stop, not an error
+    """The study was stopped by a signal; ``signum`` is that signal."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+
+class SweepGroups:
+    """The sweep processes this runner has started and not yet seen exit, each leading its process group."""
+
+    def __init__(self) -> None:
+        self._live: dict[subprocess.Popen, Path] = {}
+        self._lock = threading.Lock()
+        self.stopped: int | None = None
+        """The signal that stopped the study, once one did."""
+
+    def start(self, command: list[str], directory: Path) -> subprocess.Popen:
+        """Start ``command`` (a sweep writing its jobs' run directories into ``directory``) in a new process
+        group, which its launcher's job processes join."""
+        with self._lock:
+            if self.stopped is not None:
+                raise StudyStopped(self.stopped)
+            process = subprocess.Popen(command, env={**os.environ}, start_new_session=True)
+            self._live[process] = Path(directory)
+            return process
+
+    def finished(self, process: subprocess.Popen) -> None:
+        """``process`` has exited. After a stop, its jobs may still be finishing their step: wait until
+        none holds its run directory any more, then kill what is left of the group (joblib's idle workers
+        and trackers, which outlive their launcher)."""
+        directory = self._live[process]
+        if self.stopped is not None:
+            if not jobs_released(directory, STOP_WAIT_S):
+                log.warning("the jobs of %s did not stop within %.0f s: killing them", directory, STOP_WAIT_S)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+            group_ended(process.pid, 30.0)
+        with self._lock:
+            del self._live[process]
+
+    def signal_all(self, signum: int) -> None:
+        """Send ``signum`` to every live sweep's process group."""
+        with self._lock:
+            for process in self._live:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(process.pid, signum)
+
+    def stop(self, signum: int) -> None:
+        """On the first stop signal, SIGTERM to every group (jobs end cleanly); on the next ones, SIGKILL."""
+        if self.stopped is None:
+            self.stopped = signum
+            log.warning(
+                "%s: stopping the study; each job ends after its current step and a re-run resumes it "
+                "(send it again to kill the jobs at once)",
+                signal.Signals(signum).name,
+            )
+            self.signal_all(signal.SIGTERM)
+        else:
+            log.warning("killing the study's jobs")
+            self.signal_all(signal.SIGKILL)
+
+
+def jobs_released(directory: Path, timeout: float) -> bool:
+    """Wait until no run directory under ``directory`` is held by a live process (True), at most
+    ``timeout`` seconds (False). A job holds its run directory (`mtpeft.utils.runlock`) until it ends."""
+    deadline = time.monotonic() + timeout
+    while any(is_locked(lock.parent) for lock in Path(directory).glob(f"*/{LOCK_FILE}")):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def group_ended(pgid: int, timeout: float) -> bool:
+    """Wait until no live process of group ``pgid`` is left (True), at most ``timeout`` seconds (False)."""
+    deadline = time.monotonic() + timeout
+    while group_alive(pgid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` is running. On Linux from ``/proc`` (exited processes that no one
+    has reaped yet do not count: an orphaned job is reaped by init, which a container may not do), else by
+    signalling the group."""
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").exists():
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp ...
+        except (OSError, IndexError):
+            continue  # the process ended while being read
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
+
+
+SWEEPS = SweepGroups()
+"""The sweeps of this process (signals are per process, so one registry per process)."""
+
+
+def run_sweep(command: list[str], directory: Path) -> int:
+    """Run one sweep writing into ``directory`` in its own process group; its output goes to this process's
+    stdout/stderr. Returns the exit status; raises `StudyStopped` if the study was stopped before or
+    during it."""
+    log.info("$ %s", " ".join(command))
+    process = SWEEPS.start(command, directory)
+    try:
+        status = process.wait()
+    finally:
+        SWEEPS.finished(process)
+    if SWEEPS.stopped is not None:
+        raise StudyStopped(SWEEPS.stopped)
+    return status
+
+
+@contextlib.contextmanager
+def stop_on_signals(groups: SweepGroups = SWEEPS) -> Iterator[SweepGroups]:
+    """While active (in the main thread), `STOP_SIGNALS` stop the study through ``groups.stop``; the
+    previous handlers come back on exit. Elsewhere (not the main thread) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield groups
+        return
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        groups.stop(signum)
+
+    groups.stopped = None
+    previous = {signum: signal.signal(signum, handle) for signum in STOP_SIGNALS}
+    try:
+        yield groups
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

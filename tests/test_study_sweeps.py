@@ -1,0 +1,131 @@
+"""`mtpeft.study_sweeps`: a stop signal to the study runner reaches every process of its sweeps (the jobs a
+launcher started too), no sweep starts after it, a second signal kills, and what finished is published."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import mtpeft.study as study_module
+from mtpeft.study_sweeps import StudyStopped, SweepGroups
+
+# A sweep whose "job" is a grandchild process holding its run directory, as a joblib launcher's workers are:
+# it reports the signals it gets and ends on the first unless told to hold on; next to it an idle process
+# that ignores SIGTERM, as joblib's idle workers and trackers outlive their launcher.
+JOB = """
+import signal, sys, time
+from pathlib import Path
+from mtpeft.utils.runlock import RunDirLock
+out, hold, run_dir = Path(sys.argv[1]), sys.argv[2] == "hold", Path(sys.argv[3])
+def got(signum, frame):
+    with out.open("a") as f:
+        f.write(f"{signum}\\n")
+    if not hold:
+        sys.exit(0)
+signal.signal(signal.SIGTERM, got)
+signal.signal(signal.SIGINT, got)
+with RunDirLock(run_dir):
+    (out.parent / "job.ready").touch()
+    time.sleep(120)
+"""
+IDLE = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"
+SWEEP = """
+import subprocess, sys
+idle = subprocess.Popen([sys.executable, "-c", sys.argv[2], sys.argv[-1]])  # named by the run dir
+sys.exit(subprocess.call([sys.executable, "-c", sys.argv[1], *sys.argv[3:]]))
+"""
+RUNNER = """
+import sys
+from pathlib import Path
+from mtpeft.study_sweeps import StudyStopped, run_sweep, stop_on_signals
+sweep = Path(sys.argv[-1]).parent
+with stop_on_signals():
+    try:
+        run_sweep([sys.executable, "-c", *sys.argv[1:]], sweep)
+        run_sweep([sys.executable, "-c", "pass"], sweep)
+    except StudyStopped as stop:
+        sys.exit(100 + stop.signum)
+sys.exit(0)
+"""
+
+
+def _runner(tmp_path: Path, hold: bool) -> tuple[subprocess.Popen, Path]:
+    received, run_dir = tmp_path / "received", tmp_path / "sweep" / "0"
+    run_dir.mkdir(parents=True)
+    mode = "hold" if hold else "go"
+    runner = subprocess.Popen(
+        [sys.executable, "-c", RUNNER, SWEEP, JOB, IDLE, str(received), mode, str(run_dir)], cwd=Path.cwd()
+    )
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "job.ready").exists():
+        assert runner.poll() is None and time.monotonic() < deadline, "the job never started"
+        time.sleep(0.05)
+    return runner, received
+
+
+def _left(tmp_path: Path) -> list[str]:
+    """This test's idle process, if it still runs (found by its command line, which names the run dir)."""
+    out = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if "SIG_IGN" in line and str(tmp_path) in line]
+
+
+def test_a_stop_signal_reaches_the_jobs_and_no_sweep_starts_after_it(tmp_path: Path) -> None:
+    runner, received = _runner(tmp_path, hold=False)
+    runner.send_signal(signal.SIGTERM)  # the runner only, as `kill <pid>` does
+    assert runner.wait(timeout=60) == 100 + signal.SIGTERM  # the second sweep was not started
+    assert received.read_text() == f"{int(signal.SIGTERM)}\n"  # the job got it and ended
+    assert not _left(tmp_path)  # and the idle process that ignores SIGTERM was killed
+
+
+def test_the_runner_waits_for_a_busy_job_until_a_second_signal(tmp_path: Path) -> None:
+    runner, received = _runner(tmp_path, hold=True)
+    runner.send_signal(signal.SIGINT)  # Ctrl-C: passed on as SIGTERM, which this job does not act on...
+    deadline = time.monotonic() + 60
+    while not received.exists():
+        assert time.monotonic() < deadline, "the job was not signalled"
+        time.sleep(0.05)
+    with pytest.raises(subprocess.TimeoutExpired):
+        runner.wait(timeout=1)  # ...so the runner waits while it holds its run directory...
+    runner.send_signal(signal.SIGINT)  # ...until a second signal kills the group
+    assert runner.wait(timeout=60) == 100 + signal.SIGINT
+    assert received.read_text() == f"{int(signal.SIGTERM)}\n" and not _left(tmp_path)
+
+
+def test_groups_refuse_to_start_a_sweep_after_a_stop() -> None:
+    groups = SweepGroups()
+    groups.stop(signal.SIGTERM)
+    with pytest.raises(StudyStopped, match="SIGTERM"):
+        groups.start([sys.executable, "-c", "pass"], Path("."))
+
+
+def test_runs_finished_before_a_stop_are_published(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.test_publish import CODE_VERSION, _config, _fake_run
+
+    monkeypatch.setenv("MTPEFT_ROOT", str(tmp_path))
+    monkeypatch.setenv("MTPEFT_CODE_VERSION", CODE_VERSION["MTPEFT_CODE_VERSION"])
+
+    def stopped_sweep(command: list[str], directory: Path) -> int:
+        _fake_run(directory / "0", _config(), ["method=lora", "seed=0"])
+        raise StudyStopped(signal.SIGTERM)
+
+    monkeypatch.setattr(study_module, "run_sweep", stopped_sweep)
+    with pytest.raises(StudyStopped):
+        study_module.run_study("methods_mix3", ["method=lora", "seed=0"], launcher="basic")
+    published = tmp_path / "experiments" / "methods_mix3" / "runs"
+    assert [p.name.startswith("final_lora_s0_") for p in published.iterdir()] == [True]
+
+
+def test_exited_processes_nobody_reaped_do_not_keep_a_group_alive() -> None:
+    from mtpeft.study_sweeps import group_alive
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+    deadline = time.monotonic() + 60
+    while group_alive(process.pid):  # it exits, and stays a zombie until waited for
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert process.poll() == 0
