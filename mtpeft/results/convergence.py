@@ -87,7 +87,7 @@ def convergence_markdown(table: pd.DataFrame, title: str, split: str) -> str:
     lines += [
         "Validation avg score (%) at each validation step (mean over seeds; runs with a metrics CSV), its change "
         "over the last validation interval (points), and how many runs had their best validation checkpoint "
-        f"(the one scored on {split}) at the end of the budget. If most runs end at their best, the scores "
+        f"({'the one tested' if split == 'test' else 'the one kept'}) at the end of the budget. If most runs end at their best, the scores "
         "were still rising when training stopped: the ranking is taken mid-climb and favours fast learners.",
         "",
     ]
