@@ -107,7 +107,7 @@ from mtpeft.results import declared_plots, load_runs, summarise
 from mtpeft.results.load import CURVE_FILES
 from mtpeft.results.stats import SCORES_FILE
 from mtpeft.study_stages import run_stage, sweep_dir_name
-from mtpeft.study_sweeps import StudyStopped, run_sweep, stop_on_signals
+from mtpeft.study_sweeps import SWEEPS, StudyStopped, run_sweep, stop_on_signals
 from mtpeft.utils.confighash import IGNORED_TOP_LEVEL
 from mtpeft.utils.sweep import RESULTS_FILE, finished_roots, run_identity, run_records
 
@@ -302,6 +302,17 @@ def load_study(name: str, overrides: Sequence[str] = (), conf_dir: Path = CONF_D
     )
     check_tune(study)
     return study
+
+
+def study_from_command(name: str, overrides: Sequence[str] = ()) -> tuple[Study, Overrides]:
+    """The study ``name`` as the command line changes it (`split_overrides`: runner keys, ``method=`` and
+    ``seed=`` included), and the sorted overrides; what `run_study` runs and ``--status`` counts."""
+    parts = split_overrides(overrides)
+    study = load_study(name, [*parts.runner, *parts.jobs])
+    study.methods = parts.methods or study.methods
+    if parts.seeds:
+        study.seeds = sweep_values("seed", parts.seeds[-1].split("=", 1)[1])
+    return study, parts
 
 
 def check_tune(study: Study) -> None:
@@ -1087,9 +1098,7 @@ def run_study(
     After each sweep, and every `PUBLISH_EVERY_S` seconds while one runs, the study's finished runs are
     published (`Publisher`; ``publish_runs=False``: not), so committing ``experiments/`` keeps what finished
     even if the study is stopped later."""
-    parts = split_overrides(overrides)
-    study = load_study(name, [*parts.runner, *parts.jobs])
-    study.methods = parts.methods or study.methods
+    study, parts = study_from_command(name, overrides)
     check_published_bases(name, study.task_name, study.published_dir)
     root = Path(os.environ.get("MTPEFT_ROOT", "."))
     out = out or root / "experiments" / study.task_name
@@ -1113,6 +1122,8 @@ def run_study(
                 problems.append(f"sweep {directory} exited non-zero (failed jobs?)")
             final_dirs.append(directory)
             publish()
+    if SWEEPS.stopped is not None:  # a stop during the last sweep, after its jobs were done
+        raise StudyStopped(SWEEPS.stopped)
     if study.probe is not None:
         threshold = float(study.probe.get("loss_threshold", 0.1))
         records = load_runs(final_dirs, split="val")
@@ -1179,13 +1190,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.status:
         from mtpeft.study_status import study_status
 
-        print(study_status(load_study(args.name, split_overrides(args.overrides).jobs)))
+        print(study_status(study_from_command(args.name, args.overrides)[0]))
         return 0
     try:
         return _run_main(args)
     except StudyStopped as stop:
         print(
-            f"study {args.name} {stop}: finished runs are published; run the same command again to resume",
+            f"study {args.name} {stop}: run the same command again to resume (finished jobs are skipped, "
+            "interrupted ones resume from their last checkpoint)",
             file=sys.stderr,
         )
         return 128 + stop.signum

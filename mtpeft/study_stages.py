@@ -29,5 +29,5 @@ def run_stage(run_dir: Path, root: Path) -> str | None:
     ``logs/``, or from the first part of a published run's name; None for runs the runner did not launch."""
     relative = run_dir.relative_to(root)
     stage = next((m["stage"] for part in relative.parts if (m := STAGE_DIR.match(part))), None)
-    prefix = run_dir.name.split("_", 1)[0]
-    return stage or (prefix if prefix in STAGES else None)
+    stage = stage or run_dir.name.split("_", 1)[0]
+    return stage if stage in STAGES else None

@@ -5,8 +5,9 @@ this checkout's ``logs/<task_name>/`` (running, interrupted, failed and finished
 ``experiments/<task_name>/runs/`` (finished runs of earlier sessions). `study_status` reads both and says,
 per stage, how many jobs finished of how many the study declares, which are running now and how far (the
 step of their last checkpoint), which were interrupted (a re-run resumes them from that step) and which
-failed. It reads records only: nothing is composed per job and no model is loaded, so it is quick while the
-study's jobs keep the CPU busy.
+failed. It reads run records and the step of the last checkpoints (memory-mapped, so only their small
+header is read): nothing is composed per job and no model is loaded, so it is quick while the study's jobs
+keep the CPU busy.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def record_state(directory: Path, record: Mapping[str, Any]) -> str | None:
     return None
 
 
-def checkpoint_step(directory: Path) -> int | None:
+def last_checkpoint_step(directory: Path) -> int | None:
     """The optimiser step of ``checkpoints/last.ckpt`` in a run directory (memory-mapped: only the small
     header is read), or None."""
     import torch
@@ -107,7 +108,7 @@ def job_state(study: Study, directory: Path, root: Path, record: Mapping[str, An
     config = record.get("config") or {}
     method = str(record.get("method") or (config.get("method") or {}).get("name") or "?")
     max_steps = (config.get("trainer") or {}).get("max_steps")
-    step = max_steps if state == FINISHED else checkpoint_step(directory)
+    step = max_steps if state == FINISHED else last_checkpoint_step(directory)
     return JobState(
         stage=stage,
         method=method,
@@ -148,12 +149,16 @@ def study_jobs(study: Study) -> list[JobState]:
 
 
 def declared_jobs(study: Study) -> dict[str, int]:
-    """How many jobs each stage declares: every tuned method's grid points (before widening), and a job
-    per method and seed in the final stage."""
+    """How many jobs each stage declares: every tuned method's grid points (before widening) or, with the
+    Optuna sampler, its ``tune.trials``; and a job per method and seed in the final stage."""
     tuned = 0
     for method in study.methods:
         grid = study.grid(method)
-        if grid is not None:
+        if grid is None:
+            continue
+        if study.sampler == "optuna":
+            tuned += study.trials
+        else:
             tuned += math.prod(len(v) if isinstance(v, list) else 1 for v in grid.values())
     return {"tune": tuned, "final": len(study.methods) * max(1, len(study.seeds))}
 
@@ -174,7 +179,8 @@ def format_status(study: Study, jobs: list[JobState]) -> str:
             continue
         of_stage = [j for j in jobs if j.stage == stage]
         counts = ", ".join(f"{sum(j.state == s for j in of_stage)} {s}" for s in STATES)
-        extra = " (+ values added by widening at a grid edge)" if stage == "tune" and study.widen else ""
+        widens = stage == "tune" and study.sampler == "grid" and study.widen
+        extra = " (+ values added by widening at a grid edge)" if widens else ""
         finished = [j.wall_time_s for j in of_stage if j.state == FINISHED]
         lines.append(
             f"{stage}: {counts}; declared {declared[stage]}{extra}; median wall time of a finished run "

@@ -7,11 +7,12 @@ them. So each sweep runs in its own process group (`SweepGroups.start`), and whi
 active a SIGINT (Ctrl-C), SIGTERM or SIGHUP to the runner sends SIGTERM to every sweep group. SIGTERM, not
 the signal received: the launcher process then exits at once, while each job (Lightning's signal handling)
 ends at the end of its current training step or evaluation batch, its run staying ``running``, so the next
-``python -m mtpeft.study <name>`` resumes it from its last checkpoint (on SIGINT, joblib would kill its
-workers mid-step instead). The runner waits until no job holds its run directory any more (at most
+``python -m mtpeft.study <name>`` resumes it from its last periodic checkpoint (``checkpoint_every_n_steps``:
+the steps since then are redone; on SIGINT, joblib would kill its workers mid-step instead). What the clean
+end buys over a kill: the jobs' logs, CSV and wandb files are closed properly and no process is left. The runner waits until no job holds its run directory any more (at most
 `STOP_WAIT_S`), kills what is left of the group (joblib's idle workers outlive their launcher), starts no
 new sweep (`StudyStopped`) and publishes what finished. A second signal kills the groups at once (the jobs
-then lose the steps since their last periodic checkpoint).
+lose the same steps, but their log files may be cut mid-line).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 """Signals that stop a study (passed on to its sweeps as SIGTERM)."""
-STOP_WAIT_S = 600.0
+STOP_WAIT_S = 180.0
 """After a stop, how long the runner waits for a sweep's jobs to end before it kills them (a job ends after
 its current training step or evaluation batch: seconds on the tiny model, about a minute on SmolLM2)."""
 
@@ -47,13 +48,18 @@ class StudyStopped(Exception):  # noqa: N818 - it is a stop, not an error
 
 
 class SweepGroups:
-    """The sweep processes this runner has started and not yet seen exit, each leading its process group."""
+    """The sweep processes this runner has started and not yet seen exit, each leading its process group.
+
+    `stop` runs inside a signal handler, in whichever bytecode of the main thread the signal interrupts
+    (possibly `start`, holding the lock): it takes no lock and writes with ``os.write`` only. It reads a
+    snapshot of the live groups, and `start` signals a group it adds after a stop itself."""
 
     def __init__(self) -> None:
         self._live: dict[subprocess.Popen, Path] = {}
         self._lock = threading.Lock()
         self.stopped: int | None = None
         """The signal that stopped the study, once one did."""
+        self._killed = False
 
     def start(self, command: list[str], directory: Path) -> subprocess.Popen:
         """Start ``command`` (a sweep writing its jobs' run directories into ``directory``) in a new process
@@ -63,42 +69,56 @@ class SweepGroups:
                 raise StudyStopped(self.stopped)
             process = subprocess.Popen(command, env={**os.environ}, start_new_session=True)
             self._live[process] = Path(directory)
-            return process
+        if self.stopped is not None:  # a stop came while it started: the handler's snapshot missed it
+            _signal_group(process.pid, signal.SIGKILL if self._killed else signal.SIGTERM)
+        return process
 
     def finished(self, process: subprocess.Popen) -> None:
-        """``process`` has exited. After a stop, its jobs may still be finishing their step: wait until
-        none holds its run directory any more, then kill what is left of the group (joblib's idle workers
-        and trackers, which outlive their launcher)."""
+        """``process`` has exited (or its caller is leaving). After a stop, its jobs may still be finishing
+        their step: wait until none holds its run directory any more, then kill what is left of the group
+        (joblib's idle workers and trackers, which outlive their launcher). A sweep left behind otherwise
+        (an exception in its caller) is stopped the same way."""
         directory = self._live[process]
-        if self.stopped is not None:
+        if self.stopped is not None or process.poll() is None:
+            if self.stopped is None:
+                _signal_group(process.pid, signal.SIGTERM)
             if not jobs_released(directory, STOP_WAIT_S):
                 log.warning("the jobs of %s did not stop within %.0f s: killing them", directory, STOP_WAIT_S)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, signal.SIGKILL)
+            _signal_group(process.pid, signal.SIGKILL)
             group_ended(process.pid, 30.0)
+            process.wait()
         with self._lock:
             del self._live[process]
 
     def signal_all(self, signum: int) -> None:
-        """Send ``signum`` to every live sweep's process group."""
-        with self._lock:
-            for process in self._live:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(process.pid, signum)
+        """Send ``signum`` to every live sweep's process group (a snapshot: no lock, see the class)."""
+        for process in tuple(self._live):
+            _signal_group(process.pid, signum)
 
     def stop(self, signum: int) -> None:
         """On the first stop signal, SIGTERM to every group (jobs end cleanly); on the next ones, SIGKILL."""
         if self.stopped is None:
             self.stopped = signum
-            log.warning(
-                "%s: stopping the study; each job ends after its current step and a re-run resumes it "
-                "(send it again to kill the jobs at once)",
-                signal.Signals(signum).name,
+            _say(
+                f"{signal.Signals(signum).name}: stopping the study; each job ends after its current step "
+                "and a re-run resumes it from its last checkpoint (send it again to kill the jobs at once)"
             )
             self.signal_all(signal.SIGTERM)
         else:
-            log.warning("killing the study's jobs")
+            self._killed = True
+            _say("killing the study's jobs")
             self.signal_all(signal.SIGKILL)
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
+
+
+def _say(message: str) -> None:
+    """Write a line to stderr from a signal handler (``os.write``: no buffered stream to re-enter)."""
+    with contextlib.suppress(OSError):
+        os.write(2, f"{message}\n".encode())
 
 
 def jobs_released(directory: Path, timeout: float) -> bool:
@@ -179,4 +199,4 @@ def stop_on_signals(groups: SweepGroups = SWEEPS) -> Iterator[SweepGroups]:
         yield groups
     finally:
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set outside Python

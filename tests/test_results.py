@@ -379,3 +379,26 @@ def test_convergence_reports_the_last_gain_and_runs_best_at_the_budget(tmp_path:
     assert "2 of 3 runs had their best validation at the end of their budget." in md
     table = pd.read_csv(tmp_path / "convergence.csv")
     assert table.set_index("label").loc["lora", "best_at_end"] == 2
+
+
+def test_best_at_end_means_the_last_validation_and_no_runs_give_a_readable_csv(tmp_path: Path) -> None:
+    """A budget the validation interval does not divide (10 steps, validation every 4): the last validation
+    is at step 8, and a best checkpoint there is at the end."""
+    from mtpeft.results.convergence import convergence_table, write_convergence
+
+    data = _write(tmp_path, "lora0", "lora", 0, {"qa": 0.5, "code": 0.5})
+    data["best_checkpoint"] = "/runs/lora/0/checkpoints/step_8.ckpt"
+    (tmp_path / "lora0" / "results.json").write_text(json.dumps(data))
+    (tmp_path / "lora0" / "csv").mkdir()
+    pd.DataFrame({"step": [3, 7], "val/avg/score": [0.2, 0.4]}).to_csv(
+        tmp_path / "lora0" / "csv" / "metrics.csv", index=False
+    )
+    table = convergence_table(load_runs([tmp_path]))
+    assert table.set_index("label").loc["lora", ["best_at_end", "with_best"]].tolist() == [1, 1]
+    write_convergence([], tmp_path, "empty", "test")
+    assert list(pd.read_csv(tmp_path / "convergence.csv").columns) == [
+        "label",
+        "n",
+        "best_at_end",
+        "with_best",
+    ]

@@ -210,6 +210,21 @@ def test_run_dir_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path: 
     assert not is_locked(tmp_path)
 
 
+def test_a_lock_probed_for_an_instant_is_not_busy(tmp_path: Path) -> None:
+    """`is_locked` (``--status``, a stopping study) takes a free lock for an instant: a run that tries to take
+    it meanwhile waits that instant instead of calling the directory busy (and retraining elsewhere)."""
+    import fcntl
+    import threading
+
+    with RunDirLock(tmp_path):
+        pass
+    probe = os.open(tmp_path / LOCK_FILE, os.O_RDWR)
+    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    threading.Timer(0.05, os.close, [probe]).start()  # the probe lets go 50 ms later
+    with RunDirLock(tmp_path):
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+
+
 def test_second_cli_run_in_a_busy_directory_fails_before_writing(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     holder = subprocess.Popen(

@@ -93,7 +93,7 @@ def test_every_job_once_in_its_best_state(tmp_path: Path) -> None:
     assert "| tune | hycam | optimizer.lr=0.0003 | 0 | failed | -/120 |" in text
     assert "re-run `python -m mtpeft.study s` to resume" in text
     after = {(j.stage, j.method, j.values): (j.state, j.step) for j in study_jobs(study)}  # lock released
-    assert after["tune", "lora", "optimizer.lr=0.003"] == (INTERRUPTED, 40)  # the newest record of the two
+    assert after["tune", "lora", "optimizer.lr=0.003"] == (INTERRUPTED, 40)  # the one with most steps
 
 
 def test_declared_jobs_count_grid_points_and_final_seeds(tmp_path: Path) -> None:
@@ -109,3 +109,27 @@ def test_status_of_a_real_study_config_runs_nothing(tmp_path: Path, capsys: pyte
     out = capsys.readouterr().out
     assert "tune: 0 finished, 0 running, 0 interrupted, 0 failed; declared 24" in out
     assert "final: 0 finished" in out and "declared 18" in out
+
+
+def test_status_counts_the_study_the_command_line_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    paths = [f"paths.log_dir={tmp_path}", f"paths.published_dir={tmp_path}"]
+    assert (
+        main(
+            [
+                "methods_mix3_tuned",
+                "method=lora",
+                "seed=0,1,2,3,4",
+                "tune.lr=[0.001,0.01]",
+                *paths,
+                "--status",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "declared 2 (+" in out and "declared 5;" in out  # 1 method x 2 lrs; 1 method x 5 seeds
+    optuna = ["+tune.sampler=optuna", "+tune.trials=12", "~tune.lr", "+tune.lr={low:1e-4,high:1e-1,log:true}"]
+    assert main(["methods_mix3_tuned", "method=lora,hycam", *optuna, *paths, "--status"]) == 0
+    out = capsys.readouterr().out
+    assert "tune: 0 finished, 0 running, 0 interrupted, 0 failed; declared 24;" in out  # 2 x 12, no widening
+    assert "declared 6;" in out  # 2 methods x 3 seeds

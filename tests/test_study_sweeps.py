@@ -129,3 +129,30 @@ def test_exited_processes_nobody_reaped_do_not_keep_a_group_alive() -> None:
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert process.poll() == 0
+
+
+SIGNAL_IN_START = """
+import os, signal, subprocess, sys
+from pathlib import Path
+import mtpeft.study_sweeps as sweeps
+real = subprocess.Popen
+def popen_then_signal(*args, **kwargs):  # the signal lands while start() holds its lock
+    process = real(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return process
+sweeps.subprocess.Popen = popen_then_signal
+groups = sweeps.SweepGroups()
+with sweeps.stop_on_signals(groups):
+    process = groups.start([sys.executable, "-c", "import time; time.sleep(120)"], Path(sys.argv[1]))
+    print(process.wait(timeout=30))
+    groups.finished(process)
+"""
+
+
+def test_a_signal_while_a_sweep_starts_neither_deadlocks_nor_misses_it(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", SIGNAL_IN_START, str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(-signal.SIGTERM)  # the new sweep got the stop too
+    assert "SIGTERM: stopping the study" in done.stderr

@@ -7,8 +7,9 @@ best. For each table row (method and variant, over its seeds) this reports:
   whose metrics CSV logged it (`mtpeft.results.load.validation_curves`; runs logged only to wandb have no
   curve here);
 * the change over the last validation interval (last minus the one before, mean over seeds, in points);
-* in how many runs the best validation checkpoint (the one tested) came at the end of the budget
-  (``step_<max_steps>.ckpt``): when it is most of them, the scores were still rising when training stopped.
+* in how many runs the best validation checkpoint (the one tested) was the last validation (the last step
+  of its curve, else ``max_steps``): when it is most of them, the scores were still rising when training
+  stopped.
 """
 
 from __future__ import annotations
@@ -32,23 +33,35 @@ def convergence_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
     rows = []
     for name in sorted({label(r) for r in success}):
         runs = [r for r in success if label(r) == name]
-        named = [r for r in runs if r.get("best_step") is not None and r.get("max_steps") is not None]
+        curves = [validation_points(r) for r in runs]
+        ends = [_last_validation(r, c) for r, c in zip(runs, curves, strict=True)]
+        named = [
+            (r["best_step"], end)
+            for r, end in zip(runs, ends, strict=True)
+            if r.get("best_step") is not None and end
+        ]
         row: dict[str, Any] = {
             "label": name,
             "n": len(runs),
-            "best_at_end": sum(r["best_step"] >= r["max_steps"] for r in named),
+            "best_at_end": sum(best >= end for best, end in named),
             "with_best": len(named),
         }
-        points = pd.concat([validation_points(r) for r in runs], ignore_index=True)
+        points = pd.concat(curves, ignore_index=True)
         if len(points):
             for step, scores in points.groupby("step"):
                 row[f"val@{int(step)}"] = 100 * scores["score"].mean()
             row["last_change"] = _last_change(points)
         rows.append(row)
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(rows, columns=None if rows else ["label", "n", "best_at_end", "with_best"])
     steps = sorted((c for c in table.columns if c.startswith("val@")), key=lambda c: int(c[4:]))
     ordered = ["label", "n", *steps, *(["last_change"] if "last_change" in table else []), "best_at_end"]
     return table[[*ordered, "with_best"]] if len(table) else table
+
+
+def _last_validation(record: dict[str, Any], points: pd.DataFrame) -> int | None:
+    """The step of a run's last validation: from its curve, else its budget (``max_steps``; the last
+    validation is there when ``val_check_interval`` divides it, as in every study config)."""
+    return int(points["step"].max()) if len(points) else record.get("max_steps")
 
 
 def validation_points(record: dict[str, Any]) -> pd.DataFrame:

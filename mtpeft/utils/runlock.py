@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import socket
+import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -63,6 +64,23 @@ def is_locked(directory: str | Path) -> bool:
     return False
 
 
+PROBE_RETRIES = 10
+"""Tries to take a lock before calling it busy, 20 ms apart: `is_locked` (``--status``, a stopping study)
+takes a free lock for an instant to test it, which must not look like a live holder."""
+
+
+def _flock_soon(fd: int) -> None:
+    """``flock(LOCK_EX | LOCK_NB)``, retried briefly while it is busy (see `PROBE_RETRIES`)."""
+    for attempt in range(PROBE_RETRIES):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN) or attempt == PROBE_RETRIES - 1:
+                raise
+            time.sleep(0.02)
+
+
 class RunDirLock:
     """``with RunDirLock(run_dir):`` hold the directory exclusively (re-entrant within a process)."""
 
@@ -88,7 +106,7 @@ class RunDirLock:
             return
         fd = os.open(key / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock_soon(fd)
         except OSError as err:
             if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 log.warning("cannot lock %s (%s): this file system has no flock; running unlocked", key, err)
