@@ -20,8 +20,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mtpeft.results.load import flatten
 from mtpeft.study_stages import STAGES, run_stage
-from mtpeft.utils.resume import CHECKPOINT_DIR, LAST_CHECKPOINT
+from mtpeft.utils.resume import CHECKPOINT_DIR, LAST_CHECKPOINT, load_checkpoint
 from mtpeft.utils.runlock import is_locked
 from mtpeft.utils.sweep import RESULTS_FILE, run_identity, run_records
 
@@ -68,13 +69,11 @@ def record_state(directory: Path, record: Mapping[str, Any]) -> str | None:
 def last_checkpoint_step(directory: Path) -> int | None:
     """The optimiser step of ``checkpoints/last.ckpt`` in a run directory (memory-mapped: only the small
     header is read), or None."""
-    import torch
-
     path = directory / CHECKPOINT_DIR / LAST_CHECKPOINT
     if not path.is_file():
         return None
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        checkpoint = load_checkpoint(path, mmap=True)
     except Exception:  # noqa: BLE001 - a checkpoint being written or cut short: no step to show
         return None
     step = checkpoint.get("global_step")
@@ -89,13 +88,8 @@ def last_written(directory: Path) -> datetime:
 
 def tuned_values(config: Mapping[str, Any], study: Study, method: str) -> str:
     """``key=value`` of the method's tuning keys in a run's config (the grid's keys), or ``-``."""
-    parts = []
-    for key in study.grid(method) or {}:
-        node: Any = config
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, Mapping) else None
-        if node is not None:
-            parts.append(f"{key}={node}")
+    flat = flatten(dict(config))
+    parts = [f"{key}={flat[key]}" for key in study.grid(method) or {} if flat.get(key) is not None]
     return ", ".join(parts) or "-"
 
 

@@ -50,9 +50,12 @@ def resume_mode(value: Any, multirun: bool) -> str | None:
     )
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint as a dict (Lightning checkpoints hold plain Python objects besides tensors)."""
-    return torch.load(path, map_location="cpu", weights_only=False)
+def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
+    """A checkpoint as a dict (Lightning checkpoints hold plain Python objects besides tensors).
+
+    ``mmap=True`` maps the tensors instead of reading them: a caller that wants only the small header (the
+    step, the job hash) reads a few KB of a multi-GB checkpoint."""
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
 
 
 def checkpoint_job(path: Path) -> str | None:
