@@ -14,9 +14,9 @@ run's ``model`` config (`mtpeft.models.loader.load_base_model`), the method from
 ``--lmeval-task``
     an lm-evaluation-harness task per task, ``<out>/lmeval/mtpeft_<task>_<split>.{yaml,jsonl}``: the
     ``--split`` records with the prompt rendered exactly as mtpeft renders it (template, chat template),
-    generated greedily with the task's generation budget and scored by lm-eval's exact match (case,
-    punctuation, articles, surrounding whitespace ignored: SQuAD normalisation, as mtpeft's
-    ``exact_match``). Run it with ``--include_path <out>/lmeval`` (see `mtpeft.lmeval`).
+    generated greedily with the task's generation budget and scored by mtpeft's own ``exact_match`` (SQuAD
+    normalisation; the function lies beside the tasks in ``mtpeft_exact_match.py``, as lm-eval's
+    ``!function``). Run it with ``--include_path <out>/lmeval`` (see `mtpeft.lmeval`).
 neither
     ``<out>/base/`` (the base model and tokenizer as a plain Hugging Face directory) and ``<out>/adapter/``
     (a copy of the adapter): for ``method=lora`` that pair is all plain transformers + peft need
@@ -209,14 +209,39 @@ def export_lmeval_task(
                 prompt, _ = datamodule.template(record)
                 lines.write(json.dumps({"prompt": prompt, "answers": golds(record), "index": index}) + "\n")
     budget = OmegaConf.select(cfg, "evaluation.max_new_tokens") or datamodule.max_new_tokens_for(task)
-    spec = lmeval_task_spec(name, data.resolve(), int(budget))
+    (out_dir / f"{LMEVAL_METRIC_MODULE}.py").write_text(LMEVAL_METRIC_SOURCE)
     path = out_dir / f"{name}.yaml"
-    path.write_text(json.dumps(spec, indent=2) + "\n")  # JSON is valid YAML, and needs no yaml writer
+    path.write_text(lmeval_task_yaml(lmeval_task_spec(name, data.resolve(), int(budget))))
     return path
 
 
+LMEVAL_METRIC_MODULE = "mtpeft_exact_match"
+"""The module written beside every exported task YAML; its ``exact_match`` is the task's metric."""
+LMEVAL_METRIC_SOURCE = '''"""mtpeft's exact match for lm-eval tasks exported by ``python -m mtpeft.export --lmeval-task``.
+
+lm-eval's built-in exact_match cannot express SQuAD normalisation (it deletes regex matches before it drops
+punctuation, and cannot collapse whitespace), so the exported tasks score with mtpeft's own normaliser.
+lm-eval calls this with every gold answer of a record and one prediction repeated; 1.0 if any matches.
+"""
+
+from mtpeft.metrics.exact_match import normalize_answer
+
+
+def exact_match(references, predictions, **kwargs):
+    hits = [normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references)]
+    return {"exact_match": float(any(hits))}
+'''
+
+
+@dataclass(frozen=True)
+class LmevalFunction:
+    """``!function <module>.<name>`` in an lm-eval task YAML: a function of a module beside the YAML."""
+
+    reference: str
+
+
 def lmeval_task_spec(name: str, data: Path, max_new_tokens: int) -> dict[str, Any]:
-    """An lm-eval task config: local JSONL, greedy generation, SQuAD-normalised exact match."""
+    """An lm-eval task config: local JSONL, greedy generation, mtpeft's SQuAD-normalised exact match."""
     return {
         "task": name,
         "dataset_path": "json",
@@ -232,17 +257,25 @@ def lmeval_task_spec(name: str, data: Path, max_new_tokens: int) -> dict[str, An
         ],
         "metric_list": [
             {
-                "metric": "exact_match",
+                "metric": LmevalFunction(f"{LMEVAL_METRIC_MODULE}.exact_match"),
                 "aggregation": "mean",
                 "higher_is_better": True,
-                "ignore_case": True,
-                "ignore_punctuation": True,
-                # SQuAD normalisation: articles dropped, whitespace ignored
-                "regexes_to_ignore": [r"(?i)\b(a|an|the)\b", r"\s+"],
             }
         ],
         "metadata": {"version": 1.0},
     }
+
+
+def lmeval_task_yaml(spec: dict[str, Any]) -> str:
+    """The YAML text of a task spec (`LmevalFunction` values as ``!function`` tags, which lm-eval resolves
+    against the YAML's directory)."""
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    Dumper.add_representer(LmevalFunction, lambda d, f: d.represent_scalar("!function", f.reference))
+    return yaml.dump(spec, Dumper=Dumper, sort_keys=False)
 
 
 # -- command line ------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ def lora_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_exported_task_holds_the_runs_prompts_and_answers(lora_run: Path, tmp_path: Path) -> None:
     assert export_main([str(lora_run), "--lmeval-task", "--task", "qa", "--out", str(tmp_path)]) == 0
-    spec = json.loads((tmp_path / "lmeval" / f"{TASK}.yaml").read_text())
+    spec = _read_task_yaml(tmp_path / "lmeval" / f"{TASK}.yaml")
     assert spec["task"] == TASK and spec["output_type"] == "generate_until"
     assert spec["generation_kwargs"]["max_gen_toks"] == 8
     rows = [
@@ -61,38 +61,63 @@ def test_exported_task_holds_the_runs_prompts_and_answers(lora_run: Path, tmp_pa
         assert row["answers"] == golds(record)
 
 
-PAIRS = [
-    (" 7", "7"),
-    ("Lima.", "lima"),
-    ("the cat", "cat"),
-    ("The  New York ", "new york"),
-    (" 7 8", "7"),
-    ("13", "31"),
-    ("an apple!", "Apple"),
-    ("a", ""),
-    ("x,y", "xy"),
-    ("white", "black"),
+def _read_task_yaml(path: Path) -> dict:
+    """An exported task YAML with its ``!function`` tags as their text."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!function", lambda loader, node: f"!function {node.value}")
+    return yaml.load(path.read_text(), Loader=Loader)  # noqa: S506 - SafeLoader plus one tag
+
+
+PAIRS = [  # prediction, gold, SQuAD exact match
+    (" 7", "7", 1.0),
+    ("Lima.", "lima", 1.0),
+    ("the cat", "cat", 1.0),
+    ("The  New York ", "new york", 1.0),
+    (" 7 8", "7", 0.0),
+    ("13", "31", 0.0),
+    ("an apple!", "Apple", 1.0),
+    ("a", "", 1.0),
+    ("x,y", "xy", 1.0),
+    ("white", "black", 0.0),
+    ("new york", "newyork", 0.0),  # lm-eval's regexes_to_ignore=[\s+] would call these equal
+    ("a-b", "ab", 1.0),
+    ("the-end", "end", 0.0),  # punctuation goes before articles: "theend"
 ]
 
 
-def test_lmeval_metric_is_mtpeft_exact_match() -> None:
-    """The exported filter + metric options reproduce SQuAD-normalised EM (matches and misses)."""
+def test_lmeval_metric_is_mtpeft_exact_match(tmp_path: Path) -> None:
+    """The exported task's metric, as lm-eval loads it (``!function`` beside the YAML), is SQuAD EM."""
     pytest.importorskip("lm_eval")
-    from lm_eval.api.metrics import exact_match_hf_evaluate
     from lm_eval.filters.extraction import WhitespaceFilter
+    from lm_eval.tasks._yaml_loader import load_yaml
 
-    spec = lmeval_task_spec("t", Path("t.jsonl"), 8)
-    options = {
-        k: v
-        for k, v in spec["metric_list"][0].items()
-        if k not in ("metric", "aggregation", "higher_is_better")
-    }
-    for prediction, gold in PAIRS:
+    from mtpeft.export import LMEVAL_METRIC_MODULE, LMEVAL_METRIC_SOURCE, lmeval_task_yaml
+
+    (tmp_path / f"{LMEVAL_METRIC_MODULE}.py").write_text(LMEVAL_METRIC_SOURCE)
+    (tmp_path / "t.yaml").write_text(lmeval_task_yaml(lmeval_task_spec("t", Path("t.jsonl"), 8)))
+    metric = load_yaml(tmp_path / "t.yaml")["metric_list"][0]["metric"]  # as TaskManager loads it
+    for prediction, gold, expected in PAIRS:
         (filtered,) = WhitespaceFilter().apply([[prediction]], [{}])
-        theirs = exact_match_hf_evaluate(predictions=filtered, references=[gold], **options)["exact_match"]
-        ours = float(normalize_answer(prediction.strip()) == normalize_answer(gold))
-        assert theirs == ours, (prediction, gold)
-    assert sum(normalize_answer(p) == normalize_answer(g) for p, g in PAIRS) >= 5  # both outcomes covered
+        assert metric(references=[gold], predictions=filtered)["exact_match"] == expected, (prediction, gold)
+        assert float(normalize_answer(prediction) == normalize_answer(gold)) == expected, (prediction, gold)
+    assert metric(references=["x", "lima"], predictions=["Lima", "Lima"])["exact_match"] == 1.0  # any gold
+
+
+def _plant_matching_answers(task_file: Path, ours: dict[int, dict]) -> set[int]:
+    """Give every other exported record a gold answer equal to mtpeft's prediction up to SQuAD
+    normalisation (``The <prediction>.``), so lm-eval must score matches as well as misses (a random
+    model's predictions miss every real answer). Returns the indices of the planted records."""
+    rows = [json.loads(line) for line in task_file.read_text().splitlines()]
+    planted = {row["index"] for row in rows[::2]}
+    for row in rows:
+        if row["index"] in planted:
+            row["answers"] = [f"The {ours[row['index']]['prediction']}."]
+    task_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return planted
 
 
 def _evaluate(run_dir: Path, include: Path, **extra: str):
@@ -115,19 +140,23 @@ def test_lmeval_em_equals_mtpeft_test_em_record_for_record(
     pytest.importorskip("lm_eval")
     run_dir = lora_run if method == "lora" else _train(method, tmp_path / f"run-{method}")
     assert export_main([str(run_dir), "--lmeval-task", "--task", "qa", "--out", str(tmp_path / "x")]) == 0
-    results = _evaluate(run_dir, tmp_path / "x" / "lmeval", task="qa")
-    theirs = {s["doc"]["index"]: s for s in results["samples"][TASK]}
     ours = {
         r["index"]: r
         for r in read_example_scores(run_dir / SCORES_FILE)
         if r["split"] == "test" and r["task"] == "qa"
     }
+    hits = _plant_matching_answers(tmp_path / "x" / "lmeval" / f"{TASK}.jsonl", ours)
+    results = _evaluate(run_dir, tmp_path / "x" / "lmeval", task="qa")
+    theirs = {s["doc"]["index"]: s for s in results["samples"][TASK]}
     assert len(ours) == 6 and theirs.keys() == ours.keys()
     for index, row in ours.items():
         assert theirs[index]["filtered_resps"] == [row["prediction"].strip()], index
-        assert theirs[index]["exact_match"] == row["scores"]["exact_match"], index
-    mtpeft_em = json.loads((run_dir / "results.json").read_text())["metrics"]["test"]["test/qa/exact_match"]
-    assert results["results"][TASK]["exact_match,strip"] == pytest.approx(mtpeft_em)
+        expected = 1.0 if index in hits else row["scores"]["exact_match"]
+        assert theirs[index]["exact_match"] == expected, index
+    expected_em = sum(1.0 if i in hits else row["scores"]["exact_match"] for i, row in ours.items()) / len(
+        ours
+    )
+    assert results["results"][TASK]["exact_match,strip"] == pytest.approx(expected_em)
     if method == "lora":  # a random base with a random adapter: the generations vary with the input
         assert len({row["prediction"] for row in ours.values()}) > 1
 
