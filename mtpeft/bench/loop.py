@@ -3,7 +3,7 @@
 * ``mtpeft``: ``trainer.fit`` of the run's `MultiTaskModule` and datamodule, with the run's trainer, callbacks
   and loggers (as ``mtpeft.run`` builds them), validation and checkpointing off;
 * ``bare``: a plain PyTorch loop over the same dataloader doing what a training step must: forward, token-mean
-  cross-entropy plus the method's aux losses, backward, gradient-norm clipping, AdamW and scheduler step;
+  cross-entropy (`mtpeft.module.chunked_losses`, as training computes it) plus the method's aux losses, backward, gradient-norm clipping, AdamW and scheduler step;
 * ``trainer+peft``: ``transformers.Trainer`` on the plain peft model with the same hyper-parameters, for a
   method with a peft equivalent (LoRA: what a user would pick instead of mtpeft for that method).
 
@@ -31,8 +31,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from mtpeft.bench.config import RunParts
-from mtpeft.losses import token_losses
-from mtpeft.module import build_scheduler
+from mtpeft.module import build_scheduler, chunked_losses
 from mtpeft.run import build_callbacks, build_loggers, build_module
 
 log = logging.getLogger(__name__)
@@ -122,11 +121,8 @@ def bare_loop(parts: RunParts, steps: int, workdir: Path) -> StepClock:
     clock = StepClock()
     for batch in _batches(parts, steps):
         batch = {k: v.to(device) for k, v in batch.items() if k in (*MODEL_KEYS, "task_ids")}
-        out = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], task_ids=batch["task_ids"]
-        )
-        losses, mask = token_losses(out.logits, batch["labels"])
-        loss = losses.sum() / mask.sum().clamp_min(1)
+        inputs = (batch["input_ids"], batch["attention_mask"], batch["task_ids"], batch["labels"])
+        loss = chunked_losses(model, *inputs, parts.num_tasks)[0]
         for value in model.aux_losses().values():
             loss = loss + value
         loss.backward()
@@ -274,5 +270,6 @@ def loop_config_overrides(steps: int) -> list[str]:
 
 def describe(cfg: DictConfig) -> str:
     """One line naming what was trained (method, model, data, batch)."""
-    model = cfg.model.get("name_or_path") or cfg.model.get("kind", "?")
+    named = (cfg.model.get(key) for key in ("name_or_path", "gguf_file"))
+    model = next((str(name) for name in named if name), cfg.model.get("kind", "?"))
     return f"method={cfg.method.name}, model={model}, batch {cfg.data.batch_size}, threads {torch.get_num_threads()}"

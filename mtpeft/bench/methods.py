@@ -3,9 +3,10 @@
 The variants come from the registry: every registered method's ``bench_variants`` (by default the method as
 its yaml sets it; a method declares its speed-relevant settings, e.g. ``method=moe_lora
 method.num_experts=8``), with the ``bench_reference`` method (LoRA) first. Each variant is the run config
-composed with its overrides on the base model of ``model=``, so any model config can be measured. A step is forward + token-mean
-cross-entropy + per-task reduction (`mtpeft.module.forward_losses`) + aux losses + backward + AdamW update,
-timed on two kinds of input:
+composed with its overrides on the base model of ``model=``, so any model config can be measured. A step is
+what a training step computes: forward + token-mean cross-entropy without full logits + per-task reduction
+(`mtpeft.module.chunked_losses`; the compiled step: `mtpeft.module.forward_losses`, as ``compile: true``
+trains) + aux losses + backward + AdamW update, timed on two kinds of input:
 
 * a fixed random batch (``--batch`` x ``--length`` tokens, no padding, random task ids);
 * real batches: the first ``--real-batches`` training batches of the run's datamodule (``data=``), with their
@@ -25,6 +26,7 @@ parameters. Timings are never asserted in tests.
 
 from __future__ import annotations
 
+import functools
 import gc
 import statistics
 import time
@@ -36,7 +38,7 @@ import torch
 
 from mtpeft.bench.config import RunParts
 from mtpeft.methods import AdaptedModel, available_methods, get_method
-from mtpeft.module import compile_training_step, forward_losses
+from mtpeft.module import chunked_losses, compile_training_step
 
 
 def reference_method() -> str:
@@ -79,7 +81,7 @@ def random_batch(batch: int, length: int, vocab: int, num_tasks: int, device: to
 def make_step(model: AdaptedModel, num_tasks: int, compiled: bool) -> Step:
     """One optimiser step of ``model`` on a batch (eager, or the compiled step of ``compile: true``)."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    losses = compile_training_step(model) if compiled else lambda *a: forward_losses(model, *a)
+    losses = compile_training_step(model) if compiled else functools.partial(chunked_losses, model)
 
     def step(batch: Batch) -> None:
         inputs = (batch["input_ids"], batch["attention_mask"], batch["task_ids"], batch["labels"])
@@ -107,7 +109,7 @@ def saved_activation_mb(model: AdaptedModel, batch: Batch, num_tasks: int) -> fl
 
     inputs = (batch["input_ids"], batch["attention_mask"], batch["task_ids"], batch["labels"])
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = forward_losses(model, *inputs, num_tasks)[0]
+        loss = chunked_losses(model, *inputs, num_tasks)[0]
         for value in model.aux_losses().values():
             loss = loss + value
     loss.backward()

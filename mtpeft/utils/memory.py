@@ -46,11 +46,22 @@ def peak_memory_mb() -> dict[str, float | str]:
     return result
 
 
+def current_rss_mb() -> float | None:
+    """Resident set size now (``VmRSS``), MB; None without procfs."""
+    kb = _proc_status_kb("VmRSS")
+    return None if kb is None else round(kb / 1024, 1)
+
+
 def _vm_hwm_kb() -> int | None:
     """``VmHWM`` (peak RSS, kB) from ``/proc/self/status``; None without procfs."""
+    return _proc_status_kb("VmHWM")
+
+
+def _proc_status_kb(field: str) -> int | None:
+    """A kB field of ``/proc/self/status``; None without procfs."""
     try:
         for line in PROC_STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1])
     except OSError:
         return None
