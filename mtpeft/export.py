@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mtpeft.adapters.base import AdaptedModel, NotMergeableError, read_adapter_meta
+from mtpeft.adapters.base import ADAPTER_CONFIG, AdaptedModel, NotMergeableError, read_adapter_meta
 from mtpeft.adapters.registry import load_adapter
 from mtpeft.models.loader import adapter_dtype, load_base_model
 from mtpeft.utils.resolvers import register_resolvers
@@ -74,19 +74,35 @@ class LoadedRun:
 
 
 def read_run_config(run_dir: str | Path) -> DictConfig:
-    """The run's config: ``.hydra/config.yaml``, else the resolved ``config`` of ``results.json``."""
+    """The run's config: ``.hydra/config.yaml``, else the resolved ``config`` of ``results.json``; its
+    ``model.dtype`` is the dtype the run trained with (`pin_trained_dtype`)."""
     run_dir = Path(run_dir)
     register_resolvers()
     hydra_config = run_dir / ".hydra" / "config.yaml"
-    if hydra_config.is_file():
-        return OmegaConf.load(hydra_config)
     results = _results(run_dir)
+    if hydra_config.is_file():
+        return pin_trained_dtype(OmegaConf.load(hydra_config), results)
     if "config" in results:
-        return OmegaConf.create(results["config"])
+        return pin_trained_dtype(OmegaConf.create(results["config"]), results)
     raise FileNotFoundError(
         f"{run_dir} is not a run directory: no .hydra/config.yaml and no config in results.json "
         "(pass the directory a `python -m mtpeft.train` run wrote, e.g. logs/train/runs/<date>)"
     )
+
+
+def pin_trained_dtype(cfg: DictConfig, results: dict[str, Any]) -> DictConfig:
+    """``cfg`` with ``model.dtype`` set to the base dtype the run recorded (``inputs.base.dtype`` of
+    results.json), where there is one: ``bfloat16_if_native`` resolves per machine, and an adapter trained
+    on a float32 base must be exported and scored on a float32 base wherever that happens (and a bf16 one
+    on bf16, emulated if need be)."""
+    trained = ((results.get("inputs") or {}).get("base") or {}).get("dtype")
+    configured = OmegaConf.select(cfg, "model.dtype")
+    if trained and configured is not None and configured != trained:
+        log.info(
+            "model.dtype=%s: the run trained on a %s base, loading it as %s", configured, trained, trained
+        )
+        cfg.model.dtype = trained
+    return cfg
 
 
 def run_tasks(run_dir: Path, cfg: DictConfig, tokenizer: Any) -> list[str]:
@@ -149,6 +165,7 @@ def build_datamodule(cfg: DictConfig, tokenizer: Any) -> Any:
 def export_merged(run: LoadedRun, task: str, out_dir: str | Path) -> Path:
     """Write the standalone model of ``task`` (weights merged) and the tokenizer into ``out_dir``."""
     task_id = run.task_id(task)
+    run.model.check_mergeable()  # before a second copy of the base is loaded
     merged = run.model.merge_into(run.fresh_base(), task_id)
     out_dir = Path(out_dir)
     merged.save_pretrained(out_dir)
@@ -158,12 +175,22 @@ def export_merged(run: LoadedRun, task: str, out_dir: str | Path) -> Path:
 
 
 def export_base_and_adapter(run: LoadedRun, out_dir: str | Path) -> Path:
-    """Write ``base/`` (plain base model + tokenizer) and ``adapter/`` (a copy) into ``out_dir``."""
+    """Write ``base/`` (plain base model + tokenizer) and ``adapter/`` (a copy) into ``out_dir``.
+
+    A peft adapter's ``base_model_name_or_path`` is pointed at the exported ``base/`` (absolute path), so
+    ``AutoPeftModelForCausalLM.from_pretrained(<out>/adapter)`` finds it; the run's own value names its
+    cache directory, which exists only on the machine that trained it."""
     out_dir = Path(out_dir)
     base = run.fresh_base()
     base.save_pretrained(out_dir / "base")
     run.tokenizer.save_pretrained(out_dir / "base")
     shutil.copytree(run.run_dir / "adapter", out_dir / "adapter", dirs_exist_ok=True)
+    peft_config = out_dir / "adapter" / ADAPTER_CONFIG
+    if peft_config.is_file():
+        config = json.loads(peft_config.read_text())
+        if "base_model_name_or_path" in config:
+            config["base_model_name_or_path"] = str((out_dir / "base").resolve())
+            peft_config.write_text(json.dumps(config, indent=2) + "\n")
     _write_info(out_dir, run, {"kind": "base+adapter"})
     return out_dir
 

@@ -42,7 +42,7 @@ from mtpeft.preflight import preflight
 from mtpeft.record import RunRecord, checked, checked_failure
 from mtpeft.utils.callbacks import PeriodicCheckpoint, ResumeState
 from mtpeft.utils.confighash import config_hash, job_hash
-from mtpeft.utils.memory import peak_memory_mb, reset_peak_memory
+from mtpeft.utils.memory import peak_memory_mb, reset_peak_memory, set_malloc_mmap_threshold
 from mtpeft.utils.provenance import provenance
 from mtpeft.utils.resume import CHECKPOINT_DIR, find_resume_checkpoint
 from mtpeft.utils.runlock import RunDirLock
@@ -170,6 +170,7 @@ def _train_and_evaluate(cfg: DictConfig, output_dir: Path, job: Job) -> dict[str
     started = time.perf_counter()
     reset_peak_memory()
     apply_cpu_threads(cfg.get("cpu_threads", "auto"), cfg.model)  # training, pre-training and evaluation
+    set_malloc_mmap_threshold(cfg.get("cpu_malloc_mmap_threshold_kb"))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     base_model, tokenizer = load_base_model(cfg.model)
     datamodule = instantiate(

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-from peft import PeftModel
+from peft import AutoPeftModelForCausalLM, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mtpeft.adapters.base import NotMergeableError
-from mtpeft.export import EXPORT_INFO, main
+from mtpeft.export import EXPORT_INFO, load_run, main, read_run_config
 from mtpeft.methods import available_methods, build_method
 from mtpeft.models.loader import load_base_model
 from mtpeft.run import method_options
@@ -100,10 +100,17 @@ def test_task_conditioned_merges_differ_per_task(method: str, tmp_path: Path) ->
 
 
 @pytest.mark.parametrize("method", NOT_MERGEABLE)
-def test_input_dependent_methods_are_refused(method: str, tmp_path: Path, capsys) -> None:
+def test_input_dependent_methods_are_refused(
+    method: str, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
     run_dir, model = make_run(method, tmp_path)
     with pytest.raises(NotMergeableError, match="cannot be merged"):
         model.merged_weight_deltas(0)
+
+    def no_second_base(self):
+        raise AssertionError("a refused merge must not load a second copy of the base")
+
+    monkeypatch.setattr("mtpeft.export.LoadedRun.fresh_base", no_second_base)
     assert main([str(run_dir), "--merge", "--task", "qa", "--out", str(tmp_path / "out")]) == 2
     assert "cannot be merged" in capsys.readouterr().err
     assert not (tmp_path / "out" / "merged-qa").exists()
@@ -130,9 +137,31 @@ def test_base_and_peft_adapter_load_with_plain_tools(tmp_path: Path) -> None:
     assert main([str(run_dir), "--out", str(out)]) == 0
     base = AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(base, out / "adapter").eval()
+    auto_model = AutoPeftModelForCausalLM.from_pretrained(out / "adapter", dtype=torch.float32).eval()
+    assert Path(auto_model.peft_config["default"].base_model_name_or_path) == (out / "base").resolve()
     ids = _inputs()
     with torch.no_grad():
         torch.testing.assert_close(peft_model(input_ids=ids).logits, model(input_ids=ids).logits)
+        torch.testing.assert_close(auto_model(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_export_loads_the_base_in_the_dtype_the_run_trained_with(tmp_path: Path) -> None:
+    """``bfloat16_if_native`` resolves per machine; the run's recorded dtype (results.json) decides."""
+    run_dir, _ = make_run("lora", tmp_path)
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    base, tokenizer = load_base_model(cfg.model)
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    cfg.model = OmegaConf.merge(
+        OmegaConf.load(REPO / "conf" / "model" / "local_dir.yaml"),
+        {"name_or_path": str(tmp_path / "base"), "dtype": "bfloat16_if_native"},
+    )
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    for trained, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        results = {"status": "success", "tasks": TASKS, "inputs": {"base": {"dtype": trained}}}
+        (run_dir / "results.json").write_text(json.dumps(results))
+        assert read_run_config(run_dir).model.dtype == trained
+        assert next(load_run(run_dir).model.base_model.parameters()).dtype == dtype
 
 
 def test_unknown_task_and_missing_adapter_are_clear_errors(tmp_path: Path, capsys) -> None:
@@ -158,9 +187,9 @@ def test_every_method_merges_exactly_or_refuses(method: str) -> None:
         try:
             merged = model.merge_into(make_tiny_base(), task_id).eval()
         except NotMergeableError:
-            assert method not in MERGEABLE
+            assert method not in MERGEABLE and not model.mergeable
             return
         with torch.no_grad():
             expected = model(input_ids=ids, task_ids=torch.full((2,), task_id)).logits
             torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=0.0, atol=1e-5)
-    assert method in MERGEABLE
+    assert method in MERGEABLE and model.mergeable

@@ -346,7 +346,20 @@ class AdaptedModel(nn.Module):
 
         Only methods whose update is a per-task weight delta implement it; the default raises.
         """
-        raise NotMergeableError(
+        raise self._not_mergeable()
+
+    @property
+    def mergeable(self) -> bool:
+        """Whether the method implements `merged_weight_deltas` (its update is a per-task weight delta)."""
+        return type(self).merged_weight_deltas is not AdaptedModel.merged_weight_deltas
+
+    def check_mergeable(self) -> None:
+        """Raise `NotMergeableError` for a method that cannot be merged: before a base copy is loaded."""
+        if not self.mergeable:
+            raise self._not_mergeable()
+
+    def _not_mergeable(self) -> NotMergeableError:
+        return NotMergeableError(
             f"method {self.method_name!r} cannot be merged into the base weights: its update depends on "
             "the input (routing, modulation or prompts), not only on the task. Evaluate it with the "
             "adapter instead (python -m mtpeft.lmeval --model mtpeft --model_args run=<run dir>,task=<t>)"

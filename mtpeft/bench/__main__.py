@@ -22,6 +22,7 @@ from mtpeft.bench.methods import (
     reference_method,
     run_methods,
 )
+from mtpeft.utils.memory import set_malloc_mmap_threshold
 from mtpeft.utils.threads import apply_cpu_threads
 
 
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> str:
             torch.set_num_threads(args.threads)
         else:
             apply_cpu_threads(cfg.get("cpu_threads", "auto"), cfg.model)
+        set_malloc_mmap_threshold(cfg.get("cpu_malloc_mmap_threshold_kb"))
         parts = RunParts.build(cfg)
         lines += [f"torch {torch.__version__}, {describe(cfg)}", ""]
         if not args.no_loop:

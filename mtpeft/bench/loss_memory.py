@@ -8,14 +8,14 @@ method and a random batch with every position labelled (the chunked loss's worst
 losses and backward of one step (no optimiser step: it is the same for both).
 
 On CPU the figure is the process's peak resident memory during the step (``VmHWM`` reset before it, see
-`mtpeft.utils.memory`) and the step's increment over the resident memory before it. The chunked loss is
-measured first: memory the allocator keeps after a step could only raise the second figure's baseline, and
-the full-logits step needs more anyway. On CUDA: the allocator's peak over the memory allocated before.
+`mtpeft.utils.memory`) and the step's increment over the resident memory before it, with the C heap's free
+pages returned to the OS before each step (`release_free_memory`: glibc otherwise keeps a step's freed
+activations resident, which would count in the next step's baseline). On CUDA: the allocator's peak over
+the memory allocated before.
 """
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +24,7 @@ import torch
 from mtpeft.bench.config import RunParts
 from mtpeft.bench.methods import Batch
 from mtpeft.module import chunked_losses, forward_losses
-from mtpeft.utils.memory import current_rss_mb, peak_memory_mb, reset_peak_memory
+from mtpeft.utils.memory import current_rss_mb, peak_memory_mb, release_free_memory, reset_peak_memory
 
 LOSSES: dict[str, Callable[..., Any]] = {"chunked": chunked_losses, "full logits": forward_losses}
 """The measured losses, in measurement order."""
@@ -49,7 +49,7 @@ def loss_memory(parts: RunParts, batch: Batch) -> list[dict[str, Any]]:
     inputs = (batch["input_ids"], batch["attention_mask"], batch["task_ids"], batch["labels"])
     rows = []
     for name, losses in LOSSES.items():
-        gc.collect()
+        release_free_memory()
         before = _before_mb(cuda)
         reset_peak_memory()
         loss = losses(model, *inputs, parts.num_tasks)[0]
@@ -77,7 +77,7 @@ def loss_memory_markdown(rows: list[dict[str, Any]], method: str, shape: str, cu
     ratio = chunked["step_mb"] / full["step_mb"] if full["step_mb"] > 0 else float("nan")
     return [
         f"LM-loss memory (method={method}, random batch {shape}, every position labelled; forward + loss + "
-        f"backward of one step; {what}, chunked measured first): the chunked loss's step takes "
+        f"backward of one step; {what}): the chunked loss's step takes "
         f"**{ratio:.2f}x** the memory of the full-logits one.",
         "",
         "| loss | before the step MB | peak MB | step MB | loss value |",

@@ -50,6 +50,7 @@ IGNORED_TOP_LEVEL = (
     "task_name",
     "skip_finished",
     "cpu_threads",
+    "cpu_malloc_mmap_threshold_kb",
     "optimized_metric",
     "cluster",
     "resume",
