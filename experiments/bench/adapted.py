@@ -1,10 +1,10 @@
-"""The adapted model of a composed run config, built as a training run builds it (for the bench scripts).
+"""The adapted model of a composed run config, built as a training run builds it (for `base_dtype_speed.py`).
 
 `build_adapted` composes ``conf/train.yaml`` with Hydra overrides, loads the base (`load_base_model`), builds
 the method with three tasks, stores the adapter in ``model.adapter_dtype``, turns on gradient checkpointing
 when the config does (as ``MultiTaskModule`` does) and returns the model in training mode with its base.
 `random_inputs` is a seeded random batch of token and task ids; `lm_loss` the token-mean LM loss of a fully
-labelled batch, from full logits or chunked as training computes it (`mtpeft.losses.model_token_losses`).
+labelled batch as training computes it.
 """
 
 from __future__ import annotations
@@ -46,19 +46,11 @@ def random_inputs(vocab_size: int, batch: int, length: int, seed: int = 0) -> tu
     return ids, torch.randint(0, NUM_TASKS, (batch,), generator=gen)
 
 
-def lm_loss(model: Any, base: Any, ids: Any, task_ids: Any, chunked: bool = True) -> Any:
-    """Token-mean LM loss of ``model`` on ``ids`` (every position labelled): chunked over the output head as
-    training computes it, or from the full ``[B, S, V]`` logits (``chunked=False``)."""
+def lm_loss(model: Any, ids: Any, task_ids: Any) -> Any:
+    """Token-mean LM loss of ``model`` on ``ids`` (every position labelled), as training computes it
+    (`mtpeft.module.chunked_losses`: no full logits)."""
     import torch
 
-    from mtpeft.losses import model_token_losses, token_losses
+    from mtpeft.module import chunked_losses
 
-    def forward() -> Any:
-        return model(input_ids=ids, attention_mask=torch.ones_like(ids), task_ids=task_ids)
-
-    if chunked:
-        head = base.get_output_embeddings()
-        loss, mask = model_token_losses(forward, head, ids, head_scope=lambda: model.task_scope(task_ids))
-    else:
-        loss, mask = token_losses(forward().logits, ids)
-    return loss.sum() / mask.sum()
+    return chunked_losses(model, ids, torch.ones_like(ids), task_ids, ids, NUM_TASKS)[0]

@@ -36,7 +36,7 @@ def step(model: Any, base: Any, ids: Any, task_ids: Any) -> tuple[float, float]:
     from adapted import lm_loss
 
     wall, cpu = time.perf_counter(), time.process_time()
-    lm_loss(model, base, ids, task_ids).backward()
+    lm_loss(model, ids, task_ids).backward()
     model.zero_grad(set_to_none=True)
     return time.perf_counter() - wall, time.process_time() - cpu
 

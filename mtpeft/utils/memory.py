@@ -71,7 +71,7 @@ def set_malloc_mmap_threshold(kb: int | None) -> bool:
     glibc raises its threshold each time a large block is freed (up to 32 MiB), after which activations of a
     CPU training step come from the heap, whose freed blocks mostly stay resident: the peak grows with every
     decoder layer although the live tensors do not (SmolLM2-135M, batch 32 x 128, gradient checkpointing:
-    +3.1 GB of peak RSS per step, +0.56 GB with a fixed 128 KiB threshold, at ~1.3x the step time, README).
+    +3.0 GB of peak RSS per step, +0.55 GB with a fixed 128 KiB threshold, at 1.1-1.3x the step time, README).
     A fixed threshold turns the dynamic adjustment off. Returns whether it was set (False: not glibc).
     """
     if kb is None:
