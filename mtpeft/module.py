@@ -49,6 +49,14 @@ def build_scheduler(
     )
 
 
+def _reduce_losses(
+    loss: torch.Tensor, mask: torch.Tensor, task_ids: torch.Tensor, num_tasks: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token-mean loss, per-task mean loss, per-task token counts) of per-token losses ``[B, S]``."""
+    task_loss, task_tokens = per_task_mean(loss, mask, task_ids, num_tasks)
+    return loss.sum() / mask.sum().clamp_min(1), task_loss, task_tokens
+
+
 def chunked_losses(
     model: AdaptedModel,
     input_ids: torch.Tensor,
@@ -68,8 +76,7 @@ def chunked_losses(
         labels,
         head_scope=lambda: model.task_scope(model.check_task_ids(task_ids, task_ids.shape[0])),
     )
-    task_loss, task_tokens = per_task_mean(loss, mask, task_ids, num_tasks)
-    return loss.sum() / mask.sum().clamp_min(1), task_loss, task_tokens
+    return _reduce_losses(loss, mask, task_ids, num_tasks)
 
 
 def forward_losses(
@@ -87,8 +94,7 @@ def forward_losses(
     """
     out = model(input_ids=input_ids, attention_mask=attention_mask, task_ids=task_ids)
     loss, mask = token_losses(out.logits, labels)
-    task_loss, task_tokens = per_task_mean(loss, mask, task_ids, num_tasks)
-    return loss.sum() / mask.sum().clamp_min(1), task_loss, task_tokens
+    return _reduce_losses(loss, mask, task_ids, num_tasks)
 
 
 def compile_training_step(model: AdaptedModel, **options: Any) -> Callable[..., Any]:
