@@ -18,7 +18,7 @@ from mtpeft.metrics.tracker import (
 )
 from mtpeft.results import main
 from mtpeft.results.stats import bootstrap, estimate, interval, paired_cells, row_scores, verdict
-from mtpeft.utils.confighash import config_hash
+from tests.results_util import scored_run
 
 
 def _cells(rng: np.random.Generator, p: dict[str, float], seeds: int = 3, n: int = 200) -> dict:
@@ -145,46 +145,13 @@ def test_eval_metrics_rows_match_the_computed_metrics(tmp_path: Path) -> None:
 
 
 # -- stats files from runs --------------------------------------------------------------------------
-def _run(root: Path, method: str, seed: int, hits: dict[str, list[int]]) -> None:
-    config = {
-        "seed": seed,
-        "method": {"name": method},
-        "model": {"kind": "tiny", "arch": "llama"},
-        "data": {"tasks": {t: {} for t in hits}, "seed": seed},
-    }
-    scores = {f"test/{t}/score": float(np.mean(v)) for t, v in hits.items()}
-    scores["test/avg/score"] = float(np.mean(list(scores.values())))
-    run = root / f"{method}_{seed}"
-    run.mkdir(parents=True)
-    data = {
-        "status": "success",
-        "method": method,
-        "seed": seed,
-        "tasks": list(hits),
-        "config": config,
-        "config_hash": config_hash(config),
-        "metrics": {"val": {}, "test": scores},
-        "trainable_params": 10,
-        "total_params": 100,
-        "trainable_percent": 10.0,
-    }
-    (run / "results.json").write_text(json.dumps(data))
-    rows, index = [], 0
-    for task, values in hits.items():
-        for value in values:
-            item = f"{seed}-{task}-{index}"
-            rows.append({"split": "test", "task": task, "index": index, "item": item, "score": float(value)})
-            index += 1
-    write_example_scores(run / "scores.jsonl.gz", rows)
-
-
 def test_stats_files_ci_column_and_pairwise_verdicts(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     for seed in range(3):
         base = {t: (rng.random(80) < 0.3).astype(int).tolist() for t in ("qa", "code")}
-        _run(tmp_path, "lora", seed, base)
-        _run(tmp_path, "lora_copy", seed, base)  # the same predictions: a tie at exactly 0
-        _run(tmp_path, "hycam", seed, {t: [1] * 80 for t in base})  # every item right: better than both
+        scored_run(tmp_path, "lora", seed, base)
+        scored_run(tmp_path, "lora_copy", seed, base)  # the same predictions: a tie at exactly 0
+        scored_run(tmp_path, "hycam", seed, {t: [1] * 80 for t in base})  # every item right: better than both
     main([str(tmp_path)])
     intervals = pd.read_csv(tmp_path / "stats.csv")
     assert list(intervals.sort_values("estimate")["label"])[-1] == "hycam"
@@ -207,7 +174,7 @@ def test_stats_files_ci_column_and_pairwise_verdicts(tmp_path: Path) -> None:
 
 
 def test_scores_that_disagree_with_the_logged_metric_are_rejected(tmp_path: Path) -> None:
-    _run(tmp_path, "lora", 0, {"qa": [1, 0, 1, 1]})
+    scored_run(tmp_path, "lora", 0, {"qa": [1, 0, 1, 1]})
     path = tmp_path / "lora_0" / "results.json"
     data = json.loads(path.read_text())
     data["metrics"]["test"]["test/qa/score"] = 0.5  # 0.75 in the per-example file
@@ -248,12 +215,14 @@ def test_intervals_depend_on_their_own_data_only() -> None:
 def test_a_rows_interval_does_not_change_when_other_rows_come_or_go(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     for seed in range(2):
-        _run(tmp_path / "both", "lora", seed, {"qa": (rng.random(40) < 0.5).astype(int).tolist()})
-        _run(tmp_path / "both", "hycam", seed, {"qa": (rng.random(40) < 0.3).astype(int).tolist()})
+        scored_run(tmp_path / "both", "lora", seed, {"qa": (rng.random(40) < 0.5).astype(int).tolist()})
+        scored_run(tmp_path / "both", "hycam", seed, {"qa": (rng.random(40) < 0.3).astype(int).tolist()})
     (tmp_path / "lora").mkdir()
     for seed in range(2):
         (tmp_path / "both" / f"lora_{seed}").rename(tmp_path / "lora" / f"lora_{seed}")
-    _run(tmp_path / "lora", "a_first", 0, {"qa": [1, 0] * 5})  # a row before lora, drawing less than hycam
+    scored_run(
+        tmp_path / "lora", "a_first", 0, {"qa": [1, 0] * 5}
+    )  # a row before lora, drawing less than hycam
     main([str(tmp_path / "lora"), "--no-plots"])
     alone = pd.read_csv(tmp_path / "lora" / "stats.csv").set_index("label").loc["lora"]
     for seed in range(2):

@@ -24,7 +24,9 @@ Files: ``results.{md,csv,tex}`` (``results.csv`` holds the unformatted numbers `
 change, how many runs were best at the end of their budget: `mtpeft.results.convergence`), ``failed.csv``, ``incomplete.csv`` (only when there are such runs), ``stats.md``,
 ``stats.csv``, ``pairwise.csv`` (only when runs saved per-example scores), and ``plots/``: the generic
 plots, plus the study's own plots that ``conf/experiment/<name>.yaml`` declares (``report: {plots:
-[temperature]}``; for a directory: ``--plot temperature``; `mtpeft.results.plots`).
+[temperature]}``; for a directory: ``--plot temperature``; `mtpeft.results.plots`). With ``--against <study
+or directory>``: ``ranking.{md,csv}``, the methods ranked in both studies side by side with rank intervals and
+Kendall's tau-b between the rankings (`mtpeft.results.ranking`).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from mtpeft.results.plots import (
     study_plots,
     temperature_scores,
 )
+from mtpeft.results.ranking import study_rows, write_ranking
 from mtpeft.results.render import display_table, to_latex, to_markdown
 from mtpeft.results.stats import summarise_stats
 from mtpeft.utils.sweep import RESULTS_FILE
@@ -152,6 +155,27 @@ def summarise(
     }
 
 
+def study_label(title: str, directory: Path) -> str:
+    """A study's name in a ranking: ``title``, or ``<study>/runs`` for a study's published ``runs/``."""
+    return f"{directory.resolve().parent.name}/{title}" if title == "runs" else title
+
+
+def ranking_against(result: dict, title: str, source: Path, other: str, out: Path) -> list[Path]:
+    """ranking.{md,csv} in ``out``: the rows of ``result`` (a `summarise` of the test split of ``source``)
+    ranked against those of the study or directory ``other`` (read, not written)."""
+    other_sources, _, other_title = resolve_target(other)
+    title, other_title = study_label(title, source), study_label(other_title, other_sources[0])
+    other_records = load_runs(other_sources, "test")
+    if not other_records:
+        raise SystemExit(
+            f"--against {other}: no {RESULTS_FILE} run records under {', '.join(map(str, other_sources))}"
+        )
+    other_table, _, other_columns = aggregate(other_records)
+    mine = study_rows(title, result["table"], result["columns"], result["records"])
+    theirs = study_rows(other_title, other_table, other_columns, other_records)
+    return write_ranking(mine, theirs, out)
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m mtpeft.results", description=__doc__.split("\n\n")[0])
     parser.add_argument("target", help="a study name (logs/<name>/ -> experiments/<name>/) or a directory")
@@ -167,12 +191,21 @@ def main(argv: Sequence[str] | None = None) -> Path:
         choices=sorted(STUDY_PLOTS),
         help="a study plot to add (repeatable); a study name adds those its experiment config declares",
     )
+    parser.add_argument(
+        "--against",
+        metavar="STUDY",
+        help="another study (name or directory): write ranking.md comparing the method rankings (test split)",
+    )
     args = parser.parse_args(argv)
+    if args.against and args.split != "test":
+        parser.error("--against compares test rankings (per-example test scores): drop --split val")
     sources, out, title = resolve_target(args.target)
     out = args.out or out
     declared = [] if Path(args.target).is_dir() else declared_plots(args.target, CONF_DIR)
     extra_plots = list(dict.fromkeys([*declared, *args.plot]))
     result = summarise(sources, out, title, args.split, not args.no_plots, extra_plots)
+    if args.against:
+        result["files"] += ranking_against(result, title, sources[0], args.against, out)
     print(f"wrote {', '.join(str(f) for f in result['files'][:4])} and {len(result['files']) - 4} more files")
     for kind in ("failed", "incomplete"):
         if len(result[kind]):

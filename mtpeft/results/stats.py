@@ -133,7 +133,7 @@ def row_scores(row: pd.Series, tasks: Sequence[str], logged: dict[str, dict[str,
     return scores
 
 
-def _rng(seed: int, *labels: str) -> np.random.Generator:
+def row_generator(seed: int, *labels: str) -> np.random.Generator:
     """A generator for one row's (or one pair's) bootstrap, from ``seed`` and the rows' labels."""
     return np.random.default_rng([seed, *(zlib.crc32(label.encode()) for label in labels)])
 
@@ -167,7 +167,7 @@ def compare(
 
     ``intervals``: label, row index, estimate, ci_low, ci_high, seeds; ``pairs``: a, b, diff, ci_low,
     ci_high, verdict, seeds (A is the row with the higher estimate). Fixed ``seed``: same numbers every time;
-    each interval draws from its own generator (`_rng`), so it depends on its own row's (or pair's) data only,
+    each interval draws from its own generator (`row_generator`), so it depends on its own row's (or pair's) data only,
     not on which other rows the table holds or their order.
     """
     rows, problems = [], []
@@ -176,7 +176,7 @@ def compare(
         if scores.problem:
             problems.append((scores.label, scores.problem))
             continue
-        est, low, high = interval(scores.cells, n_boot, rng=_rng(seed, scores.label))
+        est, low, high = interval(scores.cells, n_boot, rng=row_generator(seed, scores.label))
         rows.append((i, scores, est, low, high))
     intervals = pd.DataFrame(
         [
@@ -193,7 +193,7 @@ def compare(
             if problem:
                 problems.append((f"{a.label} vs {b.label}", problem))
                 continue
-            est, low, high = interval(diffs, n_boot, rng=_rng(seed, a.label, b.label))
+            est, low, high = interval(diffs, n_boot, rng=row_generator(seed, a.label, b.label))
             pairs.append(
                 {
                     "a": a.label,
