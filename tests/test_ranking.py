@@ -1,5 +1,5 @@
 """`mtpeft.results.ranking` (``python -m mtpeft.results A --against B``): two studies' method rankings side by
-side, on hand-made runs whose rankings, rank intervals and Kendall's tau are known."""
+side, on hand-made runs and replicates whose rankings, rank intervals and Kendall's tau are known."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mtpeft.results import main
+from mtpeft.results import aggregate, load_runs, main
+from mtpeft.results.ranking import StudyRows, compare_rankings, study_rows
 from tests.results_util import scored_run
 
 
 def _study(root: Path, rates: dict[str, float], seeds: int = 2, n: int = 60, noisy: bool = False) -> Path:
-    """One run per method and seed; each test item of method m is right with rate ``rates[m]`` (exactly that
-    fraction of items when not ``noisy``, so every bootstrap replicate is the same)."""
+    """One run per method and seed on the same ``n`` items per task. Not ``noisy``: method m gets the first
+    ``rates[m] * n`` items right, so a better method's right items include a worse one's and every joint
+    resample keeps the order (however small the gap). ``noisy``: each item is right with that rate."""
     rng = np.random.default_rng(len(rates))
     for method, rate in rates.items():
         for seed in range(seeds):
@@ -33,6 +35,12 @@ def _ranking(a: Path, b: Path) -> tuple[pd.DataFrame, str]:
     return pd.read_csv(a / "ranking.csv").set_index("label"), (a / "ranking.md").read_text()
 
 
+def _rows(root: Path, stream: str) -> StudyRows:
+    records = load_runs([root])
+    table, _, columns = aggregate(records)
+    return study_rows(root.name, table, columns, records, stream)
+
+
 def test_one_swap_in_four_gives_tau_two_thirds(tmp_path: Path) -> None:
     a = _study(tmp_path / "a", {"w": 0.8, "x": 0.6, "y": 0.4, "z": 0.2})
     b = _study(tmp_path / "b", {"w": 0.9, "x": 0.3, "y": 0.5, "z": 0.1})
@@ -40,65 +48,102 @@ def test_one_swap_in_four_gives_tau_two_thirds(tmp_path: Path) -> None:
     assert table["rank_a"].to_dict() == {"w": 1, "x": 2, "y": 3, "z": 4}
     assert table["rank_b"].to_dict() == {"w": 1, "x": 3, "y": 2, "z": 4}
     assert table["avg_b"]["x"] == pytest.approx(30.0)
-    tau = table["tau"].iloc[0]
-    assert tau == pytest.approx(4 / 6)  # 6 pairs, 5 concordant, 1 discordant
-    assert table["tau_low"].iloc[0] == table["tau_high"].iloc[0] == pytest.approx(tau)  # no noise: no spread
+    assert table["tau"].iloc[0] == pytest.approx(4 / 6)  # 6 pairs, 5 concordant, 1 discordant
     assert "**+0.67**" in md and "| x | 60.0 | 2 | 30.0 | 3 | +1 |" in md
+    assert "- a: seeds 0 1, average over tasks qa, code" in md
 
 
-def test_reversed_ranking_is_minus_one(tmp_path: Path) -> None:
-    rates = {"w": 0.8, "x": 0.6, "y": 0.4}
+def test_a_small_gap_on_shared_items_is_a_settled_rank(tmp_path: Path) -> None:
+    """Rows are resampled jointly: 3 items in 60 between w and x, the same items in every replicate, so
+    neither rank moves (separate resampling per row would swap them in many replicates)."""
+    rates = {"w": 33 / 60, "x": 30 / 60, "y": 27 / 60}
     a = _study(tmp_path / "a", rates)
-    b = _study(tmp_path / "b", {m: 1 - r for m, r in rates.items()})
-    table, _ = _ranking(a, b)
-    assert table["tau"].iloc[0] == pytest.approx(-1.0)
+    b = _study(tmp_path / "b", {"w": 0.2, "x": 0.5, "y": 0.8})
+    table, md = _ranking(a, b)
+    assert (table["rank_a_low"] == table["rank_a"]).all() and (table["rank_a_high"] == table["rank_a"]).all()
+    assert (
+        table["tau"].iloc[0] == table["tau_low"].iloc[0] == table["tau_high"].iloc[0] == pytest.approx(-1.0)
+    )
+    assert "| x | 50.0 | 2 | 50.0 | 2 | +0 |" in md
 
 
 def test_noise_only_differences_give_wide_rank_intervals_and_a_tau_interval_around_zero(
     tmp_path: Path,
 ) -> None:
-    same = {m: 0.5 for m in "vwxyz"}
-    a = _study(tmp_path / "a", same, noisy=True)
-    b = _study(tmp_path / "b", {m: 0.5 for m in "zyxwv"}, noisy=True)
+    a = _study(tmp_path / "a", {m: 0.5 for m in "vwxyz"}, noisy=True)
+    b = _study(tmp_path / "b", {m: 0.5 for m in "vwxyz"}, noisy=True, seeds=3)
     table, md = _ranking(a, b)
     assert (table["rank_a_high"] - table["rank_a_low"]).min() >= 2  # nobody's place is settled
     assert table["tau_low"].iloc[0] < 0 < table["tau_high"].iloc[0]
     assert " (1-" in md  # intervals are printed when they span places
 
 
-def test_clear_gaps_give_settled_ranks(tmp_path: Path) -> None:
-    rates = {"w": 0.9, "x": 0.6, "y": 0.3}
-    a = _study(tmp_path / "a", rates, noisy=True, n=200)
-    b = _study(tmp_path / "b", rates, noisy=True, n=200)
-    table, _ = _ranking(a, b)
-    assert (table["rank_a_low"] == table["rank_a_high"]).all() and table["tau_low"].iloc[0] == 1.0
+def test_the_two_studies_are_resampled_independently(tmp_path: Path) -> None:
+    """The same runs read as study A and as study B: their replicates must not be the same draws."""
+    root = _study(tmp_path / "s", {"w": 0.6, "x": 0.5, "y": 0.4}, noisy=True, n=80)
+    a, b = _rows(root, "a"), _rows(root, "b")
+    assert a.averages == b.averages
+    correlation = np.corrcoef(a.replicates["w"], b.replicates["w"])[0, 1]
+    assert abs(correlation) < 0.15
 
 
-def test_reference_rows_and_unshared_rows_are_left_out_and_listed(tmp_path: Path) -> None:
-    a = _study(tmp_path / "a", {"none": 0.0, "w": 0.8, "x": 0.6, "only_a": 0.1})
-    b = _study(tmp_path / "b", {"none": 0.0, "w": 0.8, "x": 0.3, "only_b": 0.9})
+def test_rank_bounds_are_places_and_tied_replicates_are_counted() -> None:
+    n = 200
+    rows_a = {"x": np.full(n, 0.6), "y": np.full(n, 0.5), "z": np.full(n, 0.1)}
+    rows_a["y"][:3] = 0.7  # y above x in 3 of 200 replicates (1.5% < 2.5%): ranks stay settled
+    rows_a["x"][3:9] = 0.4  # x below y in 6 more (4.5% in all): x's upper bound is place 2
+    flat = {"x": np.full(n, 0.3), "y": np.full(n, 0.3), "z": np.full(n, 0.3)}
+    flat["x"][1:] = 0.9  # replicate 0 of study B has all three averages tied: no tau there
+    a = StudyRows("A", {"x": 0.6, "y": 0.5, "z": 0.1}, rows_a, [0], ["t"])
+    b = StudyRows("B", {"x": 0.9, "y": 0.3, "z": 0.2}, flat, [0], ["t"])
+    table, agreement = compare_rankings(a, b)
+    x = table.set_index("label").loc["x"]
+    assert (x["rank_a_low"], x["rank_a_high"]) == (1, 2)
+    assert agreement["undefined"] == 1 and agreement["replicates"] == n
+    assert not np.isnan(agreement["tau_low"])
+
+
+def test_reference_rows_other_items_and_unshared_rows_are_left_out_and_listed(tmp_path: Path) -> None:
+    a = _study(tmp_path / "a", {"none": 0.0, "w": 0.8, "x": 0.6, "v": 0.5, "only_a": 0.1})
+    scored_run(tmp_path / "a", "fewer_items", 0, {"qa": [1] * 40, "code": [0] * 40})
+    scored_run(tmp_path / "a", "fewer_items", 1, {"qa": [1] * 40, "code": [0] * 40})
+    b = _study(tmp_path / "b", {"none": 0.0, "w": 0.8, "x": 0.3, "v": 0.1, "only_b": 0.9})
     table, md = _ranking(a, b)
-    assert sorted(table.index) == ["w", "x"]
+    assert sorted(table.index) == ["v", "w", "x"]
     assert "| a | none | trains nothing (a reference row) |" in md
+    assert "| a | fewer_items | scored other test items than" in md
     assert "| a | only_a | not in b |" in md and "| b | only_b | not in a |" in md
 
 
-def test_fewer_than_two_shared_methods_is_an_error_naming_them(tmp_path: Path) -> None:
-    a = _study(tmp_path / "a", {"w": 0.8, "x": 0.6})
-    b = _study(tmp_path / "b", {"w": 0.8, "y": 0.6})
-    with pytest.raises(SystemExit, match=r"share 1 ranked row\(s\) \(w\)"):
+def test_fewer_than_three_shared_methods_is_an_error_naming_them_and_why(tmp_path: Path) -> None:
+    a = _study(tmp_path / "a", {"none": 0.0, "w": 0.8, "x": 0.6})
+    b = _study(tmp_path / "b", {"w": 0.8, "x": 0.6})
+    with pytest.raises(SystemExit, match=r"share 2 ranked row\(s\) \(w, x\).*1 x trains nothing"):
         main([str(a), "--no-plots", "--against", str(b)])
 
 
-def test_against_needs_the_test_split(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    a = _study(tmp_path / "a", {"w": 0.8, "x": 0.6})
+def test_duplicated_labels_are_an_error() -> None:
+    table = pd.DataFrame(
+        {"method": ["lora", "lora"], "variant": ["", ""], "trainable_params": [10, 10], "runs": [[], []]}
+    )
+    with pytest.raises(SystemExit, match="rows lora occur more than once"):
+        study_rows("mixed", table, ["qa", "avg"], [], "a")
+
+
+def test_against_needs_the_test_split_and_an_existing_study(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    a = _study(tmp_path / "a", {"w": 0.8, "x": 0.6, "y": 0.1})
     with pytest.raises(SystemExit):
         main([str(a), "--split", "val", "--against", str(a)])
     assert "--against compares test rankings" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--against no_such_study: no results for 'no_such_study'"):
+        main([str(a), "--against", "no_such_study"])
+    assert not (a / "results.md").exists()  # checked before anything is written
 
 
 def test_a_studys_published_runs_directory_is_named_after_the_study(tmp_path: Path) -> None:
-    a = _study(tmp_path / "tiny" / "runs", {"w": 0.8, "x": 0.6})
-    b = _study(tmp_path / "real" / "runs", {"w": 0.8, "x": 0.3})
+    a = _study(tmp_path / "tiny" / "runs", {"w": 0.8, "x": 0.6, "y": 0.1})
+    b = _study(tmp_path / "real" / "runs", {"w": 0.8, "x": 0.3, "y": 0.1})
     main([str(a), "--no-plots", "--against", str(b), "--out", str(tmp_path / "out")])
     assert "# Ranking: tiny/runs against real/runs" in (tmp_path / "out" / "ranking.md").read_text()

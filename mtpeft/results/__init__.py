@@ -160,19 +160,30 @@ def study_label(title: str, directory: Path) -> str:
     return f"{directory.resolve().parent.name}/{title}" if title == "runs" else title
 
 
-def ranking_against(result: dict, title: str, source: Path, other: str, out: Path) -> list[Path]:
+def against_target(other: str) -> tuple[list[Path], str]:
+    """(directories, name) of the study or directory given to ``--against``; checked before anything is
+    written."""
+    try:
+        sources, _, title = resolve_target(other)
+    except SystemExit as error:
+        raise SystemExit(f"--against {other}: {error}") from None
+    return sources, study_label(title, sources[0])
+
+
+def ranking_against(
+    result: dict, title: str, source: Path, other: tuple[list[Path], str], out: Path
+) -> list[Path]:
     """ranking.{md,csv} in ``out``: the rows of ``result`` (a `summarise` of the test split of ``source``)
-    ranked against those of the study or directory ``other`` (read, not written)."""
-    other_sources, _, other_title = resolve_target(other)
-    title, other_title = study_label(title, source), study_label(other_title, other_sources[0])
+    ranked against those of ``other`` (`against_target`; read, not written)."""
+    other_sources, other_title = other
     other_records = load_runs(other_sources, "test")
     if not other_records:
         raise SystemExit(
-            f"--against {other}: no {RESULTS_FILE} run records under {', '.join(map(str, other_sources))}"
+            f"--against {other_title}: no {RESULTS_FILE} run records under {', '.join(map(str, other_sources))}"
         )
     other_table, _, other_columns = aggregate(other_records)
-    mine = study_rows(title, result["table"], result["columns"], result["records"])
-    theirs = study_rows(other_title, other_table, other_columns, other_records)
+    mine = study_rows(study_label(title, source), result["table"], result["columns"], result["records"], "a")
+    theirs = study_rows(other_title, other_table, other_columns, other_records, "b")
     return write_ranking(mine, theirs, out)
 
 
@@ -199,13 +210,14 @@ def main(argv: Sequence[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     if args.against and args.split != "test":
         parser.error("--against compares test rankings (per-example test scores): drop --split val")
+    other = against_target(args.against) if args.against else None
     sources, out, title = resolve_target(args.target)
     out = args.out or out
     declared = [] if Path(args.target).is_dir() else declared_plots(args.target, CONF_DIR)
     extra_plots = list(dict.fromkeys([*declared, *args.plot]))
     result = summarise(sources, out, title, args.split, not args.no_plots, extra_plots)
-    if args.against:
-        result["files"] += ranking_against(result, title, sources[0], args.against, out)
+    if other:
+        result["files"] += ranking_against(result, title, sources[0], other, out)
     print(f"wrote {', '.join(str(f) for f in result['files'][:4])} and {len(result['files']) - 4} more files")
     for kind in ("failed", "incomplete"):
         if len(result[kind]):

@@ -2,24 +2,29 @@
 
     python -m mtpeft.results smollm2_mix --against methods_mix3_tuned    # -> experiments/smollm2_mix/ranking.md
 
-The rows the two studies share (same label: method, and variant if any) are ranked by their average test score
-in each study, best first. Rows that train nothing (``trainable_params == 0``, e.g. the frozen base) are
-reference points, not contestants: they come last in every study and would only inflate the agreement, so
-they are left out of the ranking.
+The rows the two studies share (same label: the method, plus its variant when the study varies other keys;
+variants are named per study, so ``lora (r=8)`` of one never matches ``lora`` of the other) are ranked by
+their average test score in each study, best first. Rows that train nothing (``trainable_params == 0``, e.g.
+the frozen base) are reference points, not contestants: they come last in every study and would only inflate
+the agreement, so they are left out. Each study is ranked on the seeds all its contestants have, and all its
+contestants must have been scored on the same test items (rows scored on other items than most are left out,
+with the reason).
 
-Agreement is Kendall's tau-b between the two rankings (1: same order, 0: unrelated, -1: reversed), with a 95%
-interval from the hierarchical bootstrap of `mtpeft.results.stats`: replicate ``b`` draws every row's average
-in each study (seeds, then test items; the same per-row generators as the CIs in ``stats.md``, so a row's
-replicates, and its interval, are those of its own study's table), and tau is recomputed on those averages.
-The two studies are independent, so their replicates are paired by index only. Each row's rank also gets an
-interval (2.5 and 97.5 percentiles of its rank over the replicates of its study): a rank whose interval spans
-several places is not an ordering the data supports, whatever the point ranking says.
+Noise: within a study, one hierarchical bootstrap (`mtpeft.results.stats.joint_bootstrap`: seeds, then test
+items within each drawn seed) draws the same seeds and items for every row, so a row's place in a replicate
+moves only as far as the paired differences in ``stats.md`` allow (resampling rows separately would add each
+row's own item-difficulty noise and widen every rank interval). The two studies are resampled independently
+(separate generators), replicate ``i`` of one paired with replicate ``i`` of the other. Reported: each row's
+rank with the 2.5 and 97.5 percentiles of its rank over the replicates (a rank interval that spans several
+places is not an order the data supports), and Kendall's tau-b between the two rankings (1: same order, 0:
+unrelated, -1: reversed) with the percentiles of tau over the replicates. A replicate in which a study's
+averages are all tied has no tau; how many there were is reported.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +32,16 @@ import numpy as np
 import pandas as pd
 from scipy.stats import kendalltau, rankdata
 
-from mtpeft.results.stats import LEVEL, N_BOOT, bootstrap, estimate, row_generator, row_scores
+from mtpeft.results.render import row_label
+from mtpeft.results.stats import (
+    LEVEL,
+    N_BOOT,
+    RowScores,
+    estimate,
+    joint_bootstrap,
+    row_generator,
+    row_scores,
+)
 
 COLUMNS = [
     "label",
@@ -40,34 +54,81 @@ COLUMNS = [
     "rank_b_low",
     "rank_b_high",
 ]
+MIN_SHARED = 3
+"""Fewest shared rows a ranking comparison accepts (with 2, tau can only be -1 or +1)."""
 
 
 @dataclass
 class StudyRows:
-    """The contestant rows of one study: each row's average test score and its bootstrap replicates."""
+    """The contestant rows of one study: each row's average test score and its bootstrap replicates (drawn
+    jointly for the study's rows), the seeds and tasks they average over, and the rows left out and why."""
 
     name: str
-    averages: dict[str, float]
-    replicates: dict[str, np.ndarray]
-    left_out: list[tuple[str, str]]
+    averages: dict[str, float] = field(default_factory=dict)
+    replicates: dict[str, np.ndarray] = field(default_factory=dict)
+    seeds: list[Any] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=list)
+    left_out: list[tuple[str, str]] = field(default_factory=list)
 
 
-def study_rows(
-    name: str, table: pd.DataFrame, columns: Sequence[str], records: Sequence[dict[str, Any]], seed: int = 0
-) -> StudyRows:
-    """Averages and replicates of every row of ``table`` that trains something and has per-item scores."""
-    tasks = [c for c in columns if c != "avg"]
-    logged = {r["path"]: {t: r["scores"].get(t) for t in tasks} for r in records}
-    rows = StudyRows(name, {}, {}, [])
+def _contestants(table: pd.DataFrame, tasks: Sequence[str], logged: dict, rows: StudyRows) -> list[RowScores]:
+    """The rows that train something and have per-item scores (the others go to ``rows.left_out``)."""
+    labels = [row_label(row) for _, row in table.iterrows()]
+    duplicated = sorted({label for label in labels if labels.count(label) > 1})
+    if duplicated:
+        raise SystemExit(
+            f"{rows.name}: rows {', '.join(duplicated)} occur more than once (several base models or task "
+            "mixtures in one study): rank a directory that holds one model and one mixture"
+        )
+    contestants = []
     for _, row in table.iterrows():
         scores = row_scores(row, tasks, logged)
-        if not row["trainable_params"] > 0:
+        trainable = row["trainable_params"]
+        if pd.isna(trainable):
+            rows.left_out.append((scores.label, "no trainable-parameter count in its records"))
+        elif trainable == 0:
             rows.left_out.append((scores.label, "trains nothing (a reference row)"))
         elif scores.problem:
             rows.left_out.append((scores.label, scores.problem))
         else:
-            rows.averages[scores.label] = estimate(scores.cells)
-            rows.replicates[scores.label] = bootstrap(scores.cells, N_BOOT, row_generator(seed, scores.label))
+            contestants.append(scores)
+    return contestants
+
+
+def study_rows(
+    name: str,
+    table: pd.DataFrame,
+    columns: Sequence[str],
+    records: Sequence[dict[str, Any]],
+    stream: str,
+    seed: int = 0,
+) -> StudyRows:
+    """Averages and jointly drawn replicates of the contestant rows of ``table``; ``stream`` names this
+    study's generator (the two studies of a comparison must use different ones: independent resampling)."""
+    tasks = [c for c in columns if c != "avg"]
+    logged = {r["path"]: {t: r["scores"].get(t) for t in tasks} for r in records}
+    rows = StudyRows(name, tasks=tasks)
+    contestants = _contestants(table, tasks, logged, rows)
+    if not contestants:
+        return rows
+    rows.seeds = sorted(set.intersection(*(set(c.cells) for c in contestants)), key=str)
+    if not rows.seeds:
+        raise SystemExit(f"{name}: its methods have no seed in common; rank runs of the same seeds")
+    signature = [repr([c.items[s] for s in rows.seeds]) for c in contestants]
+    reference = contestants[max(range(len(contestants)), key=lambda i: (signature.count(signature[i]), -i))]
+    same = [
+        c
+        for c, sig in zip(contestants, signature, strict=True)
+        if sig == signature[contestants.index(reference)]
+    ]
+    rows.left_out += [
+        (c.label, f"scored other test items than {reference.label}") for c in contestants if c not in same
+    ]
+    cells = [{s: c.cells[s] for s in rows.seeds} for c in same]
+    replicates = joint_bootstrap(cells, N_BOOT, row_generator(seed, "ranking", stream))
+    for c, mine, drawn in zip(same, cells, replicates, strict=True):
+        rows.averages[c.label] = estimate(mine)
+        rows.replicates[c.label] = drawn
     return rows
 
 
@@ -83,36 +144,38 @@ def tau(a: np.ndarray, b: np.ndarray) -> float:
 
 def compare_rankings(a: StudyRows, b: StudyRows, level: float = LEVEL) -> tuple[pd.DataFrame, dict[str, Any]]:
     """(rows, agreement): each shared row's average (%) and rank with its interval in both studies, best of
-    ``a`` first; Kendall's tau-b with its bootstrap interval and the rows that only one study has."""
+    ``a`` first; Kendall's tau-b with its bootstrap interval, the replicates without a tau, and the rows that
+    only one study has."""
     shared = [label for label in a.averages if label in b.averages]
-    if len(shared) < 2:
-        why = "".join(
-            f"; {study.name}: {len(study.left_out)} row(s) left out, e.g. {study.left_out[0][0]}: {study.left_out[0][1]}"
-            for study in (a, b)
-            if study.left_out
-        )
+    if len(shared) < MIN_SHARED:
         raise SystemExit(
             f"{a.name} and {b.name} share {len(shared)} ranked row(s) ({', '.join(shared) or 'none'}): a ranking "
-            f"needs at least 2 methods with per-example test scores in both{why}"
+            f"comparison needs at least {MIN_SHARED} methods with per-example test scores in both"
+            + "".join(f"; {_reasons(study)}" for study in (a, b) if study.left_out)
         )
     tail = 100 * (1 - level) / 2
     table = pd.DataFrame({"label": shared})
+    drawn = {}
     for suffix, study in (("a", a), ("b", b)):
-        averages = np.array([study.averages[label] for label in shared])
-        replicates = np.stack([study.replicates[label] for label in shared])
-        replicate_ranks = ranks(replicates)
-        table[f"avg_{suffix}"] = 100 * averages
-        table[f"rank_{suffix}"] = ranks(averages)
-        table[f"rank_{suffix}_low"] = np.percentile(replicate_ranks, tail, axis=1)
-        table[f"rank_{suffix}_high"] = np.percentile(replicate_ranks, 100 - tail, axis=1)
-    pairs_a = np.stack([a.replicates[label] for label in shared])
-    pairs_b = np.stack([b.replicates[label] for label in shared])
-    taus = np.array([tau(pairs_a[:, i], pairs_b[:, i]) for i in range(pairs_a.shape[1])])
-    low, high = np.nanpercentile(taus, [tail, 100 - tail])
+        drawn[suffix] = np.stack([study.replicates[label] for label in shared])
+        replicate_ranks = ranks(drawn[suffix])
+        table[f"avg_{suffix}"] = 100 * np.array([study.averages[label] for label in shared])
+        table[f"rank_{suffix}"] = ranks(table[f"avg_{suffix}"].to_numpy())
+        for bound, q in (("low", tail), ("high", 100 - tail)):
+            table[f"rank_{suffix}_{bound}"] = np.percentile(replicate_ranks, q, axis=1, method="inverted_cdf")
+    taus = np.array([tau(drawn["a"][:, i], drawn["b"][:, i]) for i in range(drawn["a"].shape[1])])
+    defined = taus[~np.isnan(taus)]
+    low, high = (
+        np.percentile(defined, [tail, 100 - tail], method="inverted_cdf")
+        if len(defined)
+        else (np.nan, np.nan)
+    )
     agreement = {
         "tau": tau(table["avg_a"].to_numpy(), table["avg_b"].to_numpy()),
         "tau_low": float(low),
         "tau_high": float(high),
+        "undefined": int(len(taus) - len(defined)),
+        "replicates": len(taus),
         "rows": len(shared),
         "only_a": sorted(set(a.averages) - set(shared)),
         "only_b": sorted(set(b.averages) - set(shared)),
@@ -120,22 +183,45 @@ def compare_rankings(a: StudyRows, b: StudyRows, level: float = LEVEL) -> tuple[
     return table.sort_values(["rank_a", "label"], kind="stable").reset_index(drop=True)[COLUMNS], agreement
 
 
+def _reasons(study: StudyRows) -> str:
+    """``<study>: 3 row(s) left out (2 x <reason>, ...)``, for an error message."""
+    counts = pd.Series([why for _, why in study.left_out]).value_counts()
+    return f"{study.name}: {len(study.left_out)} row(s) left out ({'; '.join(f'{n} x {why}' for why, n in counts.items())})"
+
+
 def _rank_cell(rank: float, low: float, high: float) -> str:
     value = f"{rank:g}"
     return value if low == high == rank else f"{value} ({low:g}-{high:g})"
 
 
+def _signed(value: float) -> str:
+    return "undefined" if np.isnan(value) else f"{value:+.2f}"
+
+
 def to_markdown(table: pd.DataFrame, agreement: dict[str, Any], a: StudyRows, b: StudyRows) -> str:
-    """ranking.md: the two rankings side by side, the agreement, and what was left out and why."""
+    """ranking.md: the two rankings side by side, the agreement, what each study averages over, and what was
+    left out and why."""
+    undefined = agreement["undefined"]
     lines = [
         f"# Ranking: {a.name} against {b.name}",
         "",
-        f"Average test score (%) and rank (1 = best; in brackets the 95% bootstrap interval of the rank) of the "
-        f"{agreement['rows']} methods both studies ran. Kendall's tau-b between the two rankings: "
-        f"**{agreement['tau']:+.2f}**, 95% CI [{agreement['tau_low']:+.2f}, {agreement['tau_high']:+.2f}] "
-        f"(hierarchical bootstrap of both studies, {N_BOOT} replicates; 1 = same order, 0 = unrelated).",
+        f"Average test score (%) and rank (1 = best; in brackets the 95% bootstrap interval of the rank when it "
+        f"spans places) of the {agreement['rows']} methods both studies ranked. Kendall's tau-b between the two "
+        f"rankings: **{_signed(agreement['tau'])}**, 95% interval [{_signed(agreement['tau_low'])}, "
+        f"{_signed(agreement['tau_high'])}] (1 = same order, 0 = unrelated, -1 = reversed). Hierarchical "
+        f"bootstrap, {agreement['replicates']} replicates: seeds, then test items, drawn once per replicate for "
+        f"all rows of a study, independently for the two studies (`mtpeft/results/ranking.py`)"
+        + (f"; {undefined} replicate(s) had all averages of a study tied and no tau." if undefined else "."),
         "",
-        f"| method | {a.name} avg | {a.name} rank | {b.name} avg | {b.name} rank | rank change |",
+    ]
+    lines += [
+        f"- {study.name}: seeds {' '.join(map(str, study.seeds))}, average over tasks {', '.join(study.tasks)}"
+        + (" (one seed: the intervals hold item noise only, not seed noise)" if len(study.seeds) == 1 else "")
+        for study in (a, b)
+    ]
+    lines += [
+        "",
+        f"| method | {a.name} avg | {a.name} rank | {b.name} avg | {b.name} rank | rank in B - rank in A |",
         "|---|---:|---|---:|---|---:|",
     ]
     for _, r in table.iterrows():

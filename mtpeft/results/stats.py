@@ -53,22 +53,39 @@ def bootstrap(cells: Cells, n_boot: int = N_BOOT, rng: np.random.Generator | Non
     """Replicates of ``mean_seed mean_task mean_item`` under the two-stage resampling described above.
     Seeds and tasks are taken in sorted order, so the replicates do not depend on the order the runs were
     read in (a table rebuilt from published runs gives the same intervals as one built from the logs)."""
+    return joint_bootstrap([cells], n_boot, rng)[0]
+
+
+def joint_bootstrap(
+    rows: Sequence[Cells], n_boot: int = N_BOOT, rng: np.random.Generator | None = None
+) -> np.ndarray:
+    """Replicates (one row per entry of ``rows``, ``n_boot`` columns) of the statistic of `bootstrap`, with
+    the same draws (seeds, then items) for every row: for rows scored on the same seeds and test items, so
+    that differences between rows keep their pairing (what ranks need). With one row it is `bootstrap`."""
     rng = rng if rng is not None else np.random.default_rng(0)
-    seeds = sorted(cells, key=str)
-    if not seeds or any(not tasks for tasks in cells.values()):
+    seeds = sorted(rows[0], key=str) if rows else []
+    if not seeds or any(not tasks for tasks in rows[0].values()):
         raise ValueError("bootstrap needs at least one seed with at least one task")
+    shape = {seed: {task: len(values) for task, values in rows[0][seed].items()} for seed in seeds}
+    if any(
+        {seed: {t: len(v) for t, v in cells.get(seed, {}).items()} for seed in seeds} != shape
+        for cells in rows
+    ):
+        raise ValueError("a joint bootstrap needs rows with the same seeds, tasks and numbers of items")
     n_seeds = len(seeds)
     picks = rng.integers(0, n_seeds, size=(n_boot, n_seeds))  # replicate b draws seeds picks[b, :]
-    total = np.zeros(n_boot)
+    total = np.zeros((len(rows), n_boot))
     for s, seed in enumerate(seeds):  # an independent item resample for every draw of every seed
         replicate = np.nonzero(picks == s)[0]  # one entry per (replicate, slot) that drew this seed
         if not len(replicate):
             continue
-        task_means = [
-            values[rng.integers(0, len(values), size=(len(replicate), len(values)))].mean(axis=1)
-            for _, values in sorted(cells[seed].items())
-        ]
-        np.add.at(total, replicate, np.mean(task_means, axis=0))
+        task_sums = np.zeros((len(rows), len(replicate)))
+        for task, n_items in sorted(shape[seed].items()):
+            drawn = rng.integers(0, n_items, size=(len(replicate), n_items))
+            for r, cells in enumerate(rows):
+                task_sums[r] += cells[seed][task][drawn].mean(axis=1)
+        for r in range(len(rows)):
+            np.add.at(total[r], replicate, task_sums[r] / len(shape[seed]))
     return total / n_seeds
 
 
