@@ -53,12 +53,19 @@ never invalidates a finished job):
   short process per replayed trial). Trials of one method run one at a time; with the joblib launcher
   ``--n-jobs`` methods search at once. ``widen`` does not apply.
 
+``check`` -- a convergence check after the final stage (`mtpeft.study_check`): the methods at their chosen
+values under ``check.overrides`` (a longer budget, e.g. ``[trainer.max_steps=360]``) with ``check.seeds``;
+``experiments/<name>/check/`` gets the check's tables and ``ranking.md``, the study's ranking against the
+check's (does the order hold at a longer budget?)::
+
+    check: {overrides: [trainer.max_steps=360], seeds: [0], methods: [lora, hycam, mtl_lora]}
+
 ``probe`` -- a capacity probe (``probe: {loss_threshold: 0.1}``, e.g. ``conf/experiment/capacity.yaml``
 with ``debug=overfit``): after the sweep, ``experiments/<name>/capacity.{md,csv}`` gives per method the
 first logged step whose training loss is at or below the threshold (updates done before that loss), the
 final and the lowest training loss, from each run's CSV log.
 
-Both stages are ordinary ``python -m mtpeft.train -m`` sweeps run as subprocesses (Hydra semantics
+The stages are ordinary ``python -m mtpeft.train -m`` sweeps run as subprocesses (Hydra semantics
 unchanged) with ``skip_finished``: re-running the command resumes, redoing only missing and failed jobs.
 Each stage writes into its own sweep directory under ``<paths.log_dir>/<task_name>/multiruns/``, and the
 tables cover exactly the jobs of this invocation (skipped ones are read from the runs they point to).
@@ -106,6 +113,7 @@ from omegaconf import DictConfig
 from mtpeft.results import declared_plots, load_runs, summarise
 from mtpeft.results.load import CURVE_FILES
 from mtpeft.results.stats import SCORES_FILE
+from mtpeft.study_check import check_methods, check_seeds, validate_check, write_check
 from mtpeft.study_stages import run_stage, sweep_dir_name
 from mtpeft.study_sweeps import SWEEPS, StudyStopped, run_sweep, stop_on_signals
 from mtpeft.utils.confighash import IGNORED_TOP_LEVEL
@@ -115,7 +123,7 @@ log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 ALIASES = {"lr": "optimizer.lr"}
 """Short names accepted in ``tune.grid``."""
-RUNNER_KEYS = ("tune", "probe")
+RUNNER_KEYS = ("tune", "probe", "check")
 """Top-level study keys this runner reads; removed from the runs' configs (``~key``)."""
 TUNE_SETTINGS = ("seed", "methods", "overrides", "widen", "sampler", "trials")
 """Keys of ``tune`` that are settings; every other key is a grid key."""
@@ -142,6 +150,8 @@ class Study:
     """Where finished runs are published (``<paths.published_dir>/<task_name>/runs``); None: nowhere."""
     tune: dict[str, Any] | None = None
     probe: dict[str, Any] | None = None
+    check: dict[str, Any] | None = None
+    """The convergence check (`mtpeft.study_check`), or None."""
     runner_keys: list[str] = field(default_factory=list)
 
     def grid(self, method: str) -> dict[str, list[Any]] | None:
@@ -298,10 +308,20 @@ def load_study(name: str, overrides: Sequence[str] = (), conf_dir: Path = CONF_D
         published_dir=study_roots(cfg)[1],
         tune=sections["tune"],
         probe=sections["probe"],
-        runner_keys=[key for key in RUNNER_KEYS if key in cfg],
+        check=sections["check"],
+        runner_keys=[key for key in RUNNER_KEYS if key in cfg and key not in _added_keys(overrides)],
     )
     check_tune(study)
+    validate_check(study)
     return study
+
+
+def _added_keys(overrides: Sequence[str]) -> set[str]:
+    """Top-level keys that ``+key=...`` overrides add (not in the experiment config: the jobs, which never
+    see the runner's overrides, have nothing to delete)."""
+    return {
+        text[1:].split("=", 1)[0] for text in overrides if text.startswith("+") and not text.startswith("++")
+    }
 
 
 def study_from_command(name: str, overrides: Sequence[str] = ()) -> tuple[Study, Overrides]:
@@ -446,16 +466,52 @@ def final_commands(
         )
     for method, values in chosen.items():
         directory = sweep_dir(study, f"final-{method}")
-        record = ",".join(f"{key}:{hydra_value(value)}" for key, value in values.items())
-        overrides = [
-            *launch,
-            f"method={method}",
-            *(f"{key}={hydra_value(value)}" for key, value in values.items()),
-            f"++tuned={{{record}}}",
-            *extra,
-        ]
+        overrides = [*launch, *chosen_overrides(method, values), *extra]
         commands.append((train_command(study, overrides, directory), directory))
     return commands
+
+
+def check_commands(
+    study: Study, chosen: Mapping[str, dict[str, Any]], extra: Sequence[str], launch: Sequence[str]
+) -> list[tuple[list[str], Path]]:
+    """The convergence check's sweeps (`mtpeft.study_check`): its methods with their chosen values, its
+    seeds and ``check.overrides`` (after the command line's job overrides: they define the check), on test;
+    untuned methods together in one sweep."""
+    seeds = f"seed={','.join(check_seeds(study))}"
+    changes = [
+        *extra,
+        seeds,
+        *study.check["overrides"],
+    ]  # the check's changes win (check.overrides=... to edit)
+    methods = check_methods(study)
+    commands = []
+    untuned = [m for m in methods if m not in chosen]
+    if untuned:
+        directory = sweep_dir(study, "check")
+        commands.append(
+            (train_command(study, [*launch, f"method={','.join(untuned)}", *changes], directory), directory)
+        )
+    for method in (m for m in methods if m in chosen):
+        directory = sweep_dir(study, f"check-{method}")
+        commands.append(
+            (
+                train_command(
+                    study, [*launch, *chosen_overrides(method, chosen[method]), *changes], directory
+                ),
+                directory,
+            )
+        )
+    return commands
+
+
+def chosen_overrides(method: str, values: Mapping[str, Any]) -> list[str]:
+    """``method=<m>``, the chosen values and ``++tuned={...}`` recording them (the tables' starred columns)."""
+    record = ",".join(f"{key}:{hydra_value(value)}" for key, value in values.items())
+    return [
+        f"method={method}",
+        *(f"{key}={hydra_value(value)}" for key, value in values.items()),
+        f"++tuned={{{record}}}",
+    ]
 
 
 # -- choosing --------------------------------------------------------------------------------------
@@ -1106,7 +1162,8 @@ def run_study(
     chosen: dict[str, dict[str, Any]] = {}
     problems: list[str] = []
     files: list[Path] = []
-    final_dirs = []
+    final_dirs: list[Path] = []
+    check_dirs: list[Path] = []
     with stop_on_signals(), Publisher(study, publish_runs) as publish:
         if study.tune is not None:
             tuning = Tuner(
@@ -1122,6 +1179,11 @@ def run_study(
                 problems.append(f"sweep {directory} exited non-zero (failed jobs?)")
             final_dirs.append(directory)
             publish()
+        for command, directory in check_commands(study, chosen, parts.jobs, launch) if study.check else []:
+            if run_sweep(command, directory) != 0:
+                problems.append(f"sweep {directory} exited non-zero (failed jobs?)")
+            check_dirs.append(directory)
+            publish()
     if SWEEPS.stopped is not None:  # a stop during the last sweep, after its jobs were done
         raise StudyStopped(SWEEPS.stopped)
     if study.probe is not None:
@@ -1131,12 +1193,15 @@ def run_study(
     else:
         extra_plots = declared_plots(name, CONF_DIR)  # the study's own plots (report.plots)
         files += summarise(final_dirs, out, name, plots=plots, extra_plots=extra_plots)["files"]
+    if check_dirs:
+        files += write_check(study, final_dirs, check_dirs, out, plots)
     return {
         "study": study,
         "chosen": chosen,
         "problems": problems,
         "files": files,
         "sweeps": final_dirs,
+        "check_sweeps": check_dirs,
         "published": publish.published,
     }
 

@@ -1,7 +1,7 @@
 """The stages of a study (`mtpeft.study`) and how a run's directory tells which one it belongs to.
 
 Each stage's sweep writes into ``<log_dir>/<task_name>/multiruns/<time>_<uid>_<stage><suffix>``
-(`sweep_dir_name`: ``tune0``, ``tune-widen1-0``, ``final``, ``final-lora``), and a published run's name
+(`sweep_dir_name`: ``tune0``, ``tune-widen1-0``, ``final``, ``final-lora``, ``check-lora``), and a published run's name
 starts with its stage (``tune_lora_lr=0.01_s0_3f2a9c1e``), so `run_stage` can read the stage of any run
 from where it lies: the publisher names runs by it and ``--status`` (`mtpeft.study_status`) counts them.
 """
@@ -13,7 +13,7 @@ import uuid
 from datetime import datetime
 from pathlib import Path
 
-STAGES = ("tune", "final")
+STAGES = ("tune", "final", "check")
 """The runner's stages, in order."""
 STAGE_DIR = re.compile(r"^\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}_[0-9a-f]+_(?P<stage>[a-z]+)")
 """A sweep directory of the runner: ``<time>_<uid>_<stage>...`` (tune0, final-lora -> tune, final)."""

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mtpeft.results.load import flatten
+from mtpeft.study_check import check_methods, check_seeds
 from mtpeft.study_stages import STAGES, run_stage
 from mtpeft.utils.resume import CHECKPOINT_DIR, LAST_CHECKPOINT, load_checkpoint
 from mtpeft.utils.runlock import is_locked
@@ -144,7 +145,7 @@ def study_jobs(study: Study) -> list[JobState]:
 
 def declared_jobs(study: Study) -> dict[str, int]:
     """How many jobs each stage declares: every tuned method's grid points (before widening) or, with the
-    Optuna sampler, its ``tune.trials``; and a job per method and seed in the final stage."""
+    Optuna sampler, its ``tune.trials``; a job per method and seed in the final stage and in the check."""
     tuned = 0
     for method in study.methods:
         grid = study.grid(method)
@@ -154,7 +155,8 @@ def declared_jobs(study: Study) -> dict[str, int]:
             tuned += study.trials
         else:
             tuned += math.prod(len(v) if isinstance(v, list) else 1 for v in grid.values())
-    return {"tune": tuned, "final": len(study.methods) * max(1, len(study.seeds))}
+    checked = len(check_methods(study)) * len(check_seeds(study)) if study.check is not None else 0
+    return {"tune": tuned, "final": len(study.methods) * max(1, len(study.seeds)), "check": checked}
 
 
 def _minutes(seconds: Iterable[float | None]) -> str:
@@ -169,7 +171,7 @@ def format_status(study: Study, jobs: list[JobState]) -> str:
         f"study {study.name} (runs: {study.log_dir / study.task_name}, published: {study.published_dir})"
     ]
     for stage in STAGES:
-        if stage == "tune" and study.tune is None:
+        if (stage == "tune" and study.tune is None) or (stage == "check" and study.check is None):
             continue
         of_stage = [j for j in jobs if j.stage == stage]
         counts = ", ".join(f"{sum(j.state == s for j in of_stage)} {s}" for s in STATES)

@@ -407,11 +407,12 @@ def _results(directory: Path) -> list[dict]:
 @pytest.mark.slow
 def test_tuned_study_end_to_end_and_resumed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """2 methods x 2 lrs (tuning seed 0, validation; one widening: with two lrs the best is at an edge) ->
-    chosen lr -> 2 seeds on test; then a re-run resumes."""
+    chosen lr -> 2 seeds on test -> a convergence check (seed 1, 6 steps); then a re-run resumes."""
     monkeypatch.setenv("MTPEFT_ROOT", str(tmp_path))
     code_before = _code_digest()
     args = ["seed=0,1", "tune.lr=[0.001,0.03]", "debug=limit", *TINY_RUN, "--launcher", "basic", "--no-plots"]
-    assert main(["methods_mix3_tuned", "method=lora,mtl_lora", "tune.widen=1", *args]) == 0
+    check = "+check={overrides:['trainer.max_steps=6'],seeds:[1]}"  # a convergence check (1 seed, longer)
+    assert main(["methods_mix3_tuned", "method=lora,mtl_lora", "tune.widen=1", check, *args]) == 0
     logs = tmp_path / "logs" / "methods_mix3_tuned" / "multiruns"
     assert len([r for d in logs.glob("*_tune0") for r in _results(d)]) == 4  # the declared grid
     tuning = [r for d in logs.glob("*_tune*") for r in _results(d)]
@@ -430,6 +431,14 @@ def test_tuned_study_end_to_end_and_resumed(tmp_path: Path, monkeypatch: pytest.
         best = max(scores.values())
         expected[method] = min(lr for lr, score in scores.items() if score == best)
     out = tmp_path / "experiments" / "methods_mix3_tuned"
+    checked = [r for d in logs.glob("*_check-*") for r in _results(d)]
+    assert sorted((r["method"], r["seed"]) for r in checked) == [("lora", 1), ("mtl_lora", 1)]
+    for run in checked:
+        lr = expected[run["method"]]
+        assert run["config"]["trainer"]["max_steps"] == 6 and run["config"]["tuned"] == {"optimizer.lr": lr}
+        assert "check" not in run["config"] and "test/avg/score" in run["metrics"]["test"]
+    assert (out / "check" / "results.md").exists() and not (out / "check" / "ranking.md").exists()  # 2 < 3
+    assert {p.name.split("_")[0] for p in (out / "runs").iterdir()} == {"tune", "final", "check"}
     grid = pd.read_csv(out / "tuning.csv")
     assert sorted(grid.loc[grid["chosen"], "method"]) == ["lora", "mtl_lora"]
     for method, lr in expected.items():

@@ -1,0 +1,109 @@
+"""The convergence check of a study (``check`` in its experiment config): is the ranking an artefact of the
+budget?
+
+A study compares methods at one budget. If the validation curves are still rising when it ends, the ranking
+is taken mid-climb and favours the methods that learn fastest, not those that end best. The ``check`` stage
+runs after the final one: the same methods with the values the tuning chose, at a longer budget (or under
+any other change the ``overrides`` make), on a few seeds::
+
+    check:
+      overrides: [trainer.max_steps=360]   # what the check changes (required); applied to every check job
+      seeds: [0]                           # default: the study's first seed
+      methods: [lora, hycam, mtl_lora]     # default: every tuned method (every method if nothing is tuned)
+
+Its runs are ordinary jobs (resumable, skipped once finished, published as ``check_<method>_..._s<seed>_<hash>``).
+`write_check` writes ``experiments/<name>/check/``: the check runs' own tables (``results.md``, and
+``convergence.md``: do the longer curves flatten?) and ``ranking.md``, the study's ranking at its own budget
+(final runs of the same methods and seeds) against the check's (`mtpeft.results.ranking`: rank intervals and
+Kendall's tau between the two), when at least `MIN_SHARED` methods ran both.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mtpeft.results import aggregate, load_runs, summarise
+from mtpeft.results.ranking import MIN_SHARED, study_rows, write_ranking
+
+if TYPE_CHECKING:
+    from mtpeft.study import Study
+
+log = logging.getLogger(__name__)
+CHECK_KEYS = ("overrides", "seeds", "methods")
+"""The keys of a ``check`` section."""
+
+
+def validate_check(study: Study) -> None:
+    """A ``check`` section has known keys, a non-empty list of ``key=value`` overrides, and seeds and
+    methods (when given) that the study has."""
+    check = study.check
+    if check is None:
+        return
+    where = f"conf/experiment/{study.name}.yaml: check"
+    if not isinstance(check, dict):
+        raise SystemExit(f"{where} must be a mapping with keys {', '.join(CHECK_KEYS)}, got {check!r}")
+    unknown = sorted(set(check) - set(CHECK_KEYS))
+    if unknown:
+        raise SystemExit(f"{where}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(CHECK_KEYS)}")
+    overrides = check.get("overrides")
+    if not isinstance(overrides, list) or not overrides or not all(_is_override(o) for o in overrides):
+        raise SystemExit(
+            f"{where}.overrides: a non-empty list of key=value overrides (what the check changes, e.g. "
+            f"[trainer.max_steps=360]), got {overrides!r}"
+        )
+    for key in ("seeds", "methods"):
+        value = check.get(key)
+        if value is not None and (not isinstance(value, list) or not value):
+            raise SystemExit(f"{where}.{key}: a non-empty list or null, got {value!r}")
+    strange = [m for m in check.get("methods") or [] if m not in study.methods]
+    if strange:
+        raise SystemExit(
+            f"{where}.methods: {', '.join(strange)} not among the study's ({', '.join(study.methods)})"
+        )
+
+
+def _is_override(text: Any) -> bool:
+    return isinstance(text, str) and "=" in text and not text.startswith("=")
+
+
+def check_seeds(study: Study) -> list[str]:
+    """The check's seeds: ``check.seeds``, or the study's first seed."""
+    seeds = (study.check or {}).get("seeds")
+    return [str(s) for s in seeds] if seeds else study.seeds[:1]
+
+
+def check_methods(study: Study) -> list[str]:
+    """The check's methods: ``check.methods``, or every tuned method (every method when none is tuned)."""
+    listed = (study.check or {}).get("methods")
+    if listed:
+        return [str(m) for m in listed]
+    tuned = [m for m in study.methods if study.grid(m) is not None]
+    return tuned or list(study.methods)
+
+
+def write_check(
+    study: Study, final_dirs: Sequence[Path], check_dirs: Sequence[Path], out: Path, plots: bool = True
+) -> list[Path]:
+    """``<out>/check/``: the check runs' tables and their ranking against the final runs of the same methods
+    and seeds (at the study's budget)."""
+    check_out = out / "check"
+    change = " ".join(study.check["overrides"])
+    result = summarise(check_dirs, check_out, f"{study.name}: check ({change})", plots=plots)
+    seeds, methods = set(check_seeds(study)), set(check_methods(study))
+    finals = [r for r in load_runs(final_dirs, "test") if str(r["seed"]) in seeds and r["method"] in methods]
+    if not finals:
+        log.info("check of %s: no final runs of its methods and seeds to rank against", study.name)
+        return result["files"]
+    final_table, _, final_columns = aggregate(finals)
+    at_budget = study_rows(f"{study.name}", final_table, final_columns, finals, "a")
+    checked = study_rows(f"check ({change})", result["table"], result["columns"], result["records"], "b")
+    shared = set(at_budget.averages) & set(checked.averages)
+    if len(shared) < MIN_SHARED:
+        log.info(
+            "check of %s: %d method(s) in both, no ranking (needs %d)", study.name, len(shared), MIN_SHARED
+        )
+        return result["files"]
+    return result["files"] + write_ranking(at_budget, checked, check_out)
