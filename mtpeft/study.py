@@ -113,7 +113,14 @@ from omegaconf import DictConfig
 from mtpeft.results import declared_plots, load_runs, summarise
 from mtpeft.results.load import CURVE_FILES
 from mtpeft.results.stats import SCORES_FILE
-from mtpeft.study_check import check_methods, check_seeds, validate_check, write_check
+from mtpeft.study_check import (
+    check_methods,
+    check_seeds,
+    validate_check,
+    validate_check_effect,
+    validate_check_seeds,
+    write_check,
+)
 from mtpeft.study_stages import run_stage, sweep_dir_name
 from mtpeft.study_sweeps import SWEEPS, StudyStopped, run_sweep, stop_on_signals
 from mtpeft.utils.confighash import IGNORED_TOP_LEVEL
@@ -250,6 +257,11 @@ def split_overrides(overrides: Sequence[str]) -> Overrides:
         elif key == "seed":
             result.seeds.append(text)
         elif key.split(".")[0] in RUNNER_KEYS:
+            if override.is_sweep_override():
+                raise SystemExit(
+                    f"{text}: the runner reads {key.split('.')[0]}.* itself and does not sweep it; give a "
+                    f"list instead, e.g. {key}=[a,b]"
+                )
             result.runner.append(text)
         else:
             result.jobs.append(text)
@@ -289,7 +301,10 @@ def load_study(name: str, overrides: Sequence[str] = (), conf_dir: Path = CONF_D
     """Compose ``experiment=<name>`` (with the overrides that are not sweeps) and read the study keys."""
     from omegaconf import OmegaConf
 
+    runner = [text for text in overrides if _top_key(text) in RUNNER_KEYS]
+    jobs = [text for text in overrides if text not in runner]
     cfg = compose_study(name, overrides, conf_dir)
+    declared = compose_study(name, jobs, conf_dir) if runner else cfg  # what the jobs compose
     params = cfg.hydra.sweeper.get("params") or {}
     if "method" not in params:
         raise SystemExit(
@@ -309,19 +324,18 @@ def load_study(name: str, overrides: Sequence[str] = (), conf_dir: Path = CONF_D
         tune=sections["tune"],
         probe=sections["probe"],
         check=sections["check"],
-        runner_keys=[key for key in RUNNER_KEYS if key in cfg and key not in _added_keys(overrides)],
+        runner_keys=[key for key in RUNNER_KEYS if key in declared],  # the jobs delete these (~key)
     )
     check_tune(study)
     validate_check(study)
+    if study.check is not None:
+        validate_check_effect(study, declared, lambda extra: compose_study(name, [*jobs, *extra], conf_dir))
     return study
 
 
-def _added_keys(overrides: Sequence[str]) -> set[str]:
-    """Top-level keys that ``+key=...`` overrides add (not in the experiment config: the jobs, which never
-    see the runner's overrides, have nothing to delete)."""
-    return {
-        text[1:].split("=", 1)[0] for text in overrides if text.startswith("+") and not text.startswith("++")
-    }
+def _top_key(override: str) -> str:
+    """The top-level config key an override sets, adds or deletes (``+check.seeds=[0]`` -> ``check``)."""
+    return _parse(override).key_or_group.split(".")[0]
 
 
 def study_from_command(name: str, overrides: Sequence[str] = ()) -> tuple[Study, Overrides]:
@@ -332,6 +346,7 @@ def study_from_command(name: str, overrides: Sequence[str] = ()) -> tuple[Study,
     study.methods = parts.methods or study.methods
     if parts.seeds:
         study.seeds = sweep_values("seed", parts.seeds[-1].split("=", 1)[1])
+    validate_check_seeds(study)
     return study, parts
 
 
@@ -476,31 +491,21 @@ def check_commands(
 ) -> list[tuple[list[str], Path]]:
     """The convergence check's sweeps (`mtpeft.study_check`): its methods with their chosen values, its
     seeds and ``check.overrides`` (after the command line's job overrides: they define the check), on test;
-    untuned methods together in one sweep."""
-    seeds = f"seed={','.join(check_seeds(study))}"
-    changes = [
-        *extra,
-        seeds,
-        *study.check["overrides"],
-    ]  # the check's changes win (check.overrides=... to edit)
+    untuned methods together in one sweep, tuned ones whose tuning chose nothing left out (logged)."""
+    changes = [*extra, f"seed={','.join(check_seeds(study))}", *study.check["overrides"]]
     methods = check_methods(study)
+    untuned = [m for m in methods if study.grid(m) is None]
+    for method in (m for m in methods if m not in untuned and m not in chosen):
+        log.warning("check: %s left out: its tuning chose no values (tuning.md)", method)
     commands = []
-    untuned = [m for m in methods if m not in chosen]
     if untuned:
         directory = sweep_dir(study, "check")
-        commands.append(
-            (train_command(study, [*launch, f"method={','.join(untuned)}", *changes], directory), directory)
-        )
-    for method in (m for m in methods if m in chosen):
+        overrides = [*launch, f"method={','.join(untuned)}", *changes]
+        commands.append((train_command(study, overrides, directory), directory))
+    for method in (m for m in methods if m in chosen and m not in untuned):
         directory = sweep_dir(study, f"check-{method}")
-        commands.append(
-            (
-                train_command(
-                    study, [*launch, *chosen_overrides(method, chosen[method]), *changes], directory
-                ),
-                directory,
-            )
-        )
+        overrides = [*launch, *chosen_overrides(method, chosen[method]), *changes]
+        commands.append((train_command(study, overrides, directory), directory))
     return commands
 
 

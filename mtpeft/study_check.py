@@ -21,9 +21,11 @@ Kendall's tau between the two), when at least `MIN_SHARED` methods ran both.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from omegaconf import DictConfig, OmegaConf
 
 from mtpeft.results import aggregate, load_runs, summarise
 from mtpeft.results.ranking import MIN_SHARED, study_rows, write_ranking
@@ -37,8 +39,9 @@ CHECK_KEYS = ("overrides", "seeds", "methods")
 
 
 def validate_check(study: Study) -> None:
-    """A ``check`` section has known keys, a non-empty list of ``key=value`` overrides, and seeds and
-    methods (when given) that the study has."""
+    """A ``check`` section has known keys, a non-empty list of ``key=value`` overrides, and methods (when
+    given) that the study sweeps. (Its seeds: `validate_check_seeds`; what its overrides do:
+    `validate_check_effect`.)"""
     check = study.check
     if check is None:
         return
@@ -69,6 +72,53 @@ def _is_override(text: Any) -> bool:
     return isinstance(text, str) and "=" in text and not text.startswith("=")
 
 
+def validate_check_seeds(study: Study) -> None:
+    """The check's seeds are seeds of the final stage (its ranking compares runs of the same seeds)."""
+    if study.check is None:
+        return
+    strange = [seed for seed in check_seeds(study) if seed not in study.seeds]
+    if strange:
+        raise SystemExit(
+            f"conf/experiment/{study.name}.yaml: check.seeds: {', '.join(strange)} not among the final "
+            f"stage's seeds ({', '.join(study.seeds)}): the check is ranked against the final runs of its seeds"
+        )
+
+
+def validate_check_effect(
+    study: Study, declared: DictConfig, compose: Callable[[list[str]], DictConfig]
+) -> None:
+    """``check.overrides`` are single values of keys the jobs have, not the seed, the method or a tuned key
+    (the check runs the chosen values; its seeds are ``check.seeds``), and they change the jobs' config
+    (else the check jobs would be the final jobs again). ``declared``: a job's config as the study composes
+    it; ``compose(extra)``: the same with ``extra`` overrides."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    where = f"conf/experiment/{study.name}.yaml: check.overrides"
+    overrides = list(study.check["overrides"])
+    tuned = {key for method in study.methods for key in study.grid(method) or {}}
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.key_or_group
+        if override.is_sweep_override():
+            raise SystemExit(f"{where}: {override.input_line} sweeps; the check runs one value per key")
+        if key in ("seed", "method") or key in tuned:
+            what = "check.seeds" if key == "seed" else "check.methods" if key == "method" else "the tuning"
+            raise SystemExit(f"{where}: {override.input_line} sets {key}, which {what} decides")
+    try:
+        checked = compose(overrides)
+    except Exception as error:  # Hydra's composition errors name the key
+        raise SystemExit(f"{where}: {overrides} do not compose with the study: {error}") from None
+    if _job_part(checked) == _job_part(declared):
+        raise SystemExit(f"{where}: {overrides} change nothing in the jobs' config (the study's own values?)")
+
+
+def _job_part(cfg: DictConfig) -> dict[str, Any]:
+    """A composed config without Hydra's section and the runner's keys: what a job's config holds."""
+    from mtpeft.study import RUNNER_KEYS
+
+    container = OmegaConf.to_container(cfg, resolve=False)
+    return {key: value for key, value in container.items() if key != "hydra" and key not in RUNNER_KEYS}
+
+
 def check_seeds(study: Study) -> list[str]:
     """The check's seeds: ``check.seeds``, or the study's first seed."""
     seeds = (study.check or {}).get("seeds")
@@ -76,10 +126,11 @@ def check_seeds(study: Study) -> list[str]:
 
 
 def check_methods(study: Study) -> list[str]:
-    """The check's methods: ``check.methods``, or every tuned method (every method when none is tuned)."""
+    """The check's methods: those of ``check.methods`` the study runs (``method=`` on the command line can
+    narrow it), or every tuned method (every method when none is tuned)."""
     listed = (study.check or {}).get("methods")
     if listed:
-        return [str(m) for m in listed]
+        return [str(m) for m in listed if str(m) in study.methods]
     tuned = [m for m in study.methods if study.grid(m) is not None]
     return tuned or list(study.methods)
 
@@ -91,6 +142,9 @@ def write_check(
     and seeds (at the study's budget)."""
     check_out = out / "check"
     change = " ".join(study.check["overrides"])
+    if not load_runs(check_dirs, "test"):
+        log.warning("check of %s: no check run finished (see the sweeps' logs): no check tables", study.name)
+        return []
     result = summarise(check_dirs, check_out, f"{study.name}: check ({change})", plots=plots)
     seeds, methods = set(check_seeds(study)), set(check_methods(study))
     finals = [r for r in load_runs(final_dirs, "test") if str(r["seed"]) in seeds and r["method"] in methods]

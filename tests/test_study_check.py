@@ -10,8 +10,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mtpeft.study import Study, check_commands, split_overrides
-from mtpeft.study_check import check_methods, check_seeds, validate_check, write_check
+from mtpeft.study import Study, check_commands, load_study, split_overrides
+from mtpeft.study_check import (
+    check_methods,
+    check_seeds,
+    validate_check,
+    validate_check_seeds,
+    write_check,
+)
 from mtpeft.study_status import declared_jobs
 from tests.results_util import scored_run
 
@@ -113,6 +119,7 @@ def test_check_tables_and_ranking_against_the_final_runs_of_its_seeds(tmp_path: 
     assert np.isclose(ranking["tau"].iloc[0], 1 / 3)  # 3 pairs: 2 concordant, 1 discordant
     md = (out / "ranking.md").read_text()
     assert "# Ranking: s against check (trainer.max_steps=360)" in md and "- s: seeds 0," in md
+    assert "poly" not in md and "none" not in md  # not checked / not ranked: not even left out
 
 
 def test_a_check_of_fewer_than_three_methods_writes_its_tables_without_a_ranking(tmp_path: Path) -> None:
@@ -123,3 +130,58 @@ def test_a_check_of_fewer_than_three_methods_writes_its_tables_without_a_ranking
     files = write_check(study, [tmp_path / "final"], [tmp_path / "check"], tmp_path / "out", plots=False)
     assert (tmp_path / "out" / "check" / "results.md") in files
     assert not (tmp_path / "out" / "check" / "ranking.md").exists()
+
+
+def test_a_tuned_method_whose_tuning_chose_nothing_is_left_out_of_the_check() -> None:
+    study = _study({"overrides": ["trainer.max_steps=360"]})
+    commands = check_commands(study, {"lora": {"optimizer.lr": 0.01}}, [], [])
+    assert [directory.name.split("_", 3)[3] for _, directory in commands] == ["check-lora"]
+
+
+def test_method_on_the_command_line_narrows_the_checks_methods() -> None:
+    study = _study({"overrides": ["trainer.max_steps=360"], "methods": ["lora", "hycam"]})
+    study.methods = ["lora", "mtl_lora"]
+    assert check_methods(study) == ["lora"]
+
+
+def test_check_seeds_must_be_final_seeds() -> None:
+    study = _study({"overrides": ["trainer.max_steps=360"], "seeds": [0, 7]})
+    with pytest.raises(SystemExit, match="check.seeds: 7 not among the final stage's seeds"):
+        validate_check_seeds(study)
+
+
+def test_runner_keys_are_what_the_jobs_compose_whatever_the_command_line_adds_or_deletes() -> None:
+    """The jobs never see the runner's overrides: they delete (~key) what their own config has."""
+    added = "++check={overrides:['trainer.max_steps=9']}"
+    assert load_study("methods_mix3_tuned", [added]).runner_keys == ["tune"]
+    assert load_study("methods_mix3_tuned", ["+check.overrides=['trainer.max_steps=9']"]).runner_keys == [
+        "tune"
+    ]
+    deleted = load_study("methods_mix3_tuned", ["~tune"])
+    assert deleted.tune is None and deleted.runner_keys == ["tune"]
+
+
+def test_sweeping_a_runner_key_on_the_command_line_is_refused() -> None:
+    with pytest.raises(SystemExit, match=r"check.seeds=0,1: the runner reads check.\* itself"):
+        split_overrides(["check.seeds=0,1"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ("['trainer.max_steps=360,720']", "sweeps; the check runs one value per key"),
+        ("['seed=3']", "sets seed, which check.seeds decides"),
+        ("['optimizer.lr=0.1']", "sets optimizer.lr, which the tuning decides"),
+        ("['trainer.max_stepz=360']", "do not compose with the study"),
+        ("['trainer.max_steps=1200']", "change nothing in the jobs' config"),
+    ],
+)
+def test_check_overrides_that_would_not_make_a_check_are_refused(overrides: str, message: str) -> None:
+    with pytest.raises(SystemExit, match=message):
+        load_study("methods_mix3_tuned", [f"+check={{overrides:{overrides}}}"])
+
+
+def test_a_check_whose_runs_all_failed_writes_nothing(tmp_path: Path) -> None:
+    (tmp_path / "check").mkdir()
+    study = _study({"overrides": ["trainer.max_steps=360"]})
+    assert write_check(study, [tmp_path / "final"], [tmp_path / "check"], tmp_path / "out") == []

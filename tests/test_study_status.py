@@ -99,7 +99,7 @@ def test_every_job_once_in_its_best_state(tmp_path: Path) -> None:
 def test_declared_jobs_count_grid_points_and_final_seeds(tmp_path: Path) -> None:
     study = _study(tmp_path)
     study.tune["methods"]["hycam"] = {"method.routing": ["softmax", "hard_gumbel"]}
-    assert declared_jobs(study) == {"tune": 2 + 4, "final": 3 * 2}
+    assert declared_jobs(study) == {"tune": 2 + 4, "final": 3 * 2, "check": 0}  # no check section
 
 
 def test_status_of_a_real_study_config_runs_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
