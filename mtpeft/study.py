@@ -1260,7 +1260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.status:
         from mtpeft.study_status import study_status
 
-        print(study_status(study_from_command(args.name, args.overrides)[0]))
+        print(study_status(study_from_command(args.name, args.overrides)[0], args.n_jobs))
         return 0
     try:
         return _run_main(args)

@@ -159,13 +159,56 @@ def declared_jobs(study: Study) -> dict[str, int]:
     return {"tune": tuned, "final": len(study.methods) * max(1, len(study.seeds)), "check": checked}
 
 
+def _median(seconds: Iterable[float | None]) -> float | None:
+    values = [s for s in seconds if s is not None]
+    return statistics.median(values) if values else None
+
+
+def work_left(study: Study, jobs: list[JobState], n_jobs: int = 2) -> str | None:
+    """One line: the runs left per stage (a running or interrupted job counts for the part of its budget it
+    has not done) times the median wall time of the stage's finished runs, in hours, and over ``n_jobs``
+    parallel jobs. A stage with no finished run yet is timed by all finished runs (a lower bound for the
+    final stage, which adds the test split); widening adds runs nobody can count ahead. None when nothing
+    is left."""
+    declared = declared_jobs(study)
+    overall = _median(j.wall_time_s for j in jobs if j.state == FINISHED)
+    parts, total, borrowed = [], 0.0, []
+    for stage in STAGES:
+        of_stage = [j for j in jobs if j.stage == stage]
+        done = sum(j.state == FINISHED for j in of_stage)
+        partial = [j for j in of_stage if j.state in (RUNNING, INTERRUPTED)]
+        redo = sum(j.state == FAILED for j in of_stage)
+        fresh = max(0, declared[stage] - done - len(partial) - redo)
+        runs = fresh + redo + sum(1 - min(1.0, (j.step or 0) / (j.max_steps or 1)) for j in partial)
+        if runs <= 0:
+            continue
+        median = _median(j.wall_time_s for j in of_stage if j.state == FINISHED)
+        if median is None:
+            borrowed.append(stage)
+            median = overall
+        if median is None:
+            return "left: no finished run to time yet"
+        parts.append(f"{stage} {runs:.1f}")
+        total += runs * median
+    if not parts:
+        return None
+    notes = [f"{'/'.join(borrowed)} timed by the other stages' runs: a lower bound"] if borrowed else []
+    if study.tune is not None and study.sampler == "grid" and study.widen:
+        notes.append("widening may add tuning runs")
+    return (
+        f"left: about {total / 3600:.1f} h of runs ({', '.join(parts)} runs x their stage's median wall time),"
+        f" {total / 3600 / max(1, n_jobs):.1f} h at {n_jobs} parallel jobs" + "".join(f"; {n}" for n in notes)
+    )
+
+
 def _minutes(seconds: Iterable[float | None]) -> str:
     values = [s for s in seconds if s is not None]
     return f"{statistics.median(values) / 60:.0f} min" if values else "-"
 
 
-def format_status(study: Study, jobs: list[JobState]) -> str:
-    """A summary line per stage and a table of the jobs that are not finished."""
+def format_status(study: Study, jobs: list[JobState], n_jobs: int = 2) -> str:
+    """A summary line per stage, the work left (`work_left`) and a table of the jobs that are not
+    finished."""
     declared = declared_jobs(study)
     lines = [
         f"study {study.name} (runs: {study.log_dir / study.task_name}, published: {study.published_dir})"
@@ -182,6 +225,9 @@ def format_status(study: Study, jobs: list[JobState]) -> str:
             f"{stage}: {counts}; declared {declared[stage]}{extra}; median wall time of a finished run "
             f"{_minutes(finished)}"
         )
+    left = work_left(study, jobs, n_jobs)
+    if left:
+        lines.append(left)
     pending = [j for j in jobs if j.state != FINISHED]
     if pending:
         lines += [
@@ -203,6 +249,6 @@ def format_status(study: Study, jobs: list[JobState]) -> str:
     return "\n".join(lines)
 
 
-def study_status(study: Study) -> str:
-    """`format_status` of `study_jobs`."""
-    return format_status(study, study_jobs(study))
+def study_status(study: Study, n_jobs: int = 2) -> str:
+    """`format_status` of `study_jobs` (``n_jobs``: the runner's parallel jobs, for the time left)."""
+    return format_status(study, study_jobs(study), n_jobs)
