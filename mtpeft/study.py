@@ -743,8 +743,29 @@ def write_tuning(
             )
             + " |"
         )
+    edges = edge_choices(table, chosen)
+    if edges:
+        lines += [
+            "",
+            "**Chosen at an edge of what was tried** (the best may lie beyond it: `tune.widen` caps how far a "
+            "grid grows): " + "; ".join(edges) + ".",
+        ]
     (out / "tuning.md").write_text("\n".join(lines) + "\n")
     return [out / "tuning.md", out / "tuning.csv"]
+
+
+def edge_choices(table: pd.DataFrame, chosen: Mapping[str, dict[str, Any]]) -> list[str]:
+    """``<method>: <key>=<value> is the highest (lowest) value tried`` for every chosen numeric value at an
+    end of the values its method's successful jobs tried (more than one)."""
+    notes = []
+    for method, values in chosen.items():
+        mine = table[(table["method"] == method) & (table["status"] == "success")]
+        for key, value in values.items():
+            tried = sorted({v for v in mine[key].tolist() if _number(v)}) if key in mine else []
+            if len(tried) > 1 and _number(value) and value in (tried[0], tried[-1]):
+                side = "lowest" if value == tried[0] else "highest"
+                notes.append(f"{method}: {key}={value:g} is the {side} value tried")
+    return notes
 
 
 # -- the tuning stage ------------------------------------------------------------------------------
@@ -1177,6 +1198,8 @@ def run_study(
             chosen = tuning.chosen
             problems += tuning.problems
             files += write_tuning(tuning.table, chosen, out, name)
+            for note in edge_choices(tuning.table, chosen):
+                log.warning("tuning: %s (the best may lie beyond; tune.widen caps the widening)", note)
             for method, values in chosen.items():
                 log.info("tuned %s: %s", method, ", ".join(f"{k}={v}" for k, v in values.items()))
         for command, directory in final_commands(study, chosen, [*parts.seeds, *parts.jobs], launch):

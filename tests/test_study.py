@@ -200,6 +200,7 @@ def test_grid_is_widened_while_the_best_value_is_at_an_edge(tmp_path: Path) -> N
     write_tuning(tuning.table, tuning.chosen, tmp_path / "out", "s")
     text = (tmp_path / "out" / "tuning.md").read_text()
     assert "| lora | 0.1⁺ | 100.0 | 100.0 | success | chosen |" in text and "| lora | 0.03 |" in text
+    assert "hycam: optimizer.lr=0.0001 is the lowest value tried." in text and "lora: optimizer" not in text
 
     # a re-run resumes: every job (widened ones included) is skipped, and the choice is the same
     ran = len(sweeps.ran)
