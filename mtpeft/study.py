@@ -70,7 +70,9 @@ unchanged) with ``skip_finished``: re-running the command resumes, redoing only 
 Each stage writes into its own sweep directory under ``<paths.log_dir>/<task_name>/multiruns/``, and the
 tables cover exactly the jobs of this invocation (skipped ones are read from the runs they point to).
 Launcher: joblib (``--n-jobs`` parallel jobs, ``cpu_threads=1``) when the plugin is installed, else
-Hydra's basic (sequential) one. Other arguments are Hydra overrides given to every job.
+Hydra's basic (sequential) one. With joblib, a stage's sweeps also run side by side while their jobs fit in
+``--n-jobs`` (`mtpeft.study_sweeps.run_sweeps_in_slots`): a check on one seed or one method's widened value
+is a one-job sweep, and two of them share two cores instead of one idling. Other arguments are Hydra overrides given to every job.
 
 Publishing (across sessions and fresh checkouts, where ``logs/`` is empty): after each sweep (and every
 `PUBLISH_EVERY_S` seconds while one runs) the runner
@@ -122,7 +124,7 @@ from mtpeft.study_check import (
     write_check,
 )
 from mtpeft.study_stages import run_stage, sweep_dir_name
-from mtpeft.study_sweeps import SWEEPS, StudyStopped, run_sweep, stop_on_signals
+from mtpeft.study_sweeps import SWEEPS, StudyStopped, run_sweep, run_sweeps_in_slots, stop_on_signals
 from mtpeft.utils.confighash import IGNORED_TOP_LEVEL
 from mtpeft.utils.sweep import RESULTS_FILE, finished_roots, run_identity, run_records
 
@@ -138,6 +140,8 @@ SAMPLERS = ("grid", "optuna")
 """``tune.sampler``: every grid point (default), or an Optuna TPE search of ``tune.trials`` trials."""
 WIDEN_DEFAULT = 2
 """``tune.widen`` when not given: at most this many values are added beyond a grid's edge."""
+HYDRA_LOCK = threading.RLock()
+"""Held while Hydra's global state is in use (`sweep_jobs`, `compose_study`): sweeps start from threads."""
 TRIALS_DEFAULT = 20
 """``tune.trials`` when not given (``tune.sampler: optuna``): trials per method."""
 
@@ -206,13 +210,14 @@ def sweep_jobs(params: Sequence[str], conf_dir: Path = CONF_DIR) -> list[list[st
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(version_base="1.3", config_dir=str(conf_dir)):
-            parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
-            (jobs,) = BasicSweeper.split_arguments(parser.parse_overrides(list(params)), None)
-    finally:
+    with HYDRA_LOCK:  # Hydra's global state: one user at a time (Optuna searches run in threads)
         GlobalHydra.instance().clear()
+        try:
+            with initialize_config_dir(version_base="1.3", config_dir=str(conf_dir)):
+                parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+                (jobs,) = BasicSweeper.split_arguments(parser.parse_overrides(list(params)), None)
+        finally:
+            GlobalHydra.instance().clear()
     return jobs
 
 
@@ -282,11 +287,12 @@ def compose_study(name: str, overrides: Sequence[str] = (), conf_dir: Path = CON
             f"no study {name!r}: conf/experiment/{name}.yaml does not exist; studies: {', '.join(known)}"
         )
     register_resolvers()
-    GlobalHydra.instance().clear()
     plain = [o for o in overrides if not _is_sweep(o)]
-    with initialize_config_dir(version_base="1.3", config_dir=str(conf_dir)):
-        cfg = compose("train", overrides=[f"experiment={name}", *plain], return_hydra_config=True)
-    GlobalHydra.instance().clear()
+    with HYDRA_LOCK:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(version_base="1.3", config_dir=str(conf_dir)):
+            cfg = compose("train", overrides=[f"experiment={name}", *plain], return_hydra_config=True)
+        GlobalHydra.instance().clear()
     return cfg
 
 
@@ -414,6 +420,17 @@ def launcher_overrides(launcher: str, n_jobs: int) -> list[str]:
     if launcher == "basic":
         return []
     return ["launcher=joblib", f"hydra.launcher.n_jobs={n_jobs}", "cpu_threads=1"]
+
+
+def sweep_size(study: Study, command: Sequence[str]) -> int:
+    """How many jobs a ``mtpeft.train -m`` command of this runner launches: its overrides over the study's
+    methods and seeds, expanded as Hydra's basic sweeper does (`sweep_jobs`)."""
+    overrides = [
+        text
+        for text in command[list(command).index("-m", 3) + 1 :]
+        if not text.startswith(("experiment=", "~", "hydra.", "launcher=", "++tuned="))
+    ]
+    return len(sweep_jobs([f"method={','.join(study.methods)}", f"seed={','.join(study.seeds)}", *overrides]))
 
 
 def sweep_dir(study: Study, stage: str) -> Path:
@@ -756,10 +773,11 @@ def write_tuning(
 
 def edge_choices(table: pd.DataFrame, chosen: Mapping[str, dict[str, Any]]) -> list[str]:
     """``<method>: <key>=<value> is the highest (lowest) value tried`` for every chosen numeric value at an
-    end of the values its method's successful jobs tried (more than one)."""
+    end of the values its method's jobs tried (more than one; a failed job counts: a value beyond that
+    diverged was tried)."""
     notes = []
     for method, values in chosen.items():
-        mine = table[(table["method"] == method) & (table["status"] == "success")]
+        mine = table[table["method"] == method]
         for key, value in values.items():
             tried = sorted({v for v in mine[key].tolist() if _number(v)}) if key in mine else []
             if len(tried) > 1 and _number(value) and value in (tried[0], tried[-1]):
@@ -796,7 +814,8 @@ class Tuner:
     runner: SweepRunner = run_sweep
     after_sweep: Callable[[], None] = lambda: None
     parallel: int = 1
-    """Optuna: how many methods search at once (each one trial at a time)."""
+    """Parallel jobs: grid sweeps run at once while their jobs fit (`run_sweeps_in_slots`); Optuna: how many
+    methods search at once (each one trial at a time)."""
     directories: list[Path] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -805,16 +824,20 @@ class Tuner:
         return self.optuna() if self.study.sampler == "optuna" else self.grid()
 
     def sweep(self, sweeps: Sequence[tuple[str, Mapping[str, list[Any]]]], stage: str) -> list[Path]:
-        """Run the tuning sweeps of ``(method, grid)`` pairs (`tuning_commands`); their directories."""
-        directories = []
-        for command, directory in tuning_commands(self.study, self.extra, self.launch, sweeps, stage):
-            if self.runner(command, directory) != 0:
+        """Run the tuning sweeps of ``(method, grid)`` pairs (`tuning_commands`), as many at once as their
+        jobs fit in ``parallel`` (`run_sweeps_in_slots`); their directories."""
+        commands = tuning_commands(self.study, self.extra, self.launch, sweeps, stage)
+
+        def done(directory: Path, status: int) -> None:
+            if status != 0:
                 self.problems.append(f"tuning sweep {directory} exited non-zero (failed jobs?)")
             with self._lock:
                 self.directories.append(directory)
                 self.after_sweep()
-            directories.append(directory)
-        return directories
+
+        sized = [(command, directory, sweep_size(self.study, command)) for command, directory in commands]
+        run_sweeps_in_slots(sized, self.parallel, self.runner, done)
+        return [directory for _, directory in commands]
 
     def grid(self) -> Tuning:
         """Every grid point; then, up to ``tune.widen`` times, the next value beyond each numeric key's edge
@@ -1202,16 +1225,19 @@ def run_study(
                 log.warning("tuning: %s (the best may lie beyond; tune.widen caps the widening)", note)
             for method, values in chosen.items():
                 log.info("tuned %s: %s", method, ", ".join(f"{k}={v}" for k, v in values.items()))
-        for command, directory in final_commands(study, chosen, [*parts.seeds, *parts.jobs], launch):
-            if run_sweep(command, directory) != 0:
+        slots = n_jobs if launch else 1
+
+        def done(directory: Path, status: int) -> None:
+            if status != 0:
                 problems.append(f"sweep {directory} exited non-zero (failed jobs?)")
-            final_dirs.append(directory)
             publish()
-        for command, directory in check_commands(study, chosen, parts.jobs, launch) if study.check else []:
-            if run_sweep(command, directory) != 0:
-                problems.append(f"sweep {directory} exited non-zero (failed jobs?)")
-            check_dirs.append(directory)
-            publish()
+
+        finals = final_commands(study, chosen, [*parts.seeds, *parts.jobs], launch)
+        checks = check_commands(study, chosen, parts.jobs, launch) if study.check else []
+        for commands, directories in ((finals, final_dirs), (checks, check_dirs)):
+            directories += [directory for _, directory in commands]
+            sized = [(command, directory, sweep_size(study, command)) for command, directory in commands]
+            run_sweeps_in_slots(sized, slots, run_sweep, done)
     if SWEEPS.stopped is not None:  # a stop during the last sweep, after its jobs were done
         raise StudyStopped(SWEEPS.stopped)
     if study.probe is not None:
@@ -1283,7 +1309,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.status:
         from mtpeft.study_status import study_status
 
-        print(study_status(study_from_command(args.name, args.overrides)[0], args.n_jobs))
+        parallel = args.n_jobs if launcher_overrides(args.launcher, args.n_jobs) else 1
+        print(study_status(study_from_command(args.name, args.overrides)[0], parallel))
         return 0
     try:
         return _run_main(args)

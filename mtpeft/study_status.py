@@ -50,6 +50,7 @@ class JobState:
     """Optimiser steps done: the last checkpoint's (running, interrupted) or the budget (finished)."""
     max_steps: int | None
     wall_time_s: float | None
+    """Of a finished run; None for one resumed from another's checkpoint (it timed only its own part)."""
     updated: datetime
     directory: Path
 
@@ -112,7 +113,7 @@ def job_state(study: Study, directory: Path, root: Path, record: Mapping[str, An
         state=state,
         step=step,
         max_steps=max_steps,
-        wall_time_s=record.get("wall_time_s"),
+        wall_time_s=None if record.get("resumed_from") else record.get("wall_time_s"),
         updated=last_written(directory),
         directory=directory,
     )
@@ -164,6 +165,13 @@ def _median(seconds: Iterable[float | None]) -> float | None:
     return statistics.median(values) if values else None
 
 
+def _part_left(job: JobState) -> float:
+    """The part of a started job's budget not done (all of it when its step or budget is unknown)."""
+    if not job.step or not job.max_steps or job.max_steps <= 0:
+        return 1.0
+    return max(0.0, 1 - job.step / job.max_steps)
+
+
 def work_left(study: Study, jobs: list[JobState], n_jobs: int = 2) -> str | None:
     """One line: the runs left per stage (a running or interrupted job counts for the part of its budget it
     has not done) times the median wall time of the stage's finished runs, in hours, and over ``n_jobs``
@@ -179,7 +187,7 @@ def work_left(study: Study, jobs: list[JobState], n_jobs: int = 2) -> str | None
         partial = [j for j in of_stage if j.state in (RUNNING, INTERRUPTED)]
         redo = sum(j.state == FAILED for j in of_stage)
         fresh = max(0, declared[stage] - done - len(partial) - redo)
-        runs = fresh + redo + sum(1 - min(1.0, (j.step or 0) / (j.max_steps or 1)) for j in partial)
+        runs = fresh + redo + sum(_part_left(j) for j in partial)
         if runs <= 0:
             continue
         median = _median(j.wall_time_s for j in of_stage if j.state == FINISHED)
@@ -193,7 +201,8 @@ def work_left(study: Study, jobs: list[JobState], n_jobs: int = 2) -> str | None
     if not parts:
         return None
     notes = [f"{'/'.join(borrowed)} timed by the other stages' runs: a lower bound"] if borrowed else []
-    if study.tune is not None and study.sampler == "grid" and study.widen:
+    tuning_over = any(j.stage != "tune" for j in jobs)
+    if study.tune is not None and study.sampler == "grid" and study.widen and not tuning_over:
         notes.append("widening may add tuning runs")
     return (
         f"left: about {total / 3600:.1f} h of runs ({', '.join(parts)} runs x their stage's median wall time),"

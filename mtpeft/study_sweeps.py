@@ -24,7 +24,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -200,3 +200,52 @@ def stop_on_signals(groups: SweepGroups = SWEEPS) -> Iterator[SweepGroups]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+
+
+def run_sweeps_in_slots(
+    sweeps: Sequence[tuple[list[str], Path, int]],
+    slots: int,
+    runner: Callable[[list[str], Path], int] = run_sweep,
+    after_each: Callable[[Path, int], None] = lambda directory, status: None,
+) -> list[int]:
+    """Run ``(command, directory, jobs)`` sweeps in their order, several at once while their jobs fit in
+    ``slots`` parallel jobs (a sweep of ``jobs`` jobs takes ``min(jobs, slots)``: one of 2 jobs fills 2 slots,
+    two sweeps of 1 job share them). Without this, a stage of one-job sweeps (a check on one seed, a widened
+    value of one method) would use one core of two. ``after_each(directory, status)`` runs after each sweep
+    (under a lock). Returns the exit statuses in the sweeps' order; a stop (`StudyStopped`) of any sweep is
+    raised once the running ones have returned."""
+    slots = max(1, slots)
+    free = threading.Condition()
+    available = slots
+    statuses: list[int | None] = [None] * len(sweeps)
+    errors: list[BaseException] = []
+
+    def one(index: int, command: list[str], directory: Path, need: int) -> None:
+        nonlocal available
+        try:
+            statuses[index] = runner(command, directory)
+            with free:
+                after_each(directory, statuses[index])
+        except BaseException as error:  # noqa: BLE001 - StudyStopped and others: raised by the caller
+            errors.append(error)
+        finally:
+            with free:
+                available += need
+                free.notify_all()
+
+    threads = []
+    for index, (command, directory, jobs) in enumerate(sweeps):
+        need = min(max(1, jobs), slots)
+        with free:
+            free.wait_for(lambda: available >= need or bool(errors))  # noqa: B023 - read at once
+            if errors:
+                break
+            available -= need
+        thread = threading.Thread(target=one, args=(index, command, directory, need), daemon=True)
+        thread.start()
+        threads.append(thread)
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return [status if status is not None else 1 for status in statuses]

@@ -20,6 +20,7 @@ from mtpeft.study import (
     capacity_table,
     check_tune,
     choose,
+    edge_choices,
     final_commands,
     hydra_value,
     launcher_overrides,
@@ -501,3 +502,15 @@ def test_long_study_runs_each_method_at_the_lr_the_tuned_study_chose(method: str
         assert cfg.optimizer.lr == pytest.approx(float(chosen[method]))
     else:
         assert method == "none"
+
+
+def test_a_choice_below_a_diverged_value_is_not_at_the_edge() -> None:
+    table = pd.DataFrame(
+        {
+            "method": ["lora"] * 3 + ["hycam"] * 2,
+            "optimizer.lr": [1.0e-3, 3.0e-3, 1.0e-2, 1.0e-3, 3.0e-3],
+            "status": ["success", "success", "failed", "success", "success"],
+        }
+    )
+    chosen = {"lora": {"optimizer.lr": 3.0e-3}, "hycam": {"optimizer.lr": 3.0e-3}}
+    assert edge_choices(table, chosen) == ["hycam: optimizer.lr=0.003 is the highest value tried"]

@@ -10,7 +10,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mtpeft.study import Study, check_commands, load_study, split_overrides
+from mtpeft.study import (
+    Study,
+    check_commands,
+    final_commands,
+    load_study,
+    split_overrides,
+    sweep_size,
+    tuning_commands,
+)
 from mtpeft.study_check import (
     check_methods,
     check_seeds,
@@ -185,3 +193,15 @@ def test_a_check_whose_runs_all_failed_writes_nothing(tmp_path: Path) -> None:
     (tmp_path / "check").mkdir()
     study = _study({"overrides": ["trainer.max_steps=360"]})
     assert write_check(study, [tmp_path / "final"], [tmp_path / "check"], tmp_path / "out") == []
+
+
+def test_sweep_size_counts_the_jobs_a_command_launches() -> None:
+    study = _study({"overrides": ["trainer.max_steps=360"]})
+    study.seeds = ["0", "1"]
+    chosen = {"lora": {"optimizer.lr": 0.01}}
+    (check,) = check_commands(study, chosen, [], ["launcher=joblib", "hydra.launcher.n_jobs=2"])
+    (_, final) = final_commands(study, chosen, [], [])
+    tuning = tuning_commands(study, [], [])[0]
+    assert sweep_size(study, check[0]) == 1  # seed 0 only
+    assert sweep_size(study, final[0]) == 2  # the study's seeds
+    assert sweep_size(study, tuning[0]) == 3 * 2  # 3 tuned methods share a grid of 2 lrs, tuning seed 0

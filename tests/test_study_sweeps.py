@@ -6,13 +6,14 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 import mtpeft.study as study_module
-from mtpeft.study_sweeps import StudyStopped, SweepGroups
+from mtpeft.study_sweeps import StudyStopped, SweepGroups, run_sweeps_in_slots
 
 # A sweep whose "job" is a grandchild process holding its run directory, as a joblib launcher's workers are:
 # it reports the signals it gets and ends on the first unless told to hold on; next to it an idle process
@@ -41,6 +42,7 @@ sys.exit(subprocess.call([sys.executable, "-c", sys.argv[1], *sys.argv[3:]]))
 """
 RUNNER = """
 import sys
+import threading
 from pathlib import Path
 from mtpeft.study_sweeps import StudyStopped, run_sweep, stop_on_signals
 sweep = Path(sys.argv[-1]).parent
@@ -156,3 +158,50 @@ def test_a_signal_while_a_sweep_starts_neither_deadlocks_nor_misses_it(tmp_path:
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(-signal.SIGTERM)  # the new sweep got the stop too
     assert "SIGTERM: stopping the study" in done.stderr
+
+
+# -- several sweeps at once while their jobs fit ----------------------------------------------------
+class _Timeline:
+    """A fake `run_sweep` that records how many sweeps run at once (each takes ``seconds``)."""
+
+    def __init__(self, seconds: float = 0.15, fail: set[str] | None = None, stop: str | None = None) -> None:
+        self.seconds, self.fail, self.stop = seconds, fail or set(), stop
+        self.active = self.most = 0
+        self.started: list[str] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, command: list[str], directory: Path) -> int:
+        with self.lock:
+            self.active += 1
+            self.most = max(self.most, self.active)
+            self.started.append(directory.name)
+        time.sleep(self.seconds)
+        with self.lock:
+            self.active -= 1
+        if directory.name == self.stop:
+            raise StudyStopped(signal.SIGTERM)
+        return 1 if directory.name in self.fail else 0
+
+
+def _sweeps(*jobs: int) -> list[tuple[list[str], Path, int]]:
+    return [([], Path(f"s{i}"), n) for i, n in enumerate(jobs)]
+
+
+@pytest.mark.parametrize(
+    ("jobs", "slots", "most"), [((1, 1, 1, 1), 2, 2), ((2, 2, 2), 2, 1), ((1, 1, 1), 1, 1), ((5, 1), 2, 1)]
+)
+def test_one_job_sweeps_share_the_slots_and_full_sweeps_run_alone(jobs: tuple, slots: int, most: int) -> None:
+    timeline, seen = _Timeline(), []
+    statuses = run_sweeps_in_slots(_sweeps(*jobs), slots, timeline, lambda d, s: seen.append(d.name))
+    assert timeline.most == most, (jobs, slots)
+    assert statuses == [0] * len(jobs) and sorted(seen) == [f"s{i}" for i in range(len(jobs))]
+    assert timeline.started == [f"s{i}" for i in range(len(jobs))]  # started in their order
+
+
+def test_statuses_come_back_in_order_and_a_stop_starts_nothing_more() -> None:
+    timeline = _Timeline(fail={"s1"})
+    assert run_sweeps_in_slots(_sweeps(1, 1, 1), 2, timeline) == [0, 1, 0]
+    stopping = _Timeline(stop="s0")
+    with pytest.raises(StudyStopped):
+        run_sweeps_in_slots(_sweeps(2, 1, 1), 2, stopping)
+    assert stopping.started == ["s0"]
