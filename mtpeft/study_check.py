@@ -107,16 +107,14 @@ def validate_check_effect(
         checked = compose(overrides)
     except Exception as error:  # Hydra's composition errors name the key
         raise SystemExit(f"{where}: {overrides} do not compose with the study: {error}") from None
-    if _job_part(checked) == _job_part(declared):
+    if _job_part(checked, study.runner_keys) == _job_part(declared, study.runner_keys):
         raise SystemExit(f"{where}: {overrides} change nothing in the jobs' config (the study's own values?)")
 
 
-def _job_part(cfg: DictConfig) -> dict[str, Any]:
+def _job_part(cfg: DictConfig, runner_keys: Sequence[str]) -> dict[str, Any]:
     """A composed config without Hydra's section and the runner's keys: what a job's config holds."""
-    from mtpeft.study import RUNNER_KEYS
-
     container = OmegaConf.to_container(cfg, resolve=False)
-    return {key: value for key, value in container.items() if key != "hydra" and key not in RUNNER_KEYS}
+    return {key: value for key, value in container.items() if key != "hydra" and key not in runner_keys}
 
 
 def check_seeds(study: Study) -> list[str]:
