@@ -433,6 +433,11 @@ def sweep_size(study: Study, command: Sequence[str]) -> int:
     return len(sweep_jobs([f"method={','.join(study.methods)}", f"seed={','.join(study.seeds)}", *overrides]))
 
 
+def with_sizes(study: Study, commands: Sequence[tuple[list[str], Path]]) -> list[tuple[list[str], Path, int]]:
+    """``(command, directory, jobs)`` for `run_sweeps_in_slots` (`sweep_size`)."""
+    return [(command, directory, sweep_size(study, command)) for command, directory in commands]
+
+
 def sweep_dir(study: Study, stage: str) -> Path:
     """A fresh directory for one stage's sweep: ``<log_dir>/<task_name>/multiruns/<time>_<uid>_<stage>``."""
     return study.log_dir / study.task_name / "multiruns" / sweep_dir_name(stage)
@@ -835,8 +840,7 @@ class Tuner:
                 self.directories.append(directory)
                 self.after_sweep()
 
-        sized = [(command, directory, sweep_size(self.study, command)) for command, directory in commands]
-        run_sweeps_in_slots(sized, self.parallel, self.runner, done)
+        run_sweeps_in_slots(with_sizes(self.study, commands), self.parallel, self.runner, done)
         return [directory for _, directory in commands]
 
     def grid(self) -> Tuning:
@@ -1236,8 +1240,7 @@ def run_study(
         checks = check_commands(study, chosen, parts.jobs, launch) if study.check else []
         for commands, directories in ((finals, final_dirs), (checks, check_dirs)):
             directories += [directory for _, directory in commands]
-            sized = [(command, directory, sweep_size(study, command)) for command, directory in commands]
-            run_sweeps_in_slots(sized, slots, run_sweep, done)
+            run_sweeps_in_slots(with_sizes(study, commands), slots, run_sweep, done)
     if SWEEPS.stopped is not None:  # a stop during the last sweep, after its jobs were done
         raise StudyStopped(SWEEPS.stopped)
     if study.probe is not None:

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from mtpeft.results import aggregate, load_runs, summarise
-from mtpeft.results.ranking import MIN_SHARED, study_rows, write_ranking
+from mtpeft.results import load_runs, summarise
+from mtpeft.results.ranking import MIN_SHARED, records_rows, study_rows, write_ranking
 
 if TYPE_CHECKING:
     from mtpeft.study import Study
@@ -149,8 +149,7 @@ def write_check(
     if not finals:
         log.info("check of %s: no final runs of its methods and seeds to rank against", study.name)
         return result["files"]
-    final_table, _, final_columns = aggregate(finals)
-    at_budget = study_rows(f"{study.name}", final_table, final_columns, finals, "a")
+    at_budget = records_rows(study.name, finals, "a")
     checked = study_rows(f"check ({change})", result["table"], result["columns"], result["records"], "b")
     shared = set(at_budget.averages) & set(checked.averages)
     if len(shared) < MIN_SHARED:

@@ -211,8 +211,8 @@ def work_left(study: Study, jobs: list[JobState], n_jobs: int = 2) -> str | None
 
 
 def _minutes(seconds: Iterable[float | None]) -> str:
-    values = [s for s in seconds if s is not None]
-    return f"{statistics.median(values) / 60:.0f} min" if values else "-"
+    median = _median(seconds)
+    return f"{median / 60:.0f} min" if median is not None else "-"
 
 
 def format_status(study: Study, jobs: list[JobState], n_jobs: int = 2) -> str:

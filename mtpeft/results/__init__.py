@@ -57,7 +57,7 @@ from mtpeft.results.plots import (
     study_plots,
     temperature_scores,
 )
-from mtpeft.results.ranking import study_rows, write_ranking
+from mtpeft.results.ranking import records_rows, study_rows, write_ranking
 from mtpeft.results.render import display_table, to_latex, to_markdown
 from mtpeft.results.stats import summarise_stats
 from mtpeft.utils.sweep import RESULTS_FILE
@@ -181,9 +181,8 @@ def ranking_against(
         raise SystemExit(
             f"--against {other_title}: no {RESULTS_FILE} run records under {', '.join(map(str, other_sources))}"
         )
-    other_table, _, other_columns = aggregate(other_records)
     mine = study_rows(study_label(title, source), result["table"], result["columns"], result["records"], "a")
-    theirs = study_rows(other_title, other_table, other_columns, other_records, "b")
+    theirs = records_rows(other_title, other_records, "b")
     return write_ranking(mine, theirs, out)
 
 

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import kendalltau, rankdata
 
+from mtpeft.results.aggregate import aggregate
 from mtpeft.results.render import row_label
 from mtpeft.results.stats import (
     LEVEL,
@@ -130,6 +131,12 @@ def study_rows(
         rows.averages[c.label] = estimate(mine)
         rows.replicates[c.label] = drawn
     return rows
+
+
+def records_rows(name: str, records: Sequence[dict[str, Any]], stream: str) -> StudyRows:
+    """`study_rows` of the table that ``records`` (of the test split) aggregate to."""
+    table, _, columns = aggregate(list(records))
+    return study_rows(name, table, columns, records, stream)
 
 
 def ranks(values: np.ndarray) -> np.ndarray:
