@@ -172,15 +172,36 @@ def _part_left(job: JobState) -> float:
     return max(0.0, 1 - job.step / job.max_steps)
 
 
+def check_budget(study: Study) -> int | None:
+    """The optimiser steps ``check.overrides`` give the check's jobs (``trainer.max_steps=N``), else None."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = (study.check or {}).get("overrides") or []
+    for override in OverridesParser.create().parse_overrides([str(o) for o in overrides]):
+        if override.key_or_group == "trainer.max_steps" and not override.is_sweep_override():
+            return int(override.value())
+    return None
+
+
+def _budget_factor(study: Study, stage: str, finished: list[JobState]) -> float:
+    """How much longer a run of ``stage`` is than the finished runs: the check's ``trainer.max_steps`` over
+    their median budget; 1 for the other stages (they share the study's budget) or when unknown."""
+    steps = check_budget(study) if stage == "check" else None
+    median_steps = _median(j.max_steps for j in finished)
+    return steps / median_steps if steps and median_steps else 1.0
+
+
 def work_left(study: Study, jobs: list[JobState], n_jobs: int = 2) -> str | None:
     """One line: the runs left per stage (a running or interrupted job counts for the part of its budget it
     has not done) times the median wall time of the stage's finished runs, in hours, and over ``n_jobs``
-    parallel jobs. A stage with no finished run yet is timed by all finished runs (a lower bound for the
-    final stage, which adds the test split); widening adds runs nobody can count ahead. None when nothing
-    is left."""
+    parallel jobs. A stage with no finished run yet is timed by all finished runs, scaled by its budget
+    for the check (`check_budget`): a lower bound for the final stage, which adds the test split, and a
+    rough one for the check, whose validations do not scale with its steps; widening adds runs nobody can
+    count ahead. None when nothing is left."""
     declared = declared_jobs(study)
-    overall = _median(j.wall_time_s for j in jobs if j.state == FINISHED)
-    parts, total, borrowed = [], 0.0, []
+    finished = [j for j in jobs if j.state == FINISHED]
+    overall = _median(j.wall_time_s for j in finished)
+    parts, total, borrowed, scaled = [], 0.0, [], []
     for stage in STAGES:
         of_stage = [j for j in jobs if j.stage == stage]
         done = sum(j.state == FINISHED for j in of_stage)
@@ -192,15 +213,20 @@ def work_left(study: Study, jobs: list[JobState], n_jobs: int = 2) -> str | None
             continue
         median = _median(j.wall_time_s for j in of_stage if j.state == FINISHED)
         if median is None:
-            borrowed.append(stage)
-            median = overall
-        if median is None:
-            return "left: no finished run to time yet"
+            if overall is None:
+                return "left: no finished run to time yet"
+            factor = _budget_factor(study, stage, finished)
+            if factor == 1:
+                borrowed.append(stage)
+            else:
+                scaled.append(f"{stage} (x{factor:.3g})")
+            median = overall * factor
         parts.append(f"{stage} {runs:.1f}")
         total += runs * median
     if not parts:
         return None
     notes = [f"{'/'.join(borrowed)} timed by the other stages' runs: a lower bound"] if borrowed else []
+    notes += [f"{s} timed by the other stages' runs, scaled by its trainer.max_steps: rough" for s in scaled]
     tuning_over = any(j.stage != "tune" for j in jobs)
     if study.tune is not None and study.sampler == "grid" and study.widen and not tuning_over:
         notes.append("widening may add tuning runs")

@@ -138,3 +138,25 @@ def test_status_counts_the_study_the_command_line_runs(tmp_path: Path, capsys: p
     out = capsys.readouterr().out
     assert "tune: 0 finished, 0 running, 0 interrupted, 0 failed; declared 24;" in out  # 2 x 12, no widening
     assert "declared 6;" in out  # 2 methods x 3 seeds
+
+
+def test_work_left_scales_a_check_by_its_budget(tmp_path: Path) -> None:
+    study = _study(tmp_path)
+    study.check = {"overrides": ["trainer.max_steps=360"], "seeds": [0], "methods": ["lora"]}
+    published = study.published_dir
+    for lr in (1e-3, 3e-3):
+        _write(published / f"tune_lora_{lr}", "lora", lr, "success", wall_time_s=1800.0)
+        _write(published / f"tune_hycam_{lr}", "hycam", lr, "success", wall_time_s=1800.0)
+    for method in ("lora", "hycam", "none"):
+        for seed in (0, 1):
+            _write(
+                published / f"final_{method}_{seed}", method, 2e-3, "success", seed=seed, wall_time_s=1800.0
+            )
+    # every tune and final job finished; the check's one job: 1800 s x 360 / 120 steps = 1.5 h
+    text = format_status(study, study_jobs(study))
+    assert "left: about 1.5 h of runs (check 1.0 runs x their stage's median wall time)" in text
+    assert "check (x3) timed by the other stages' runs, scaled by its trainer.max_steps: rough" in text
+    study.check = {"overrides": ["trainer.val_check_interval=30"], "seeds": [0], "methods": ["lora"]}
+    text = format_status(study, study_jobs(study))
+    assert "left: about 0.5 h of runs (check 1.0" in text
+    assert "check timed by the other stages' runs: a lower bound" in text
