@@ -164,6 +164,10 @@ class Study:
     check: dict[str, Any] | None = None
     """The convergence check (`mtpeft.study_check`), or None."""
     runner_keys: list[str] = field(default_factory=list)
+    other_params: dict[str, int] = field(default_factory=dict)
+    """The study's other swept keys (``hydra.sweeper.params`` but ``method`` and ``seed``) -> how many
+    values each takes: every stage's sweeps run them too, unless the stage sets the key
+    (``methods_mix3_long``: ``trainer.max_steps: 1200,2400``)."""
 
     def grid(self, method: str) -> dict[str, list[Any]] | None:
         """The tuning grid of ``method`` (key -> values), or None when it is not tuned."""
@@ -331,6 +335,11 @@ def load_study(name: str, overrides: Sequence[str] = (), conf_dir: Path = CONF_D
         probe=sections["probe"],
         check=sections["check"],
         runner_keys=[key for key in RUNNER_KEYS if key in declared],  # the jobs delete these (~key)
+        other_params={
+            str(key): len(sweep_values(str(key), value, conf_dir))
+            for key, value in params.items()
+            if key not in ("method", "seed")
+        },
     )
     check_tune(study)
     validate_check(study)

@@ -146,18 +146,30 @@ def study_jobs(study: Study) -> list[JobState]:
 
 def declared_jobs(study: Study) -> dict[str, int]:
     """How many jobs each stage declares: every tuned method's grid points (before widening) or, with the
-    Optuna sampler, its ``tune.trials``; a job per method and seed in the final stage and in the check."""
+    Optuna sampler, its ``tune.trials``; a job per method and seed in the final stage and in the check;
+    each times the values of the study's other swept keys the stage does not set (`Study.other_params`)."""
     tuned = 0
     for method in study.methods:
         grid = study.grid(method)
         if grid is None:
             continue
-        if study.sampler == "optuna":
-            tuned += study.trials
-        else:
-            tuned += math.prod(len(v) if isinstance(v, list) else 1 for v in grid.values())
-    checked = len(check_methods(study)) * len(check_seeds(study)) if study.check is not None else 0
-    return {"tune": tuned, "final": len(study.methods) * max(1, len(study.seeds)), "check": checked}
+        points = study.trials if study.sampler == "optuna" else _grid_points(grid)
+        tuned += points * _variants(study, set(grid))
+    checked = 0
+    if study.check is not None:
+        fixed = set(check_overrides(study))
+        checked = len(check_methods(study)) * len(check_seeds(study)) * _variants(study, fixed)
+    final = len(study.methods) * max(1, len(study.seeds)) * _variants(study, set())
+    return {"tune": tuned, "final": final, "check": checked}
+
+
+def _grid_points(grid: Mapping[str, Any]) -> int:
+    return math.prod(len(v) if isinstance(v, list) else 1 for v in grid.values())
+
+
+def _variants(study: Study, fixed: set[str]) -> int:
+    """Jobs per method and seed: the values of the study's other swept keys not in ``fixed``."""
+    return math.prod(n for key, n in study.other_params.items() if key not in fixed)
 
 
 def _median(seconds: Iterable[float | None]) -> float | None:
@@ -172,15 +184,19 @@ def _part_left(job: JobState) -> float:
     return max(0.0, 1 - job.step / job.max_steps)
 
 
-def check_budget(study: Study) -> int | None:
-    """The optimiser steps ``check.overrides`` give the check's jobs (``trainer.max_steps=N``), else None."""
+def check_overrides(study: Study) -> dict[str, Any]:
+    """``check.overrides`` as key -> value (single values: `validate_check` refuses sweeps)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    overrides = (study.check or {}).get("overrides") or []
-    for override in OverridesParser.create().parse_overrides([str(o) for o in overrides]):
-        if override.key_or_group == "trainer.max_steps" and not override.is_sweep_override():
-            return int(override.value())
-    return None
+    overrides = [str(o) for o in (study.check or {}).get("overrides") or []]
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return {o.key_or_group: o.value() for o in parsed if not o.is_sweep_override()}
+
+
+def check_budget(study: Study) -> int | None:
+    """The optimiser steps ``check.overrides`` give the check's jobs (``trainer.max_steps=N``), else None."""
+    steps = check_overrides(study).get("trainer.max_steps")
+    return int(steps) if steps is not None else None
 
 
 def _budget_factor(study: Study, stage: str, finished: list[JobState]) -> float:

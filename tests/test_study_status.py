@@ -107,6 +107,16 @@ def test_declared_jobs_count_grid_points_and_final_seeds(tmp_path: Path) -> None
     assert declared_jobs(study) == {"tune": 2 + 4, "final": 3 * 2, "check": 0}  # no check section
 
 
+def test_declared_jobs_count_the_studys_other_swept_keys(tmp_path: Path) -> None:
+    study = _study(tmp_path)
+    study.other_params = {"trainer.max_steps": 2, "data.temperature": 3}
+    study.check = {"overrides": ["trainer.max_steps=360"], "seeds": [0], "methods": ["lora"]}
+    # every stage runs both other keys, but the check sets trainer.max_steps itself
+    assert declared_jobs(study) == {"tune": 4 * 6, "final": 3 * 2 * 6, "check": 1 * 3}
+    study.tune["methods"]["lora"] = {"trainer.max_steps": [100, 200, 300]}  # a grid key is the grid's
+    assert declared_jobs(study)["tune"] == 2 * 6 + (2 * 3) * 3  # hycam; lora: lr x max_steps x temperature
+
+
 def test_status_of_a_real_study_config_runs_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert (
         main(["smollm2_mix", "--status", f"paths.log_dir={tmp_path}", f"paths.published_dir={tmp_path}"]) == 0
@@ -114,6 +124,13 @@ def test_status_of_a_real_study_config_runs_nothing(tmp_path: Path, capsys: pyte
     out = capsys.readouterr().out
     assert "tune: 0 finished, 0 running, 0 interrupted, 0 failed; declared 24" in out
     assert "final: 0 finished" in out and "declared 18" in out
+    assert (
+        main(
+            ["methods_mix3_long", "--status", f"paths.log_dir={tmp_path}", f"paths.published_dir={tmp_path}"]
+        )
+        == 0
+    )
+    assert "final: 0 finished, 0 running, 0 interrupted, 0 failed; declared 18;" in capsys.readouterr().out
 
 
 def test_status_counts_the_study_the_command_line_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
