@@ -11,18 +11,27 @@ from mtpeft.metrics.tracker import write_example_scores
 from mtpeft.utils.confighash import config_hash
 
 
-def scored_run(root: Path, method: str, seed: int, hits: dict[str, list[int]], trainable: int = 10) -> Path:
-    """A successful run ``<root>/<method>_<seed>`` whose test items score ``hits[task]`` (results.json and
-    scores.jsonl.gz, as `mtpeft.run` writes them)."""
+def scored_run(
+    root: Path,
+    method: str,
+    seed: int,
+    hits: dict[str, list[int]],
+    trainable: int = 10,
+    config_extra: dict | None = None,
+    name: str | None = None,
+) -> Path:
+    """A successful run ``<root>/<name or method_seed>`` whose test items score ``hits[task]`` (results.json
+    and scores.jsonl.gz, as `mtpeft.run` writes them); ``config_extra``: more config keys."""
     config = {
         "seed": seed,
         "method": {"name": method},
         "model": {"kind": "tiny", "arch": "llama"},
         "data": {"tasks": {t: {} for t in hits}, "seed": seed},
+        **(config_extra or {}),
     }
     scores = {f"test/{t}/score": float(np.mean(v)) for t, v in hits.items()}
     scores["test/avg/score"] = float(np.mean(list(scores.values())))
-    run = root / f"{method}_{seed}"
+    run = root / (name or f"{method}_{seed}")
     run.mkdir(parents=True)
     data = {
         "status": "success",

@@ -147,3 +147,34 @@ def test_a_studys_published_runs_directory_is_named_after_the_study(tmp_path: Pa
     b = _study(tmp_path / "real" / "runs", {"w": 0.8, "x": 0.3, "y": 0.1})
     main([str(a), "--no-plots", "--against", str(b), "--out", str(tmp_path / "out")])
     assert "# Ranking: tiny/runs against real/runs" in (tmp_path / "out" / "ranking.md").read_text()
+
+
+def test_by_ranks_the_runs_of_two_values_of_a_key_against_each_other(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``--by trainer.max_steps``: one directory with each method at two budgets; the ranking at the longer
+    budget (y overtakes x) against the shorter one, values in numeric order (1200 before 240 in text)."""
+    budgets = {240: {"w": 0.8, "x": 0.6, "y": 0.4, "z": 0.2}, 1200: {"w": 0.9, "x": 0.5, "y": 0.7, "z": 0.1}}
+    for steps, rates in budgets.items():
+        for method, rate in rates.items():
+            for seed in (0, 1):
+                right = round(rate * 60)
+                hits = {t: [1] * right + [0] * (60 - right) for t in ("qa", "code")}
+                extra = {"trainer": {"max_steps": steps}}
+                scored_run(
+                    tmp_path / "s", method, seed, hits, config_extra=extra, name=f"{method}_{seed}_{steps}"
+                )
+    main([str(tmp_path / "s"), "--no-plots", "--by", "trainer.max_steps"])
+    table = pd.read_csv(tmp_path / "s" / "ranking.csv").set_index("label")
+    assert table["rank_a"].to_dict() == {"w": 1, "x": 2, "y": 3, "z": 4}  # 240 steps
+    assert table["rank_b"].to_dict() == {"w": 1, "x": 3, "y": 2, "z": 4}  # 1200 steps
+    assert table["tau"].iloc[0] == pytest.approx(4 / 6)
+    md = (tmp_path / "s" / "ranking.md").read_text()
+    assert "# Ranking: s (trainer.max_steps=240) against s (trainer.max_steps=1200)" in md
+    with pytest.raises(SystemExit, match=r"--by method.name: the finished runs take 4 value\(s\) of method"):
+        main([str(tmp_path / "s"), "--no-plots", "--by", "method.name"])
+    with pytest.raises(SystemExit, match=r"take 1 value\(s\) of no.such \(None \(16 runs\)\)"):
+        main([str(tmp_path / "s"), "--no-plots", "--by", "no.such"])
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "s"), "--by", "seed", "--against", str(tmp_path / "s")])
+    assert "--against and --by both write ranking.md" in capsys.readouterr().err

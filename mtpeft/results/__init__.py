@@ -26,7 +26,8 @@ change, how many runs were best at the end of their budget: `mtpeft.results.conv
 plots, plus the study's own plots that ``conf/experiment/<name>.yaml`` declares (``report: {plots:
 [temperature]}``; for a directory: ``--plot temperature``; `mtpeft.results.plots`). With ``--against <study
 or directory>``: ``ranking.{md,csv}``, the methods ranked in both studies side by side with rank intervals and
-Kendall's tau-b between the rankings (`mtpeft.results.ranking`).
+Kendall's tau-b between the rankings (`mtpeft.results.ranking`); with ``--by <config key>`` the same between
+the runs of the key's two values within the target (``--by trainer.max_steps``: a ranking at two budgets).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import argparse
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from mtpeft.results.aggregate import ROW_KEYS, aggregate, assign_variants, best_rows, incomplete_runs
 from mtpeft.results.convergence import write_convergence
@@ -186,6 +188,33 @@ def ranking_against(
     return write_ranking(mine, theirs, out)
 
 
+def ranking_by(result: dict, title: str, key: str, out: Path) -> list[Path]:
+    """ranking.{md,csv} in ``out``: the methods ranked separately among the runs of each of the two values of
+    config key ``key`` in ``result`` (a `summarise` of the test split), the later value against the first
+    (``--by trainer.max_steps``: does a ranking at one budget hold at the other?)."""
+    groups: dict[Any, list[dict[str, Any]]] = {}
+    for record in result["records"]:
+        if record["status"] == "success":
+            groups.setdefault(record["flat"].get(key), []).append(record)
+    if len(groups) != 2 or None in groups:
+        values = ", ".join(f"{value!r} ({len(runs)} runs)" for value, runs in groups.items())
+        raise SystemExit(
+            f"--by {key}: the finished runs take {len(groups)} value(s) of {key} ({values or 'no runs'}); "
+            "--by ranks the runs of exactly two values, and every run must set the key"
+        )
+    (first, mine), (second, theirs) = sorted(groups.items(), key=lambda item: _sort_key(item[0]))
+    return write_ranking(
+        records_rows(f"{title} ({key}={first})", mine, "a"),
+        records_rows(f"{title} ({key}={second})", theirs, "b"),
+        out,
+    )
+
+
+def _sort_key(value: Any) -> tuple[int, Any]:
+    """Numbers in numeric order before anything else in text order."""
+    return (0, value) if isinstance(value, int | float) and not isinstance(value, bool) else (1, str(value))
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m mtpeft.results", description=__doc__.split("\n\n")[0])
     parser.add_argument("target", help="a study name (logs/<name>/ -> experiments/<name>/) or a directory")
@@ -206,9 +235,18 @@ def main(argv: Sequence[str] | None = None) -> Path:
         metavar="STUDY",
         help="another study (name or directory): write ranking.md comparing the method rankings (test split)",
     )
+    parser.add_argument(
+        "--by",
+        metavar="KEY",
+        help="a config key with two values in the runs (e.g. trainer.max_steps): write ranking.md comparing "
+        "the method rankings of the two values' runs (test split)",
+    )
     args = parser.parse_args(argv)
-    if args.against and args.split != "test":
-        parser.error("--against compares test rankings (per-example test scores): drop --split val")
+    if args.against and args.by:
+        parser.error("--against and --by both write ranking.md: give one")
+    for option in ("against", "by"):
+        if getattr(args, option) and args.split != "test":
+            parser.error(f"--{option} compares test rankings (per-example test scores): drop --split val")
     other = against_target(args.against) if args.against else None
     sources, out, title = resolve_target(args.target)
     out = args.out or out
@@ -217,6 +255,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     result = summarise(sources, out, title, args.split, not args.no_plots, extra_plots)
     if other:
         result["files"] += ranking_against(result, title, sources[0], other, out)
+    if args.by:
+        result["files"] += ranking_by(result, study_label(title, sources[0]), args.by, out)
     print(f"wrote {', '.join(str(f) for f in result['files'][:4])} and {len(result['files']) - 4} more files")
     for kind in ("failed", "incomplete"):
         if len(result[kind]):
