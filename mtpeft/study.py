@@ -164,10 +164,12 @@ class Study:
     check: dict[str, Any] | None = None
     """The convergence check (`mtpeft.study_check`), or None."""
     runner_keys: list[str] = field(default_factory=list)
-    other_params: dict[str, int] = field(default_factory=dict)
-    """The study's other swept keys (``hydra.sweeper.params`` but ``method`` and ``seed``) -> how many
-    values each takes: every stage's sweeps run them too, unless the stage sets the key
-    (``methods_mix3_long``: ``trainer.max_steps: 1200,2400``)."""
+    other_params: list[str] = field(default_factory=list)
+    """The study's other sweeper params (``hydra.sweeper.params`` but ``method`` and ``seed``, as ``key=value``
+    texts): every stage's sweeps run them too, unless the stage sets the key (``methods_mix3_long``:
+    ``trainer.max_steps=1200,2400``)."""
+    job_overrides: list[str] = field(default_factory=list)
+    """The command line's overrides for every job (`Overrides.jobs`), which its sweeps add last."""
 
     def grid(self, method: str) -> dict[str, list[Any]] | None:
         """The tuning grid of ``method`` (key -> values), or None when it is not tuned."""
@@ -335,11 +337,7 @@ def load_study(name: str, overrides: Sequence[str] = (), conf_dir: Path = CONF_D
         probe=sections["probe"],
         check=sections["check"],
         runner_keys=[key for key in RUNNER_KEYS if key in declared],  # the jobs delete these (~key)
-        other_params={
-            str(key): len(sweep_values(str(key), value, conf_dir))
-            for key, value in params.items()
-            if key not in ("method", "seed")
-        },
+        other_params=[t for t in sweeper_params(cfg) if _parse(t).key_or_group not in ("method", "seed")],
     )
     check_tune(study)
     validate_check(study)
@@ -359,6 +357,7 @@ def study_from_command(name: str, overrides: Sequence[str] = ()) -> tuple[Study,
     parts = split_overrides(overrides)
     study = load_study(name, [*parts.runner, *parts.jobs])
     study.methods = parts.methods or study.methods
+    study.job_overrides = list(parts.jobs)
     if parts.seeds:
         study.seeds = sweep_values("seed", parts.seeds[-1].split("=", 1)[1])
     validate_check_seeds(study)
@@ -433,18 +432,47 @@ def launcher_overrides(launcher: str, n_jobs: int) -> list[str]:
 
 def sweep_size(study: Study, command: Sequence[str]) -> int:
     """How many jobs a ``mtpeft.train -m`` command of this runner launches: its overrides over the study's
-    methods and seeds, expanded as Hydra's basic sweeper does (`sweep_jobs`)."""
+    sweeper params (its methods, seeds and other swept keys), expanded as Hydra's basic sweeper does
+    (`sweep_jobs`)."""
     overrides = [
         text
         for text in command[list(command).index("-m", 3) + 1 :]
         if not text.startswith(("experiment=", "~", "hydra.", "launcher=", "++tuned="))
     ]
-    return len(sweep_jobs([f"method={','.join(study.methods)}", f"seed={','.join(study.seeds)}", *overrides]))
+    own = [*study.other_params, f"method={','.join(study.methods)}", f"seed={','.join(study.seeds)}"]
+    return len(sweep_jobs([*own, *overrides]))
 
 
 def with_sizes(study: Study, commands: Sequence[tuple[list[str], Path]]) -> list[tuple[list[str], Path, int]]:
     """``(command, directory, jobs)`` for `run_sweeps_in_slots` (`sweep_size`)."""
     return [(command, directory, sweep_size(study, command)) for command, directory in commands]
+
+
+def declared_jobs(study: Study) -> dict[str, int]:
+    """How many jobs each stage declares, counted on the sweeps the runner launches (`tuning_commands`,
+    `final_commands`, `check_commands`, each expanded by `sweep_size` over the study's sweeper params and the
+    command line's job overrides): the tuning grids before widening (with the Optuna sampler, ``tune.trials``
+    one-job trials per method), then the final and check stages with one value per tuned key."""
+    extra = study.job_overrides
+    tuned = {m: grid for m in study.methods if (grid := study.grid(m)) is not None}
+    if study.sampler == "optuna":  # a trial is a sweep with one value per searched key
+        trials = [(m, {key: [0] for key in grid}) for m, grid in tuned.items()]
+        tune = study.trials * _jobs(study, tuning_commands(study, extra, [], trials))
+    else:
+        tune = _jobs(study, tuning_commands(study, extra, [])) if tuned else 0
+    chosen = {m: {key: _first(values) for key, values in grid.items()} for m, grid in tuned.items()}
+    final = _jobs(study, final_commands(study, chosen, extra, []))
+    check = _jobs(study, check_commands(study, chosen, extra, [])) if study.check is not None else 0
+    return {"tune": tune, "final": final, "check": check}
+
+
+def _first(values: Any) -> Any:
+    """A stand-in chosen value: the first of a grid's values (any value counts the same jobs)."""
+    return values[0] if isinstance(values, list) and values else 0
+
+
+def _jobs(study: Study, commands: list[tuple[list[str], Path]]) -> int:
+    return sum(sweep_size(study, command) for command, _ in commands)
 
 
 def sweep_dir(study: Study, stage: str) -> Path:
@@ -1322,7 +1350,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from mtpeft.study_status import study_status
 
         parallel = args.n_jobs if launcher_overrides(args.launcher, args.n_jobs) else 1
-        print(study_status(study_from_command(args.name, args.overrides)[0], parallel))
+        study = study_from_command(args.name, args.overrides)[0]
+        print(study_status(study, declared_jobs(study), parallel))
         return 0
     try:
         return _run_main(args)

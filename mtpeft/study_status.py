@@ -12,7 +12,6 @@ keep the CPU busy.
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -21,7 +20,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mtpeft.results.load import flatten
-from mtpeft.study_check import check_methods, check_seeds
 from mtpeft.study_stages import STAGES, run_stage
 from mtpeft.utils.resume import CHECKPOINT_DIR, LAST_CHECKPOINT, load_checkpoint
 from mtpeft.utils.runlock import is_locked
@@ -144,34 +142,6 @@ def study_jobs(study: Study) -> list[JobState]:
     return sorted(best.values(), key=lambda j: (STAGES.index(j.stage), j.method, j.values, str(j.seed)))
 
 
-def declared_jobs(study: Study) -> dict[str, int]:
-    """How many jobs each stage declares: every tuned method's grid points (before widening) or, with the
-    Optuna sampler, its ``tune.trials``; a job per method and seed in the final stage and in the check;
-    each times the values of the study's other swept keys the stage does not set (`Study.other_params`)."""
-    tuned = 0
-    for method in study.methods:
-        grid = study.grid(method)
-        if grid is None:
-            continue
-        points = study.trials if study.sampler == "optuna" else _grid_points(grid)
-        tuned += points * _variants(study, set(grid))
-    checked = 0
-    if study.check is not None:
-        fixed = set(check_overrides(study))
-        checked = len(check_methods(study)) * len(check_seeds(study)) * _variants(study, fixed)
-    final = len(study.methods) * max(1, len(study.seeds)) * _variants(study, set())
-    return {"tune": tuned, "final": final, "check": checked}
-
-
-def _grid_points(grid: Mapping[str, Any]) -> int:
-    return math.prod(len(v) if isinstance(v, list) else 1 for v in grid.values())
-
-
-def _variants(study: Study, fixed: set[str]) -> int:
-    """Jobs per method and seed: the values of the study's other swept keys not in ``fixed``."""
-    return math.prod(n for key, n in study.other_params.items() if key not in fixed)
-
-
 def _median(seconds: Iterable[float | None]) -> float | None:
     values = [s for s in seconds if s is not None]
     return statistics.median(values) if values else None
@@ -196,27 +166,28 @@ def check_overrides(study: Study) -> dict[str, Any]:
 def check_budget(study: Study) -> int | None:
     """The optimiser steps ``check.overrides`` give the check's jobs (``trainer.max_steps=N``), else None."""
     steps = check_overrides(study).get("trainer.max_steps")
-    return int(steps) if steps is not None else None
+    return steps if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 else None
 
 
-def _budget_factor(study: Study, stage: str, finished: list[JobState]) -> float:
-    """How much longer a run of ``stage`` is than the finished runs: the check's ``trainer.max_steps`` over
-    their median budget; 1 for the other stages (they share the study's budget) or when unknown."""
+def _borrowed_seconds(study: Study, stage: str, finished: list[JobState]) -> tuple[float | None, bool]:
+    """(seconds per run, scaled) for a stage with no finished run: the check with a ``trainer.max_steps``
+    of its own is timed by the finished runs' median seconds per optimiser step times its steps (scaled);
+    any other stage by their median wall time."""
     steps = check_budget(study) if stage == "check" else None
-    median_steps = _median(j.max_steps for j in finished)
-    return steps / median_steps if steps and median_steps else 1.0
+    per_step = _median(j.wall_time_s / j.max_steps for j in finished if j.wall_time_s and j.max_steps)
+    if steps and per_step:
+        return per_step * steps, True
+    return _median(j.wall_time_s for j in finished), False
 
 
-def work_left(study: Study, jobs: list[JobState], n_jobs: int = 2) -> str | None:
+def work_left(study: Study, jobs: list[JobState], declared: dict[str, int], n_jobs: int = 2) -> str | None:
     """One line: the runs left per stage (a running or interrupted job counts for the part of its budget it
     has not done) times the median wall time of the stage's finished runs, in hours, and over ``n_jobs``
-    parallel jobs. A stage with no finished run yet is timed by all finished runs, scaled by its budget
-    for the check (`check_budget`): a lower bound for the final stage, which adds the test split, and a
-    rough one for the check, whose validations do not scale with its steps; widening adds runs nobody can
-    count ahead. None when nothing is left."""
-    declared = declared_jobs(study)
+    parallel jobs. A stage with no finished run yet is timed by all finished runs (`_borrowed_seconds`): a
+    lower bound for the final stage, which adds the test split, and a rough one for a check with its own
+    ``trainer.max_steps`` (seconds per step x its steps; its validations do not scale so); widening adds
+    runs nobody can count ahead. ``declared``: jobs per stage (`mtpeft.study.declared_jobs`). None when nothing is left."""
     finished = [j for j in jobs if j.state == FINISHED]
-    overall = _median(j.wall_time_s for j in finished)
     parts, total, borrowed, scaled = [], 0.0, [], []
     for stage in STAGES:
         of_stage = [j for j in jobs if j.stage == stage]
@@ -229,20 +200,18 @@ def work_left(study: Study, jobs: list[JobState], n_jobs: int = 2) -> str | None
             continue
         median = _median(j.wall_time_s for j in of_stage if j.state == FINISHED)
         if median is None:
-            if overall is None:
+            median, by_steps = _borrowed_seconds(study, stage, finished)
+            if median is None:
                 return "left: no finished run to time yet"
-            factor = _budget_factor(study, stage, finished)
-            if factor == 1:
-                borrowed.append(stage)
-            else:
-                scaled.append(f"{stage} (x{factor:.3g})")
-            median = overall * factor
+            (scaled if by_steps else borrowed).append(stage)
         parts.append(f"{stage} {runs:.1f}")
         total += runs * median
     if not parts:
         return None
     notes = [f"{'/'.join(borrowed)} timed by the other stages' runs: a lower bound"] if borrowed else []
-    notes += [f"{s} timed by the other stages' runs, scaled by its trainer.max_steps: rough" for s in scaled]
+    notes += [
+        f"{s} timed by the other stages' seconds per step x its trainer.max_steps: rough" for s in scaled
+    ]
     tuning_over = any(j.stage != "tune" for j in jobs)
     if study.tune is not None and study.sampler == "grid" and study.widen and not tuning_over:
         notes.append("widening may add tuning runs")
@@ -257,10 +226,9 @@ def _minutes(seconds: Iterable[float | None]) -> str:
     return f"{median / 60:.0f} min" if median is not None else "-"
 
 
-def format_status(study: Study, jobs: list[JobState], n_jobs: int = 2) -> str:
+def format_status(study: Study, jobs: list[JobState], declared: dict[str, int], n_jobs: int = 2) -> str:
     """A summary line per stage, the work left (`work_left`) and a table of the jobs that are not
     finished."""
-    declared = declared_jobs(study)
     lines = [
         f"study {study.name} (runs: {study.log_dir / study.task_name}, published: {study.published_dir})"
     ]
@@ -276,7 +244,7 @@ def format_status(study: Study, jobs: list[JobState], n_jobs: int = 2) -> str:
             f"{stage}: {counts}; declared {declared[stage]}{extra}; median wall time of a finished run "
             f"{_minutes(finished)}"
         )
-    left = work_left(study, jobs, n_jobs)
+    left = work_left(study, jobs, declared, n_jobs)
     if left:
         lines.append(left)
     pending = [j for j in jobs if j.state != FINISHED]
@@ -300,6 +268,7 @@ def format_status(study: Study, jobs: list[JobState], n_jobs: int = 2) -> str:
     return "\n".join(lines)
 
 
-def study_status(study: Study, n_jobs: int = 2) -> str:
-    """`format_status` of `study_jobs` (``n_jobs``: the runner's parallel jobs, for the time left)."""
-    return format_status(study, study_jobs(study), n_jobs)
+def study_status(study: Study, declared: dict[str, int], n_jobs: int = 2) -> str:
+    """`format_status` of `study_jobs` (``declared``: jobs per stage, `mtpeft.study.declared_jobs`;
+    ``n_jobs``: the runner's parallel jobs, for the time left)."""
+    return format_status(study, study_jobs(study), declared, n_jobs)

@@ -174,7 +174,8 @@ def test_by_ranks_the_runs_of_two_values_of_a_key_against_each_other(
     with pytest.raises(SystemExit, match=r"--by method.name: the finished runs take 4 value\(s\) of method"):
         main([str(tmp_path / "s"), "--no-plots", "--by", "method.name"])
     with pytest.raises(SystemExit, match=r"take 1 value\(s\) of no.such \(None \(16 runs\)\)"):
-        main([str(tmp_path / "s"), "--no-plots", "--by", "no.such"])
+        main([str(tmp_path / "s"), "--no-plots", "--by", "no.such", "--out", str(tmp_path / "fresh")])
+    assert not (tmp_path / "fresh").exists()  # checked before anything is written
     with pytest.raises(SystemExit):
         main([str(tmp_path / "s"), "--by", "seed", "--against", str(tmp_path / "s")])
     assert "--against and --by both write ranking.md" in capsys.readouterr().err

@@ -13,6 +13,7 @@ import pytest
 from mtpeft.study import (
     Study,
     check_commands,
+    declared_jobs,
     final_commands,
     load_study,
     split_overrides,
@@ -26,7 +27,6 @@ from mtpeft.study_check import (
     validate_check_seeds,
     write_check,
 )
-from mtpeft.study_status import declared_jobs
 from tests.results_util import scored_run
 
 

@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtpeft.study import Study, main
+from mtpeft.study import Study, declared_jobs, main, study_from_command
 from mtpeft.study_status import (
     FAILED,
     FINISHED,
     INTERRUPTED,
     RUNNING,
-    declared_jobs,
     format_status,
     study_jobs,
 )
@@ -84,7 +83,7 @@ def test_every_job_once_in_its_best_state(tmp_path: Path) -> None:
             ("tune", "hycam", "optimizer.lr=0.0003", 0): (FAILED, None),
             ("final", "lora", "optimizer.lr=0.003", 1): (FINISHED, 120),
         }
-        text = format_status(study, jobs)
+        text = format_status(study, jobs, declared_jobs(study))
     assert "tune: 1 finished, 1 running, 1 interrupted, 1 failed; declared 4 (+ values added" in text
     assert "median wall time of a finished run 30 min" in text
     assert "final: 1 finished, 0 running, 0 interrupted, 0 failed; declared 6;" in text
@@ -109,12 +108,23 @@ def test_declared_jobs_count_grid_points_and_final_seeds(tmp_path: Path) -> None
 
 def test_declared_jobs_count_the_studys_other_swept_keys(tmp_path: Path) -> None:
     study = _study(tmp_path)
-    study.other_params = {"trainer.max_steps": 2, "data.temperature": 3}
+    study.other_params = ["trainer.max_steps=100,200", "data.temperature=1,2,5"]
     study.check = {"overrides": ["trainer.max_steps=360"], "seeds": [0], "methods": ["lora"]}
     # every stage runs both other keys, but the check sets trainer.max_steps itself
-    assert declared_jobs(study) == {"tune": 4 * 6, "final": 3 * 2 * 6, "check": 1 * 3}
-    study.tune["methods"]["lora"] = {"trainer.max_steps": [100, 200, 300]}  # a grid key is the grid's
-    assert declared_jobs(study)["tune"] == 2 * 6 + (2 * 3) * 3  # hycam; lora: lr x max_steps x temperature
+    assert declared_jobs(study) == {"tune": 2 * 2 * 6, "final": 3 * 2 * 6, "check": 1 * 3}
+    study.tune["methods"]["lora"] = {"trainer.max_steps": [100, 200, 300]}  # a grid key is the grid's...
+    # tune: hycam 2 lrs x 6, lora 2 lrs x 3 max_steps x 3 temperatures; final: ...and chosen once tuned
+    assert declared_jobs(study) == {"tune": 2 * 6 + 2 * 3 * 3, "final": 2 * 6 + 2 * 3 + 2 * 6, "check": 1 * 3}
+
+
+def test_declared_jobs_of_real_configs_and_command_lines() -> None:
+    counts = declared_jobs(study_from_command("hycam_ablation_tuned")[0])  # tune.overrides fix the variant
+    assert counts["tune"] == 4 and counts["final"] == 27
+    assert declared_jobs(study_from_command("methods_mix3_long")[0])["final"] == 18
+    assert declared_jobs(study_from_command("methods_mix3_long", ["trainer.max_steps=2400"])[0])["final"] == 9
+    assert declared_jobs(study_from_command("methods_mix3_long", ["data.temperature=1,2"])[0])["final"] == 36
+    counts = declared_jobs(study_from_command("smollm2_mix", ["method=lora,none"])[0])
+    assert counts == {"tune": 3, "final": 4, "check": 1}  # none is not tuned and not in the check
 
 
 def test_status_of_a_real_study_config_runs_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -170,10 +180,10 @@ def test_work_left_scales_a_check_by_its_budget(tmp_path: Path) -> None:
                 published / f"final_{method}_{seed}", method, 2e-3, "success", seed=seed, wall_time_s=1800.0
             )
     # every tune and final job finished; the check's one job: 1800 s x 360 / 120 steps = 1.5 h
-    text = format_status(study, study_jobs(study))
+    text = format_status(study, study_jobs(study), declared_jobs(study))
     assert "left: about 1.5 h of runs (check 1.0 runs x their stage's median wall time)" in text
-    assert "check (x3) timed by the other stages' runs, scaled by its trainer.max_steps: rough" in text
+    assert "check timed by the other stages' seconds per step x its trainer.max_steps: rough" in text
     study.check = {"overrides": ["trainer.val_check_interval=30"], "seeds": [0], "methods": ["lora"]}
-    text = format_status(study, study_jobs(study))
+    text = format_status(study, study_jobs(study), declared_jobs(study))
     assert "left: about 0.5 h of runs (check 1.0" in text
     assert "check timed by the other stages' runs: a lower bound" in text

@@ -188,21 +188,28 @@ def ranking_against(
     return write_ranking(mine, theirs, out)
 
 
-def ranking_by(result: dict, title: str, key: str, out: Path) -> list[Path]:
-    """ranking.{md,csv} in ``out``: the methods ranked separately among the runs of each of the two values of
-    config key ``key`` in ``result`` (a `summarise` of the test split), the later value against the first
-    (``--by trainer.max_steps``: does a ranking at one budget hold at the other?)."""
+def by_groups(records: Sequence[dict[str, Any]], key: str) -> list[tuple[Any, list[dict[str, Any]]]]:
+    """The finished records split by their value of flat config key ``key``: exactly two ``(value,
+    records)`` pairs in value order (numbers numerically), or an error naming the values found."""
     groups: dict[Any, list[dict[str, Any]]] = {}
-    for record in result["records"]:
+    for record in records:
         if record["status"] == "success":
-            groups.setdefault(record["flat"].get(key), []).append(record)
+            groups.setdefault(record["flat"].get(key), []).append(dict(record))
     if len(groups) != 2 or None in groups:
         values = ", ".join(f"{value!r} ({len(runs)} runs)" for value, runs in groups.items())
         raise SystemExit(
             f"--by {key}: the finished runs take {len(groups)} value(s) of {key} ({values or 'no runs'}); "
-            "--by ranks the runs of exactly two values, and every run must set the key"
+            "--by ranks the runs of exactly two values, and every run must set the key (a leaf key of the "
+            "run config, e.g. trainer.max_steps or method.name)"
         )
-    (first, mine), (second, theirs) = sorted(groups.items(), key=lambda item: _sort_key(item[0]))
+    return sorted(groups.items(), key=lambda item: _sort_key(item[0]))
+
+
+def ranking_by(result: dict, title: str, key: str, out: Path) -> list[Path]:
+    """ranking.{md,csv} in ``out``: the methods ranked separately among the runs of each of the two values of
+    config key ``key`` in ``result`` (a `summarise` of the test split), the later value against the first
+    (``--by trainer.max_steps``: does a ranking at one budget hold at the other?)."""
+    (first, mine), (second, theirs) = by_groups(result["records"], key)
     return write_ranking(
         records_rows(f"{title} ({key}={first})", mine, "a"),
         records_rows(f"{title} ({key}={second})", theirs, "b"),
@@ -250,6 +257,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     other = against_target(args.against) if args.against else None
     sources, out, title = resolve_target(args.target)
     out = args.out or out
+    if args.by:
+        by_groups(load_runs(sources, "test"), args.by)  # checked before anything is written
     declared = [] if Path(args.target).is_dir() else declared_plots(args.target, CONF_DIR)
     extra_plots = list(dict.fromkeys([*declared, *args.plot]))
     result = summarise(sources, out, title, args.split, not args.no_plots, extra_plots)
