@@ -123,6 +123,19 @@ def check_seeds(study: Study) -> list[str]:
     return [str(s) for s in seeds] if seeds else study.seeds[:1]
 
 
+def check_budget(study: Study) -> int | None:
+    """The optimiser steps ``check.overrides`` give the check's jobs (``trainer.max_steps=N``), else None
+    (`mtpeft.study_status` times the check by it)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = [str(o) for o in (study.check or {}).get("overrides") or []]
+    steps = None
+    for override in OverridesParser.create().parse_overrides(overrides):
+        if override.key_or_group == "trainer.max_steps" and not override.is_sweep_override():
+            steps = override.value()  # the last one wins, as in Hydra
+    return steps if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 else None
+
+
 def check_methods(study: Study) -> list[str]:
     """The check's methods: those of ``check.methods`` the study runs (``method=`` on the command line can
     narrow it), or every tuned method (every method when none is tuned)."""

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mtpeft.results.load import flatten
+from mtpeft.study_check import check_budget
 from mtpeft.study_stages import STAGES, run_stage
 from mtpeft.utils.resume import CHECKPOINT_DIR, LAST_CHECKPOINT, load_checkpoint
 from mtpeft.utils.runlock import is_locked
@@ -154,21 +155,6 @@ def _part_left(job: JobState) -> float:
     return max(0.0, 1 - job.step / job.max_steps)
 
 
-def check_overrides(study: Study) -> dict[str, Any]:
-    """``check.overrides`` as key -> value (single values: `validate_check` refuses sweeps)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    overrides = [str(o) for o in (study.check or {}).get("overrides") or []]
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    return {o.key_or_group: o.value() for o in parsed if not o.is_sweep_override()}
-
-
-def check_budget(study: Study) -> int | None:
-    """The optimiser steps ``check.overrides`` give the check's jobs (``trainer.max_steps=N``), else None."""
-    steps = check_overrides(study).get("trainer.max_steps")
-    return steps if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 else None
-
-
 def _borrowed_seconds(study: Study, stage: str, finished: list[JobState]) -> tuple[float | None, bool]:
     """(seconds per run, scaled) for a stage with no finished run: the check with a ``trainer.max_steps``
     of its own is timed by the finished runs' median seconds per optimiser step times its steps (scaled);
@@ -186,7 +172,8 @@ def work_left(study: Study, jobs: list[JobState], declared: dict[str, int], n_jo
     parallel jobs. A stage with no finished run yet is timed by all finished runs (`_borrowed_seconds`): a
     lower bound for the final stage, which adds the test split, and a rough one for a check with its own
     ``trainer.max_steps`` (seconds per step x its steps; its validations do not scale so); widening adds
-    runs nobody can count ahead. ``declared``: jobs per stage (`mtpeft.study.declared_jobs`). None when nothing is left."""
+    runs nobody can count ahead. ``declared``: jobs per stage (`mtpeft.study.declared_jobs`). None when
+    nothing is left."""
     finished = [j for j in jobs if j.state == FINISHED]
     parts, total, borrowed, scaled = [], 0.0, [], []
     for stage in STAGES:
