@@ -202,26 +202,41 @@ def stop_on_signals(groups: SweepGroups = SWEEPS) -> Iterator[SweepGroups]:
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
 
 
+def jobs_left(directory: Path, jobs: int) -> int:
+    """How many of the ``jobs`` jobs of the sweep writing into ``directory`` have not ended: those not started
+    yet and those running. A job has ended once its run directory (``<directory>/<job number>``) has a lock
+    file that no live process holds (`mtpeft.utils.runlock`: a job, even one skipped as already finished,
+    takes the lock when it starts and the kernel drops it when the job's process ends). A job that started
+    but has not taken its lock yet counts as running, so the count never runs ahead of the jobs."""
+    ended = sum(not is_locked(lock.parent) for lock in Path(directory).glob(f"*/{LOCK_FILE}"))
+    return max(0, jobs - ended)
+
+
 def run_sweeps_in_slots(
     sweeps: Sequence[tuple[list[str], Path, int]],
     slots: int,
     runner: Callable[[list[str], Path], int] = run_sweep,
     after_each: Callable[[Path, int], None] = lambda directory, status: None,
+    left: Callable[[Path, int], int] = jobs_left,
+    poll_s: float = 5.0,
 ) -> list[int]:
     """Run ``(command, directory, jobs)`` sweeps in their order, several at once while their jobs fit in
     ``slots`` parallel jobs (a sweep of ``jobs`` jobs takes ``min(jobs, slots)``: one of 2 jobs fills 2 slots,
     two sweeps of 1 job share them). Without this, a stage of one-job sweeps (a check on one seed, a widened
-    value of one method) would use one core of two. ``after_each(directory, status)`` runs after each sweep
-    (under a lock). Returns the exit statuses in the sweeps' order; a stop (`StudyStopped`) of any sweep is
-    raised once the running ones have returned."""
+    value of one method) would use one core of two. A running sweep gives its slots back as its jobs end
+    (``left(directory, jobs)``, `jobs_left`, read every ``poll_s`` seconds while a sweep waits): the last job
+    of a 7-job sweep on 2 slots holds one slot, and the next sweep's one job takes the other instead of
+    waiting for it. ``after_each(directory, status)`` runs after each sweep (under a lock). Returns the exit
+    statuses in the sweeps' order; a stop (`StudyStopped`) of any sweep is raised once the running ones have
+    returned."""
     slots = max(1, slots)
     free = threading.Condition()
-    available = slots
+    held: dict[int, int] = {}
+    """Slots each running sweep holds, by index: its size, then fewer as its jobs end."""
     statuses: list[int | None] = [None] * len(sweeps)
     errors: list[BaseException] = []
 
-    def one(index: int, command: list[str], directory: Path, need: int) -> None:
-        nonlocal available
+    def one(index: int, command: list[str], directory: Path) -> None:
         try:
             statuses[index] = runner(command, directory)
             with free:
@@ -230,18 +245,25 @@ def run_sweeps_in_slots(
             errors.append(error)
         finally:
             with free:
-                available += need
+                held.pop(index, None)
                 free.notify_all()
+
+    def available() -> int:
+        for index in tuple(held):
+            _, directory, jobs = sweeps[index]
+            held[index] = min(held[index], left(directory, jobs))
+        return slots - sum(held.values())
 
     threads = []
     for index, (command, directory, jobs) in enumerate(sweeps):
         need = min(max(1, jobs), slots)
         with free:
-            free.wait_for(lambda: available >= need or bool(errors))  # noqa: B023 - read at once
+            while not (errors or available() >= need):
+                free.wait(poll_s)
             if errors:
                 break
-            available -= need
-        thread = threading.Thread(target=one, args=(index, command, directory, need), daemon=True)
+            held[index] = need
+        thread = threading.Thread(target=one, args=(index, command, directory), daemon=True)
         thread.start()
         threads.append(thread)
     for thread in threads:

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 import mtpeft.study as study_module
-from mtpeft.study_sweeps import StudyStopped, SweepGroups, run_sweeps_in_slots
+from mtpeft.study_sweeps import StudyStopped, SweepGroups, jobs_left, run_sweeps_in_slots
+from mtpeft.utils.runlock import RunDirLock
 
 # A sweep whose "job" is a grandchild process holding its run directory, as a joblib launcher's workers are:
 # it reports the signals it gets and ends on the first unless told to hold on; next to it an idle process
@@ -205,3 +206,30 @@ def test_statuses_come_back_in_order_and_a_stop_starts_nothing_more() -> None:
     with pytest.raises(StudyStopped):
         run_sweeps_in_slots(_sweeps(2, 1, 1), 2, stopping)
     assert stopping.started == ["s0"]
+
+
+def test_a_sweep_gives_its_slots_back_as_its_jobs_end() -> None:
+    """The last running job of a 7-job sweep holds one of two slots: a one-job sweep takes the other."""
+    tail = {"s0": 1}  # s0 is down to its last job from the start; s1 has not ended any job
+
+    def left(directory: Path, jobs: int) -> int:
+        return tail.get(directory.name, jobs)
+
+    timeline = _Timeline(seconds=0.3)
+    assert run_sweeps_in_slots(_sweeps(7, 1), 2, timeline, left=left, poll_s=0.01) == [0, 0]
+    assert timeline.most == 2
+    busy = _Timeline(seconds=0.3)
+    run_sweeps_in_slots(_sweeps(7, 1), 2, busy, left=lambda directory, jobs: jobs, poll_s=0.01)
+    assert busy.most == 1
+
+
+def test_jobs_left_counts_the_jobs_not_started_or_holding_their_run_directory(tmp_path: Path) -> None:
+    for job in ("0", "1", "2"):
+        (tmp_path / job).mkdir()
+    with RunDirLock(tmp_path / "1"):
+        pass  # ended: its lock file stays, no one holds it
+    assert jobs_left(tmp_path, 4) == 4 - 1  # 0 started without its lock yet, 2 running, 3 not started
+    with RunDirLock(tmp_path / "2"):
+        assert jobs_left(tmp_path, 4) == 3
+    assert jobs_left(tmp_path, 4) == 2
+    assert jobs_left(tmp_path, 1) == 0
