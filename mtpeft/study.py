@@ -73,7 +73,8 @@ Launcher: joblib (``--n-jobs`` parallel jobs, ``cpu_threads=1``) when the plugin
 Hydra's basic (sequential) one. With joblib, a stage's sweeps also run side by side while their jobs fit in
 ``--n-jobs`` (`mtpeft.study_sweeps.run_sweeps_in_slots`): a check on one seed or one method's widened value
 is a one-job sweep, and two of them share two cores instead of one idling; a sweep gives its slots back
-as its last jobs end (the next sweep starts beside the last job of the previous one). Other arguments are Hydra overrides given to every job.
+as its last jobs end (a next sweep that needs only the freed slots starts beside the previous one's last
+job). Other arguments are Hydra overrides given to every job.
 
 Publishing (across sessions and fresh checkouts, where ``logs/`` is empty): after each sweep (and every
 `PUBLISH_EVERY_S` seconds while one runs) the runner

@@ -204,12 +204,23 @@ def stop_on_signals(groups: SweepGroups = SWEEPS) -> Iterator[SweepGroups]:
 
 def jobs_left(directory: Path, jobs: int) -> int:
     """How many of the ``jobs`` jobs of the sweep writing into ``directory`` have not ended: those not started
-    yet and those running. A job has ended once its run directory (``<directory>/<job number>``) has a lock
-    file that no live process holds (`mtpeft.utils.runlock`: a job, even one skipped as already finished,
-    takes the lock when it starts and the kernel drops it when the job's process ends). A job that started
-    but has not taken its lock yet counts as running, so the count never runs ahead of the jobs."""
-    ended = sum(not is_locked(lock.parent) for lock in Path(directory).glob(f"*/{LOCK_FILE}"))
+    yet and those running (all of them when the directory cannot be read). A job has ended once its run
+    directory (``<directory>/<job number>``) has a lock file that names its holder and that no live process
+    holds (`mtpeft.utils.runlock`: a job, even one skipped as already finished, takes the lock when it starts
+    and releases it when it returns, or the kernel drops it when its process dies). A job that started but
+    has not taken its lock yet (no lock file, or one still empty) counts as running, so the count never runs
+    ahead of the jobs."""
+    try:
+        ended = sum(_ended(lock) for lock in Path(directory).glob(f"*/{LOCK_FILE}"))
+    except OSError:
+        return jobs
     return max(0, jobs - ended)
+
+
+def _ended(lock: Path) -> bool:
+    """Whether the job of lock file ``lock`` has ended: its holder was written (under the lock, so the file
+    is not empty once the lock was taken) and no one holds it now."""
+    return lock.stat().st_size > 0 and not is_locked(lock.parent)
 
 
 def run_sweeps_in_slots(

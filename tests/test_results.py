@@ -95,6 +95,16 @@ def test_mean_std_and_seed_count(study: Path) -> None:
     assert pd.isna(_row(table, "none")["qa_std"])  # one seed: no std
 
 
+def test_a_resumed_run_has_no_wall_time_but_counts_otherwise(study: Path) -> None:
+    """Its record times only the resumed process: it must neither pull the mean down nor look fastest."""
+    record = json.loads((study / "0" / "results.json").read_text())
+    (study / "0" / "results.json").write_text(json.dumps({**record, "resumed_from": "x/last.ckpt"}))
+    runs = load_runs([study])
+    assert [r["wall_time_s"] for r in runs if r["path"].endswith("/0")] == [None]
+    lora = _row(aggregate(runs)[0], "lora")
+    assert lora["n"] == 3 and lora["wall_time_s"] == pytest.approx(11.5)  # seeds 1 and 2: (11 + 12) / 2
+
+
 def test_variants_only_where_configs_of_one_method_differ(study: Path) -> None:
     table, _, _ = aggregate(load_runs([study]))
     assert set(zip(table["method"], table["variant"], strict=True)) == {

@@ -14,7 +14,7 @@ import pytest
 
 import mtpeft.study as study_module
 from mtpeft.study_sweeps import StudyStopped, SweepGroups, jobs_left, run_sweeps_in_slots
-from mtpeft.utils.runlock import RunDirLock
+from mtpeft.utils.runlock import LOCK_FILE, RunDirLock
 
 # A sweep whose "job" is a grandchild process holding its run directory, as a joblib launcher's workers are:
 # it reports the signals it gets and ends on the first unless told to hold on; next to it an idle process
@@ -209,27 +209,45 @@ def test_statuses_come_back_in_order_and_a_stop_starts_nothing_more() -> None:
 
 
 def test_a_sweep_gives_its_slots_back_as_its_jobs_end() -> None:
-    """The last running job of a 7-job sweep holds one of two slots: a one-job sweep takes the other."""
-    tail = {"s0": 1}  # s0 is down to its last job from the start; s1 has not ended any job
+    """A 7-job sweep on 2 slots whose jobs end but its last: the one-job sweep behind it starts beside that last
+    job (found by polling while it waits), not after the whole sweep; one that needs both slots still waits."""
+    started = time.monotonic()
 
-    def left(directory: Path, jobs: int) -> int:
-        return tail.get(directory.name, jobs)
+    def left(directory: Path, jobs: int) -> int:  # s0 is down to its last job after 0.1 s
+        return 1 if directory.name == "s0" and time.monotonic() - started > 0.1 else jobs
 
-    timeline = _Timeline(seconds=0.3)
+    timeline = _Timeline(seconds=0.5)
     assert run_sweeps_in_slots(_sweeps(7, 1), 2, timeline, left=left, poll_s=0.01) == [0, 0]
-    assert timeline.most == 2
+    assert timeline.most == 2 and timeline.started == ["s0", "s1"]
+    started = time.monotonic()
+    both = _Timeline(seconds=0.3)
+    run_sweeps_in_slots(_sweeps(7, 2), 2, both, left=left, poll_s=0.01)
+    assert both.most == 1
     busy = _Timeline(seconds=0.3)
     run_sweeps_in_slots(_sweeps(7, 1), 2, busy, left=lambda directory, jobs: jobs, poll_s=0.01)
     assert busy.most == 1
 
 
 def test_jobs_left_counts_the_jobs_not_started_or_holding_their_run_directory(tmp_path: Path) -> None:
-    for job in ("0", "1", "2"):
+    for job in ("0", "1", "2", "3"):
         (tmp_path / job).mkdir()
     with RunDirLock(tmp_path / "1"):
-        pass  # ended: its lock file stays, no one holds it
-    assert jobs_left(tmp_path, 4) == 4 - 1  # 0 started without its lock yet, 2 running, 3 not started
-    with RunDirLock(tmp_path / "2"):
-        assert jobs_left(tmp_path, 4) == 3
-    assert jobs_left(tmp_path, 4) == 2
+        pass  # ended: its lock file names its holder, no one holds it
+    (tmp_path / "3" / LOCK_FILE).touch()  # created, not locked yet: a job starting
+    assert jobs_left(tmp_path, 5) == 5 - 1  # 0 started without its lock yet, 2 and 3 starting, 4 not started
+    holder = subprocess.Popen(
+        [sys.executable, "-c", JOB, str(tmp_path / "signals"), "go", str(tmp_path / "2")], cwd=Path.cwd()
+    )
+    try:
+        for _ in range(600):  # another process holds job 2's directory (the runner's case)
+            if (tmp_path / "job.ready").exists():
+                break
+            time.sleep(0.05)
+        assert (tmp_path / "job.ready").exists()
+        assert jobs_left(tmp_path, 5) == 4
+    finally:
+        holder.terminate()
+        holder.wait()
+    assert jobs_left(tmp_path, 5) == 3  # its process ended: the lock is free
     assert jobs_left(tmp_path, 1) == 0
+    assert jobs_left(tmp_path / "missing", 3) == 3

@@ -16,7 +16,8 @@ still ``running`` are listed as incomplete), `aggregate` (one row per configurat
 mean ± std over seeds), `render` (Markdown / LaTeX, best per column in bold), `plots`, and `stats`
 (hierarchical bootstrap CIs over seeds and test items and paired comparisons, from each run's
 ``scores.jsonl.gz``). Scores are ``test/<task>/score`` and ``test/avg/score`` in percent; costs are
-trainable parameters (and % of the base model), wall time and peak memory (the CUDA allocator peak on GPU,
+trainable parameters (and % of the base model), wall time (runs resumed from a checkpoint left out: they
+time the resumed process only) and peak memory (the CUDA allocator peak on GPU,
 else the peak resident memory of the process, which in a multirun is the maximum over the jobs so far).
 
 Files: ``results.{md,csv,tex}`` (``results.csv`` holds the unformatted numbers ``<task>_mean``,

@@ -14,6 +14,8 @@ CSV and per-example ``scores.jsonl.gz``). What is read:
   listed as incomplete, never averaged in;
 * for the test split, runs made with ``test=false`` (validation only, e.g. a study's tuning jobs) are left
   out: they have no test score;
+* a run resumed from a checkpoint (``resumed_from``) has no wall time: its record times the resumed
+  process only, which would pass for a fast run (its scores and other costs count as usual);
 * evaluation records (``kind: eval``, written by ``python -m mtpeft.eval``) are left out with a note: they
   re-score the adapter of a training run, which is tabled itself, so counting them would count that
   run twice (and their config names an adapter, not a training configuration).
@@ -145,6 +147,8 @@ def _record(path: Path, run: RunRecord, split: str) -> dict[str, Any]:
     }
     record.update({key: getattr(run, key) for key in COSTS})
     record["peak_memory_mb"] = run.peak_mb
+    if run.resumed_from:
+        record["wall_time_s"] = None  # the resumed process's time only: not the run's (README, Resume)
     return record
 
 

@@ -65,8 +65,9 @@ def is_locked(directory: str | Path) -> bool:
 
 
 PROBE_RETRIES = 10
-"""Tries to take a lock before calling it busy, 20 ms apart: `is_locked` (``--status``, a stopping study)
-takes a free lock for an instant to test it, which must not look like a live holder."""
+"""Tries to take a lock before calling it busy, 20 ms apart: `is_locked` (``--status``, a stopping study, a
+study runner counting a sweep's ended jobs every few seconds) takes a free lock for an instant to test it,
+which must not look like a live holder."""
 
 
 def _flock_soon(fd: int) -> None:
