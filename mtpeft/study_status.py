@@ -49,7 +49,8 @@ class JobState:
     """Optimiser steps done: the last checkpoint's (running, interrupted) or the budget (finished)."""
     max_steps: int | None
     wall_time_s: float | None
-    """Of a finished run; None for one resumed from another's checkpoint (it timed only its own part)."""
+    """Of a finished run that trained; None for one resumed from another's checkpoint (it timed only its own
+    part) and for one that trained nothing (a zero-shot run's evaluation does not time a trained run's)."""
     updated: datetime
     directory: Path
 
@@ -112,10 +113,17 @@ def job_state(study: Study, directory: Path, root: Path, record: Mapping[str, An
         state=state,
         step=step,
         max_steps=max_steps,
-        wall_time_s=None if record.get("resumed_from") else record.get("wall_time_s"),
+        wall_time_s=None if untimed(record) else record.get("wall_time_s"),
         updated=last_written(directory),
         directory=directory,
     )
+
+
+def untimed(record: Mapping[str, Any]) -> bool:
+    """Whether a run's wall time says nothing of a run of its stage: it resumed another's checkpoint, or it
+    trained nothing (``trainable_params: 0``, e.g. ``method=none``: evaluation only, 20 minutes where a
+    trained SmolLM2 final takes 50)."""
+    return bool(record.get("resumed_from")) or record.get("trainable_params") == 0
 
 
 def _rank(job: JobState) -> tuple[int, int, float]:
@@ -228,7 +236,7 @@ def format_status(study: Study, jobs: list[JobState], declared: dict[str, int], 
         extra = " (+ values added by widening at a grid edge)" if widens else ""
         finished = [j.wall_time_s for j in of_stage if j.state == FINISHED]
         lines.append(
-            f"{stage}: {counts}; declared {declared[stage]}{extra}; median wall time of a finished run "
+            f"{stage}: {counts}; declared {declared[stage]}{extra}; median wall time of a finished trained run "
             f"{_minutes(finished)}"
         )
     left = work_left(study, jobs, declared, n_jobs)

@@ -85,7 +85,7 @@ def test_every_job_once_in_its_best_state(tmp_path: Path) -> None:
         }
         text = format_status(study, jobs, declared_jobs(study))
     assert "tune: 1 finished, 1 running, 1 interrupted, 1 failed; declared 4 (+ values added" in text
-    assert "median wall time of a finished run 30 min" in text
+    assert "median wall time of a finished trained run 30 min" in text
     assert "final: 1 finished, 0 running, 0 interrupted, 0 failed; declared 6;" in text
     assert "| tune | lora | optimizer.lr=0.003 | 0 | running | 40/120 |" in text
     assert "| tune | hycam | optimizer.lr=0.001 | 0 | interrupted | 60/120 |" in text
@@ -187,3 +187,32 @@ def test_work_left_scales_a_check_by_its_budget(tmp_path: Path) -> None:
     text = format_status(study, study_jobs(study), declared_jobs(study))
     assert "left: about 0.5 h of runs (check 1.0" in text
     assert "check timed by the other stages' runs: a lower bound" in text
+
+
+def test_runs_that_trained_nothing_do_not_time_their_stage(tmp_path: Path) -> None:
+    """The zero-shot finals finish first and fast: the final stage is timed by the tuning runs until a trained
+    final finishes, not by them (nor by a resumed run, which timed only its own part)."""
+    study = _study(tmp_path)
+    published = study.published_dir
+    for lr in (1e-3, 3e-3):
+        for method in ("lora", "hycam"):
+            _write(published / f"tune_{method}_{lr}", method, lr, "success", wall_time_s=1800.0)
+    for seed in (0, 1):
+        _write(
+            published / f"final_none_{seed}",
+            "none",
+            2e-3,
+            "success",
+            seed=seed,
+            wall_time_s=600.0,
+            trainable_params=0,
+        )
+    _write(published / "final_lora_0", "lora", 2e-3, "success", wall_time_s=900.0, resumed_from="x/last.ckpt")
+    text = format_status(study, study_jobs(study), declared_jobs(study))
+    assert "left: about 1.5 h of runs (final 3.0 runs x their stage's median wall time)" in text  # 3 x 1800 s
+    assert "final timed by the other stages' runs: a lower bound" in text
+    _write(
+        published / "final_lora_1", "lora", 2e-3, "success", seed=1, wall_time_s=3600.0, trainable_params=9
+    )
+    text = format_status(study, study_jobs(study), declared_jobs(study))
+    assert "left: about 2.0 h of runs (final 2.0 runs" in text  # hycam's two seeds x 3600 s
