@@ -5,9 +5,9 @@ in percent, with the number of seeds ``n``; the values a study's tuning chose (`
 record them; the 95% confidence interval of the average (`mtpeft.results.stats`) when the runs saved
 per-example scores; trainable parameters (and % of the base model), wall time (resumed runs left out) and
 peak memory (means over seeds). The best value of each column is bold: highest score, lowest cost
-(trainable parameters among methods that train any). Columns with one value for every row (e.g. the model in a one-model study) move
-to the caption. Failed, incomplete (``status: running``) and unreadable runs are listed below the table.
-LaTeX comes from pandas' ``Styler.to_latex`` (booktabs rules, every LaTeX special character escaped).
+(trainable parameters among methods that train any). Columns with one value for every row (e.g. the
+model in a one-model study) move to the caption. Failed, incomplete (``status: running``) and unreadable
+runs are listed below the table. LaTeX comes from pandas' ``Styler.to_latex`` (booktabs rules, every LaTeX special character escaped).
 """
 
 from __future__ import annotations
