@@ -7,7 +7,8 @@ per-example scores; trainable parameters (and % of the base model), wall time (r
 peak memory (means over seeds). The best value of each column is bold: highest score, lowest cost
 (trainable parameters among methods that train any). Columns with one value for every row (e.g. the
 model in a one-model study) move to the caption. Failed, incomplete (``status: running``) and unreadable
-runs are listed below the table. LaTeX comes from pandas' ``Styler.to_latex`` (booktabs rules, every LaTeX special character escaped).
+runs are listed below the table. LaTeX comes from pandas' ``Styler.to_latex`` (booktabs rules, every
+LaTeX special character escaped).
 """
 
 from __future__ import annotations
