@@ -1,7 +1,9 @@
 """Pre-flight checks: every mistake that can be seen in the config is an error before any model is loaded.
 
-``preflight(cfg)`` is the first thing a run does (`mtpeft.run.run`). It needs no model, tokenizer or
-data beyond a look at the data files, and each error names the key (or file and line) and the fix. Every
+``preflight(cfg)`` is the first thing a run does (`mtpeft.run.run`; the entry point `mtpeft.train` calls it
+before it even imports `mtpeft.run`, so an error in the top-level keys or run settings comes in about a
+second, not after ~5 s of torch/Lightning imports). It needs no model, tokenizer or data beyond a look at
+the data files, and each error names the key (or file and line) and the fix. Every
 node is checked by its typed schema (`mtpeft.utils.schema`: unknown keys rejected with the valid ones,
 strict types, ranges), so no key goes unchecked:
 

@@ -83,9 +83,9 @@ def _job(cfg: DictConfig, output_dir: Path, multirun: bool) -> float:
     try:
         config = OmegaConf.to_container(cfg, resolve=True)
         digest = config_hash(config)
+        preflight(cfg)  # config errors first: before a run's heavy imports and before a job is looked up
         skip = cfg.get("skip_finished")
         if multirun if skip is None else skip:
-            preflight(cfg)  # config errors first: the job's inputs name its base, which may have to be built
             from mtpeft.inputs import run_inputs  # loads transformers: only where a job is looked up
 
             inputs = run_inputs(config)

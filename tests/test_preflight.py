@@ -141,6 +141,20 @@ def test_sweep_job_reports_config_errors_before_naming_its_base(tmp_path: Path, 
         _job(cfg, tmp_path / "run", multirun=False)
 
 
+def test_single_run_reports_config_errors_before_the_heavy_imports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A single run checks its config before it imports `mtpeft.run` (torch, Lightning, transformers: ~5 s),
+    so a misspelled top-level key fails in about a second."""
+    from mtpeft.train import _job
+
+    monkeypatch.setitem(sys.modules, "mtpeft.run", None)  # importing it now raises ImportError
+    cfg = _cfg(["+seeed=1"], tmp_path)
+    with pytest.raises(ValueError, match=r"unknown top-level key 'seeed'"):
+        _job(cfg, tmp_path / "run", multirun=False)
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "failed"
+
+
 def test_misspelled_method_key_fails_before_the_model_is_loaded(tmp_path: Path, no_model: None) -> None:
     cfg = _cfg(["method=lora", "+method.rnak=4"], tmp_path)
     with pytest.raises(ValueError, match=r"unknown key.*'rnak'.*valid keys: alpha"):
