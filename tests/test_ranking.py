@@ -179,3 +179,31 @@ def test_by_ranks_the_runs_of_two_values_of_a_key_against_each_other(
     with pytest.raises(SystemExit):
         main([str(tmp_path / "s"), "--by", "seed", "--against", str(tmp_path / "s")])
     assert "--against and --by both write ranking.md" in capsys.readouterr().err
+
+
+def test_a_study_read_by_name_leaves_its_convergence_check_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A study's check runs (published ``check_*`` and the runner's ``..._check`` sweeps in logs/), at another
+    budget, would split each checked method into two rows that match no row of the other study; read by
+    name, the study is its final runs. Read as a directory, everything is read (``--by`` needs it)."""
+    rates = {"w": 0.8, "x": 0.6, "y": 0.4, "z": 0.2}
+    for method, rate in rates.items():
+        right = round(rate * 60)
+        hits = {t: [1] * right + [0] * (60 - right) for t in ("qa", "code")}
+        published = tmp_path / "experiments" / "real" / "runs"
+        for seed in (0, 1):
+            scored_run(published, method, seed, hits, name=f"final_{method}_s{seed}_0000000{seed}")
+        if method in ("w", "x"):  # checked at 3x the budget, once published, once still in logs/
+            longer = {"trainer": {"max_steps": 360}}
+            scored_run(published, method, 0, hits, config_extra=longer, name=f"check_{method}_s0_00000009")
+            sweep = tmp_path / "logs" / "real" / "multiruns" / "2026-12-03_12-33-04_0121ba_check"
+            scored_run(sweep, method, 0, hits, config_extra=longer, name=method)
+    _study(tmp_path / "experiments" / "tiny", {"w": 0.9, "x": 0.5, "y": 0.7, "z": 0.1})
+    monkeypatch.setenv("MTPEFT_ROOT", str(tmp_path))
+    main(["real", "--no-plots", "--against", "tiny"])
+    table = pd.read_csv(tmp_path / "experiments" / "real" / "ranking.csv").set_index("label")
+    assert sorted(table.index) == ["w", "x", "y", "z"] and table["rank_a"]["x"] == 2
+    results = pd.read_csv(tmp_path / "experiments" / "real" / "results.csv")
+    assert sorted(results["method"]) == ["w", "x", "y", "z"] and set(results["n"]) == {2}
+    assert len(load_runs([tmp_path / "experiments" / "real" / "runs"])) == 10  # a directory: all of it

@@ -5,9 +5,10 @@
     python -m mtpeft.results logs/train/multiruns/2026-11-25_10-00-00_ab12cd   # writes into that directory
     make results STUDY=methods_mix3
 
-A study name reads ``<root>/logs/<name>/`` (every multirun and run of the study) and committed results under
-``<root>/experiments/<name>/`` (``<root>`` is ``$MTPEFT_ROOT`` or the current directory) and writes to
-``<root>/experiments/<name>/``; a directory is read recursively and written into. A sweep directory covers
+A study name reads ``<root>/logs/<name>/`` (every multirun and run of the study but those of its
+convergence check, tabled in ``check/``) and committed results under ``<root>/experiments/<name>/``
+(``<root>`` is ``$MTPEFT_ROOT`` or the current directory) and writes to ``<root>/experiments/<name>/``;
+a directory is read recursively and written into. A sweep directory covers
 every job of the sweep: jobs skipped because an identical config had finished (``skipped.json``) are read
 from the run they point to.
 
@@ -47,6 +48,7 @@ from mtpeft.results.load import (
     load_runs,
     model_label,
     resolve_target,
+    stages_left_out,
     validation_curves,
 )
 from mtpeft.results.plots import (
@@ -106,14 +108,16 @@ def summarise(
     split: str = "test",
     plots: bool = True,
     extra_plots: Sequence[str] = (),
+    stages: Sequence[str] = (),
 ) -> dict:
-    """Read every run under ``sources``; write the tables, statistics (and plots) into ``out``.
+    """Read every run under ``sources`` but those of the study stages ``stages``; write the tables,
+    statistics (and plots) into ``out``.
 
     ``extra_plots``: the study's own plots (`STUDY_PLOTS` kinds, declared by the study), besides the
     generic ones."""
     extra_plots = check_study_plots(extra_plots)
     problems: list[tuple[str, str]] = []
-    records = load_runs(sources, split, problems)
+    records = load_runs(sources, split, problems, stages)
     if not records:
         raise SystemExit(f"no {RESULTS_FILE} run records under {', '.join(map(str, sources))}")
     table, failed, columns = aggregate(records)
@@ -163,23 +167,23 @@ def study_label(title: str, directory: Path) -> str:
     return f"{directory.resolve().parent.name}/{title}" if title == "runs" else title
 
 
-def against_target(other: str) -> tuple[list[Path], str]:
-    """(directories, name) of the study or directory given to ``--against``; checked before anything is
-    written."""
+def against_target(other: str) -> tuple[list[Path], str, tuple[str, ...]]:
+    """(directories, name, stages left out: `stages_left_out`) of the study or directory given to
+    ``--against``; checked before anything is written."""
     try:
         sources, _, title = resolve_target(other)
     except SystemExit as error:
         raise SystemExit(f"--against {other}: {error}") from None
-    return sources, study_label(title, sources[0])
+    return sources, study_label(title, sources[0]), stages_left_out(other)
 
 
 def ranking_against(
-    result: dict, title: str, source: Path, other: tuple[list[Path], str], out: Path
+    result: dict, title: str, source: Path, other: tuple[list[Path], str, tuple[str, ...]], out: Path
 ) -> list[Path]:
     """ranking.{md,csv} in ``out``: the rows of ``result`` (a `summarise` of the test split of ``source``)
     ranked against those of ``other`` (`against_target`; read, not written)."""
-    other_sources, other_title = other
-    other_records = load_runs(other_sources, "test")
+    other_sources, other_title, other_stages = other
+    other_records = load_runs(other_sources, "test", stages_left_out=other_stages)
     if not other_records:
         raise SystemExit(
             f"--against {other_title}: no {RESULTS_FILE} run records under {', '.join(map(str, other_sources))}"
@@ -257,12 +261,13 @@ def main(argv: Sequence[str] | None = None) -> Path:
             parser.error(f"--{option} compares test rankings (per-example test scores): drop --split val")
     other = against_target(args.against) if args.against else None
     sources, out, title = resolve_target(args.target)
+    stages = stages_left_out(args.target)
     out = args.out or out
     if args.by:
-        by_groups(load_runs(sources, "test"), args.by)  # checked before anything is written
+        by_groups(load_runs(sources, "test", stages_left_out=stages), args.by)  # checked before any writing
     declared = [] if Path(args.target).is_dir() else declared_plots(args.target, CONF_DIR)
     extra_plots = list(dict.fromkeys([*declared, *args.plot]))
-    result = summarise(sources, out, title, args.split, not args.no_plots, extra_plots)
+    result = summarise(sources, out, title, args.split, not args.no_plots, extra_plots, stages)
     if other:
         result["files"] += ranking_against(result, title, sources[0], other, out)
     if args.by:

@@ -16,6 +16,9 @@ CSV and per-example ``scores.jsonl.gz``). What is read:
   out: they have no test score;
 * a run resumed from a checkpoint (``resumed_from``) has no wall time: its record times the resumed
   process only, which would pass for a fast run (its scores and other costs count as usual);
+* reading a study by name, the runs of its convergence check (the ``check`` stage of `mtpeft.study`, at
+  another budget) are left out: they have their own tables (``check/``), and mixed in they would split each
+  checked method into two rows, one per budget;
 * evaluation records (``kind: eval``, written by ``python -m mtpeft.eval``) are left out with a note: they
   re-score the adapter of a training run, which is tabled itself, so counting them would count that
   run twice (and their config names an adapter, not a training configuration).
@@ -27,13 +30,14 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from mtpeft.record import EVAL, RunRecord, parse_record
+from mtpeft.study_stages import run_stage
 from mtpeft.utils.confighash import hashed_part
 from mtpeft.utils.sweep import RESULTS_FILE, stored_hash
 
@@ -45,6 +49,8 @@ CHECKPOINT_STEP = re.compile(r"step[_=](?P<step>\d+)")
 """The step in a best checkpoint's file name (``mtpeft.run`` names them ``step_<n>.ckpt``)."""
 SKIPPED_FILE = "skipped.json"
 """Written by `mtpeft.train` in the directory of a skipped sweep job; ``finished_in`` names the run."""
+STUDY_STAGES_LEFT_OUT = ("check",)
+"""Stages of `mtpeft.study` whose runs a study's tables leave out when the study is read by name."""
 CURVE_FILES = ("csv/metrics.csv", "metrics.csv")
 """Where a run keeps its logged metrics (CSV logger in the run dir, or a copy next to results.json)."""
 
@@ -107,6 +113,14 @@ def result_files(roots: Iterable[Path], problems: list[tuple[str, str]]) -> list
     return paths
 
 
+def stage_of(run_dir: Path, roots: Iterable[Path]) -> str | None:
+    """The `mtpeft.study` stage of a run (`mtpeft.study_stages.run_stage`), read below the first of ``roots``
+    that holds it (a skipped job's run may lie elsewhere: then from its own name)."""
+    run_dir = run_dir.resolve()
+    root = next((r.resolve() for r in roots if run_dir.is_relative_to(Path(r).resolve())), run_dir.parent)
+    return run_stage(run_dir, root)
+
+
 def base_part(inputs: dict[str, Any] | None) -> dict[str, Any]:
     """``{"base": {"weight_files": ..., "dtype": ...}}`` of a run that recorded its base model
     (`mtpeft.models.identity`), else nothing: in the flat config, a base that differs between the runs of one
@@ -153,15 +167,24 @@ def _record(path: Path, run: RunRecord, split: str) -> dict[str, Any]:
 
 
 def load_runs(
-    roots: Iterable[Path], split: str = "test", problems: list[tuple[str, str]] | None = None
+    roots: Iterable[Path],
+    split: str = "test",
+    problems: list[tuple[str, str]] | None = None,
+    stages_left_out: Collection[str] = (),
 ) -> list[dict[str, Any]]:
-    """One flat record per run under ``roots``: labels, status, scores, costs, flat config.
+    """One flat record per run under ``roots``: labels, status, scores, costs, flat config; the runs of
+    ``stages_left_out`` (`stage_of`) left out.
 
     Files that are not run records are appended to ``problems`` as ``(path, reason)`` and logged."""
     problems = [] if problems is None else problems
     roots = list(roots)
     records, validation_only, evaluations = [], 0, 0
+    left_out: dict[str, int] = {}
     for path in result_files(roots, problems):
+        stage = stage_of(path.parent, roots) if stages_left_out else None
+        if stage in stages_left_out:
+            left_out[stage] = left_out.get(stage, 0) + 1
+            continue
         data, problem = _read_json(path)
         run, problem = (None, problem) if problem else parse_record(data)
         if problem:
@@ -178,6 +201,8 @@ def load_runs(
         log.warning("skipping %s: %s", path, problem)
     if validation_only:
         log.info("left out %d validation-only run(s) (test=false) from the test table", validation_only)
+    for stage, count in left_out.items():
+        log.info("left out %d run(s) of the study's %s stage (tabled on their own)", count, stage)
     if evaluations:
         log.info(
             "left out %d evaluation record(s) (kind: eval, python -m mtpeft.eval): they re-score trained "
@@ -190,6 +215,12 @@ def load_runs(
 def label(record: dict[str, Any] | pd.Series) -> str:
     """``method`` or ``method (variant)``."""
     return f"{record['method']} ({record['variant']})" if record.get("variant") else record["method"]
+
+
+def stages_left_out(target: str) -> tuple[str, ...]:
+    """The stages a target's tables leave out: `STUDY_STAGES_LEFT_OUT` for a study name, none for a
+    directory (read whole: ``--by trainer.max_steps`` can rank its two budgets)."""
+    return () if Path(target).is_dir() else STUDY_STAGES_LEFT_OUT
 
 
 def resolve_target(target: str) -> tuple[list[Path], Path, str]:
