@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.stats import kendalltau
 
 from mtpeft.results import aggregate, load_runs, main
-from mtpeft.results.ranking import StudyRows, compare_rankings, study_rows
+from mtpeft.results.ranking import StudyRows, compare_rankings, ranks, study_rows, tau
 from tests.results_util import scored_run
 
 
@@ -113,6 +114,26 @@ def test_reference_rows_other_items_and_unshared_rows_are_left_out_and_listed(tm
     assert "| a | none | trains nothing (a reference row) |" in md
     assert "| a | fewer_items | scored other test items than" in md
     assert "| a | only_a | not in b |" in md and "| b | only_b | not in a |" in md
+
+
+def test_a_row_left_out_for_other_items_does_not_narrow_the_seeds(tmp_path: Path) -> None:
+    a = _study(tmp_path / "a", {"w": 0.8, "x": 0.6, "y": 0.4})
+    scored_run(a, "q", 0, {"qa": [1] * 40, "code": [0] * 40})  # seed 0 only, other items
+    rows = _rows(a, "a")
+    assert rows.seeds == [0, 1] and sorted(rows.averages) == ["w", "x", "y"]
+    assert [label for label, _ in rows.left_out] == ["q"]
+
+
+def test_equal_item_counts_tie_whatever_their_rounding() -> None:
+    """0 + 40 and 1 + 39 right items of 60 per task: the same average, 0.3333333333333333 and
+    0.33333333333333337 in floating point; a rank or a tau must see a tie, not an order."""
+    first = np.mean([np.mean([0] * 60), np.mean([1] * 40 + [0] * 20)])
+    second = np.mean([np.mean([1] + [0] * 59), np.mean([1] * 39 + [0] * 21)])
+    assert first != second  # the premise: they differ in the last bit
+    assert ranks(np.array([first, second, 0.1])).tolist() == [1.5, 1.5, 3.0]
+    assert tau(np.array([first, second, 0.1]), np.array([0.5, 0.4, 0.1])) == pytest.approx(
+        kendalltau([1, 1, 0], [2, 1, 0]).statistic
+    )
 
 
 def test_fewer_than_three_shared_methods_is_an_error_naming_them_and_why(tmp_path: Path) -> None:

@@ -112,16 +112,7 @@ def study_rows(
     contestants = _contestants(table, tasks, logged, rows)
     if not contestants:
         return rows
-    rows.seeds = sorted(set.intersection(*(set(c.cells) for c in contestants)), key=str)
-    if not rows.seeds:
-        raise SystemExit(f"{name}: its methods have no seed in common; rank runs of the same seeds")
-    signature = [repr([c.items[s] for s in rows.seeds]) for c in contestants]
-    reference = contestants[max(range(len(contestants)), key=lambda i: (signature.count(signature[i]), -i))]
-    same = [
-        c
-        for c, sig in zip(contestants, signature, strict=True)
-        if sig == signature[contestants.index(reference)]
-    ]
+    same, reference = _same_items(name, contestants, rows)
     rows.left_out += [
         (c.label, f"scored other test items than {reference.label}") for c in contestants if c not in same
     ]
@@ -133,20 +124,46 @@ def study_rows(
     return rows
 
 
+def _same_items(
+    name: str, contestants: list[RowScores], rows: StudyRows
+) -> tuple[list[RowScores], RowScores]:
+    """(rows, reference): the largest group of ``contestants`` scored on the same test items as each other on
+    the seeds they all have (set in ``rows.seeds``). The seeds are taken again after rows with other items
+    are left out (a left-out row must not narrow the others' seeds), until nothing changes."""
+    same = contestants
+    while True:
+        rows.seeds = sorted(set.intersection(*(set(c.cells) for c in same)), key=str)
+        if not rows.seeds:
+            raise SystemExit(f"{name}: its methods have no seed in common; rank runs of the same seeds")
+        signature = [repr([c.items[s] for s in rows.seeds]) for c in same]
+        ref = max(range(len(same)), key=lambda i: (signature.count(signature[i]), -i))
+        kept = [c for c, sig in zip(same, signature, strict=True) if sig == signature[ref]]
+        if len(kept) == len(same):
+            return same, same[ref]
+        same = kept
+
+
 def records_rows(name: str, records: Sequence[dict[str, Any]], stream: str) -> StudyRows:
     """`study_rows` of the table that ``records`` (of the test split) aggregate to."""
     table, _, columns = aggregate(list(records))
     return study_rows(name, table, columns, records, stream)
 
 
+TIE_DECIMALS = 9
+"""Averages are compared rounded to this many decimals: two rows with the same numbers of right items spread
+over the tasks differently get averages that differ in the last bits (0.4466666666666667 and
+0.44666666666666666), which must tie; distinct averages differ by at least one item over the test set."""
+
+
 def ranks(values: np.ndarray) -> np.ndarray:
-    """Rank 1 for the highest value along axis 0 (ties share the average rank)."""
-    return rankdata(-values, axis=0, method="average")
+    """Rank 1 for the highest value along axis 0 (ties, to `TIE_DECIMALS`, share the average rank)."""
+    return rankdata(-np.round(values, TIE_DECIMALS), axis=0, method="average")
 
 
 def tau(a: np.ndarray, b: np.ndarray) -> float:
-    """Kendall's tau-b of two score vectors over the same rows (nan when either is constant)."""
-    return float(kendalltau(a, b).statistic)
+    """Kendall's tau-b of two score vectors over the same rows (ties to `TIE_DECIMALS`; nan when either is
+    constant)."""
+    return float(kendalltau(np.round(a, TIE_DECIMALS), np.round(b, TIE_DECIMALS)).statistic)
 
 
 def compare_rankings(a: StudyRows, b: StudyRows, level: float = LEVEL) -> tuple[pd.DataFrame, dict[str, Any]]:
