@@ -51,7 +51,7 @@ def test_one_swap_in_four_gives_tau_two_thirds(tmp_path: Path) -> None:
     assert table["avg_b"]["x"] == pytest.approx(30.0)
     assert table["tau"].iloc[0] == pytest.approx(4 / 6)  # 6 pairs, 5 concordant, 1 discordant
     assert "**+0.67**" in md and "| x | 60.0 | 2 | 30.0 | 3 | +1 |" in md
-    assert "- a: seeds 0 1, average over tasks qa, code" in md
+    assert "- a: seeds 0 1, average over tasks qa, code (2 seeds: the bootstrap cannot draw past" in md
 
 
 def test_a_small_gap_on_shared_items_is_a_settled_rank(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats as scipy_stats
 
 from mtpeft.metrics.tracker import (
     EvalMetrics,
@@ -17,7 +18,15 @@ from mtpeft.metrics.tracker import (
     write_example_scores,
 )
 from mtpeft.results import main
-from mtpeft.results.stats import bootstrap, estimate, interval, paired_cells, row_scores, verdict
+from mtpeft.results.stats import (
+    bootstrap,
+    estimate,
+    interval,
+    paired_cells,
+    row_scores,
+    seed_interval,
+    verdict,
+)
 from tests.results_util import scored_run
 
 
@@ -29,6 +38,36 @@ def test_constant_scores_give_a_degenerate_interval() -> None:
     cells = {s: {"qa": np.full(50, 0.25), "code": np.full(30, 0.75)} for s in range(3)}
     est, low, high = interval(cells, n_boot=200)
     assert est == pytest.approx(0.5) and low == pytest.approx(0.5) and high == pytest.approx(0.5)
+
+
+def test_seed_interval_is_the_student_t_interval_of_the_seed_averages() -> None:
+    """Seeds averaging 0.5, 0.6 and 0.8 (two tasks each): the t interval with 2 degrees of freedom."""
+    cells = {
+        s: {"qa": np.array([a - 0.1, a + 0.1]), "code": np.array([a, a, a])}
+        for s, a in enumerate((0.5, 0.6, 0.8))
+    }
+    want = scipy_stats.t.interval(
+        0.95, 2, loc=np.mean([0.5, 0.6, 0.8]), scale=scipy_stats.sem([0.5, 0.6, 0.8])
+    )
+    assert seed_interval(cells) == pytest.approx(want)
+    assert np.isnan(seed_interval({0: cells[0]})).all()  # one seed: no seed-level interval
+
+
+def test_a_verdict_needs_the_bootstrap_and_the_seed_interval_to_agree() -> None:
+    assert verdict(0.01, 0.05) == "better"  # one seed: the bootstrap alone
+    assert verdict(0.01, 0.05, -0.02, 0.08) == "tie"  # the seeds do not settle it
+    assert verdict(0.01, 0.05, 0.005, 0.09) == "better"
+    assert verdict(-0.05, -0.01, -0.09, -0.001) == "worse"
+    assert verdict(-0.01, 0.05, 0.01, 0.02) == "tie"
+
+
+def test_two_seeds_give_a_wide_t_interval_where_the_bootstrap_is_narrow() -> None:
+    """Two seeds 4 points apart, 400 items each: the bootstrap sits between the two seeds' averages (plus
+    item noise), the t interval (t(0.975, 1) = 12.7) spans about +-25 points."""
+    cells = {0: {"qa": np.array([1.0] * 220 + [0.0] * 180)}, 1: {"qa": np.array([1.0] * 236 + [0.0] * 164)}}
+    _, low, high = interval(cells, n_boot=2000, rng=np.random.default_rng(1))
+    t_low, t_high = seed_interval(cells)
+    assert high - low < 0.12 and (t_low, t_high) == pytest.approx((0.57 - 0.254, 0.57 + 0.254), abs=1e-3)
 
 
 def test_estimate_is_mean_over_seeds_of_task_averages() -> None:
@@ -167,6 +206,13 @@ def test_stats_files_ci_column_and_pairwise_verdicts(tmp_path: Path) -> None:
     assert (
         "avg 95% CI" in md
         and "| hycam | 3 | **100.0 ± 0.0** | **100.0 ± 0.0** | **100.0 ± 0.0** | [100.0, 100.0] |" in md
+    )
+    lora = intervals[intervals["label"] == "lora"].iloc[0]  # 3 seeds: the table shows the seed t interval
+    table = pd.read_csv(tmp_path / "results.csv")
+    shown = table[table["method"] == "lora"].iloc[0]
+    assert (shown["avg_ci_low"], shown["avg_ci_high"]) == pytest.approx((lora["t_low"], lora["t_high"]))
+    assert (
+        lora["t_high"] - lora["t_low"] > 0 and "95% CI (t over seeds)" in (tmp_path / "stats.md").read_text()
     )
     assert "## Paired differences" in (tmp_path / "stats.md").read_text()
     for name in ("ci", "pairwise"):

@@ -218,6 +218,22 @@ def _rank_cell(rank: float, low: float, high: float) -> str:
     return value if low == high == rank else f"{value} ({low:g}-{high:g})"
 
 
+FEW_SEEDS = 5
+"""Below this many seeds the bootstrap's seed stage is coarse (it cannot reach past the extreme seeds)."""
+
+
+def _seed_caveat(seeds: int) -> str:
+    """What a study's number of seeds leaves out of its rank and tau intervals."""
+    if seeds == 1:
+        return " (one seed: the intervals hold item noise only, not seed noise)"
+    if seeds < FEW_SEEDS:
+        return (
+            f" ({seeds} seeds: the bootstrap cannot draw past the extreme seeds, so the intervals understate "
+            "seed noise; stats.md gives each average's t interval over its seeds)"
+        )
+    return ""
+
+
 def _signed(value: float) -> str:
     return "undefined" if np.isnan(value) else f"{value:+.2f}"
 
@@ -240,7 +256,7 @@ def to_markdown(table: pd.DataFrame, agreement: dict[str, Any], a: StudyRows, b:
     ]
     lines += [
         f"- {study.name}: seeds {' '.join(map(str, study.seeds))}, average over tasks {', '.join(study.tasks)}"
-        + (" (one seed: the intervals hold item noise only, not seed noise)" if len(study.seeds) == 1 else "")
+        + _seed_caveat(len(study.seeds))
         for study in (a, b)
     ]
     lines += [

@@ -139,7 +139,10 @@ def to_markdown(
         if tuned_columns(table):
             caption += "Starred columns: values chosen on the validation split by the study's tuning. "
         if has_ci(table):
-            caption += "95% CI of avg: hierarchical bootstrap over seeds and test items (stats.md). "
+            caption += (
+                "95% CI of avg: Student t over the seeds' averages (one seed: bootstrap over its test items, "
+                "which leaves seed noise out); stats.md has the bootstrap over seeds and items too. "
+            )
         lines += [
             caption + "; ".join(notes),
             "",

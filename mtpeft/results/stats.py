@@ -1,4 +1,4 @@
-"""What is noise: bootstrap confidence intervals over seeds and test items, and paired method comparisons.
+"""What is noise: confidence intervals over seeds and test items, and paired method comparisons.
 
 Every run saves its per-example scores (``scores.jsonl.gz``, `mtpeft.metrics.tracker`). A row's average
 test score is ``mean over seeds of (mean over tasks of (mean over the task's test items))``. Its 95%
@@ -8,12 +8,22 @@ test items of every task with replacement (stratified by task, so each task keep
 recomputes the statistic; the interval is the 2.5 and 97.5 percentiles of the replicates. With one seed
 only the test items are resampled (the interval then ignores seed noise).
 
+With a few seeds that bootstrap is too narrow: its seed stage cannot reach past the extreme seeds (with 2
+seeds, half the replicates draw one seed twice and sit at that seed's own average), and it has no
+small-sample correction, so it covers the true mean less often than its nominal 95 %. So every row with at least
+two seeds also gets the textbook interval over its seeds: each seed's average is an independent measurement
+(a seed draws its own training data, initialisation and test items), and the Student t interval of their
+mean, ``mean ± t(0.975, S-1) * sd / sqrt(S)``, holds both noises at its nominal level (``t_low``,
+``t_high``; t(0.975, 1) = 12.7: two seeds bound a mean only loosely, and the interval says so). The results
+tables show the t interval where there are two seeds or more, the bootstrap's where there is one.
+
 Paired comparison of rows A and B: on the seeds both have, with the data of one seed the test items are
 the same for every method (checked by index and record digest), so the per-item differences
 ``score_A - score_B`` are bootstrapped the same way (the statistic is linear, so this is the difference
-of the averages under a shared resampling). The verdict is ``better`` / ``worse`` when the 95% CI of the
-difference excludes 0, else ``tie``. No multiple-comparison correction is applied: with many pairs, a few
-verdicts at the edge of their CI are expected by chance.
+of the averages under a shared resampling), and the per-seed differences give a paired t interval. The
+verdict is ``better`` / ``worse`` when the bootstrap CI of the difference excludes 0 and, with two seeds
+or more, the paired t interval excludes it on the same side; else ``tie``. No multiple-comparison
+correction is applied: with many pairs, a few verdicts at the edge of their CI are expected by chance.
 
 Only tasks whose score is a per-example metric (exact match, F1, numeric, pass@k, ROUGE, ...) can be
 bootstrapped; a row with a corpus-level score (BLEU, ``evaluate:``) or without saved scores gets no
@@ -32,6 +42,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy.stats import t as student_t
 
 from mtpeft.results.render import row_label
 
@@ -104,6 +115,16 @@ def interval(
     return estimate(cells), float(low), float(high)
 
 
+def seed_interval(cells: Cells, level: float = LEVEL) -> tuple[float, float]:
+    """(low, high): the Student t interval of the mean of the seeds' averages (each the mean over tasks of
+    the item means); (nan, nan) with fewer than two seeds."""
+    averages = np.array([np.mean([v.mean() for v in tasks.values()]) for _, tasks in sorted(cells.items())])
+    if len(averages) < 2:
+        return math.nan, math.nan
+    half = student_t.ppf((1 + level) / 2, len(averages) - 1) * averages.std(ddof=1) / math.sqrt(len(averages))
+    return float(averages.mean() - half), float(averages.mean() + half)
+
+
 @dataclass
 class RowScores:
     """The per-item test scores of one table row, and the digests that identify its items."""
@@ -168,9 +189,23 @@ def paired_cells(a: RowScores, b: RowScores) -> tuple[Cells, str | None]:
     return diffs, None
 
 
-def verdict(low: float, high: float) -> str:
-    """``better`` / ``worse`` when the CI of A - B excludes 0, else ``tie``."""
+def verdict(low: float, high: float, t_low: float = math.nan, t_high: float = math.nan) -> str:
+    """``better`` / ``worse`` when the bootstrap CI of A - B excludes 0 and the seed t interval (when there is
+    one: two seeds or more) excludes it on the same side, else ``tie``."""
+    call = _side(low, high)
+    return call if math.isnan(t_low) or _side(t_low, t_high) == call else "tie"
+
+
+def _side(low: float, high: float) -> str:
     return "better" if low > 0 else "worse" if high < 0 else "tie"
+
+
+def shown_interval(row: pd.Series) -> tuple[float, float]:
+    """The interval a results table shows for a row of ``intervals``: the seed t interval where the row has
+    two seeds or more, else the bootstrap's (item noise only)."""
+    if row["seeds"] >= 2:
+        return row["t_low"], row["t_high"]
+    return row["ci_low"], row["ci_high"]
 
 
 def compare(
@@ -182,8 +217,9 @@ def compare(
 ) -> tuple[pd.DataFrame, pd.DataFrame, list[tuple[str, str]]]:
     """(intervals, pairs, problems): a CI per row and a paired comparison per pair of rows.
 
-    ``intervals``: label, row index, estimate, ci_low, ci_high, seeds; ``pairs``: a, b, diff, ci_low,
-    ci_high, verdict, seeds (A is the row with the higher estimate). Fixed ``seed``: same numbers every time;
+    ``intervals``: label, row index, estimate, ci_low, ci_high (bootstrap), t_low, t_high (seed t interval),
+    seeds; ``pairs``: a, b, diff, ci_low, ci_high, t_low, t_high, verdict, seeds (A is the row with the
+    higher estimate). Fixed ``seed``: same numbers every time;
     each interval draws from its own generator (`row_generator`), so it depends on its own row's (or pair's) data only,
     not on which other rows the table holds or their order.
     """
@@ -197,10 +233,18 @@ def compare(
         rows.append((i, scores, est, low, high))
     intervals = pd.DataFrame(
         [
-            {"label": s.label, "row": i, "estimate": e, "ci_low": lo, "ci_high": hi, "seeds": len(s.cells)}
+            {
+                "label": s.label,
+                "row": i,
+                "estimate": e,
+                "ci_low": lo,
+                "ci_high": hi,
+                **dict(zip(("t_low", "t_high"), seed_interval(s.cells), strict=True)),
+                "seeds": len(s.cells),
+            }
             for i, s, e, lo, hi in rows
         ],
-        columns=["label", "row", "estimate", "ci_low", "ci_high", "seeds"],
+        columns=["label", "row", "estimate", "ci_low", "ci_high", "t_low", "t_high", "seeds"],
     )
     ranked = sorted(rows, key=lambda r: -r[2])
     pairs = []
@@ -211,6 +255,7 @@ def compare(
                 problems.append((f"{a.label} vs {b.label}", problem))
                 continue
             est, low, high = interval(diffs, n_boot, rng=row_generator(seed, a.label, b.label))
+            t_low, t_high = seed_interval(diffs)
             pairs.append(
                 {
                     "a": a.label,
@@ -218,11 +263,15 @@ def compare(
                     "diff": est,
                     "ci_low": low,
                     "ci_high": high,
-                    "verdict": verdict(low, high),
+                    "t_low": t_low,
+                    "t_high": t_high,
+                    "verdict": verdict(low, high, t_low, t_high),
                     "seeds": len(diffs),
                 }
             )
-    pairs_table = pd.DataFrame(pairs, columns=["a", "b", "diff", "ci_low", "ci_high", "verdict", "seeds"])
+    pairs_table = pd.DataFrame(
+        pairs, columns=["a", "b", "diff", "ci_low", "ci_high", "t_low", "t_high", "verdict", "seeds"]
+    )
     return intervals, pairs_table, problems
 
 
@@ -231,34 +280,41 @@ def to_markdown(
 ) -> str:
     """stats.md: the CI of each row (best first) and every paired comparison."""
     pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
+    span = lambda lo, hi, f=pct: "—" if math.isnan(lo) else f"[{f(lo)}, {f(hi)}]"  # noqa: E731
+    signed = lambda v: f"{100 * v:+.1f}"  # noqa: E731
     lines = [
         f"# {title}: confidence intervals and paired comparisons",
         "",
-        "Average test score (%) with its 95% CI: hierarchical bootstrap (seeds, then test items within each "
-        f"seed, stratified by task; {N_BOOT} replicates). Paired: the difference of two rows on the same seeds "
-        "and test items; `better`/`worse` when its CI excludes 0, else `tie` (no multiple-comparison "
-        "correction).",
+        "Average test score (%) with two 95% CIs: the Student t interval over the seeds' averages (rows with "
+        "two seeds or more; each seed draws its own training data, initialisation and test items) and a "
+        f"hierarchical bootstrap (seeds, then test items within each seed, stratified by task; {N_BOOT} "
+        "replicates), which is too narrow with few seeds (it cannot reach past the extreme seeds) and with one "
+        "seed holds item noise only. Paired: the difference of two rows on the same seeds and test items; "
+        "`better`/`worse` when its bootstrap CI and (two seeds or more) its paired t interval both exclude 0, "
+        "else `tie` (no multiple-comparison correction).",
         "",
-        "| rank | row | seeds | avg | 95% CI |",
-        "|---|---|---|---|---|",
+        "| rank | row | seeds | avg | 95% CI (t over seeds) | 95% CI (bootstrap) |",
+        "|---|---|---|---|---|---|",
     ]
     ordered = intervals.sort_values("estimate", ascending=False, kind="stable")
     for rank, (_, r) in enumerate(ordered.iterrows(), 1):
         lines.append(
-            f"| {rank} | {r['label']} | {r['seeds']} | {pct(r['estimate'])} | [{pct(r['ci_low'])}, {pct(r['ci_high'])}] |"
+            f"| {rank} | {r['label']} | {r['seeds']} | {pct(r['estimate'])} | {span(r['t_low'], r['t_high'])} "
+            f"| {span(r['ci_low'], r['ci_high'])} |"
         )
     if len(pairs):
         lines += [
             "",
             "## Paired differences (A - B, points)",
             "",
-            "| A | B | seeds | A - B | 95% CI | verdict |",
+            "| A | B | seeds | A - B | 95% CI (paired t) | 95% CI (bootstrap) | verdict |",
         ]
-        lines.append("|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|")
         for _, p in pairs.iterrows():
             lines.append(
-                f"| {p['a']} | {p['b']} | {p['seeds']} | {100 * p['diff']:+.1f} "
-                f"| [{100 * p['ci_low']:+.1f}, {100 * p['ci_high']:+.1f}] | {p['verdict']} |"
+                f"| {p['a']} | {p['b']} | {p['seeds']} | {signed(p['diff'])} "
+                f"| {span(p['t_low'], p['t_high'], signed)} | {span(p['ci_low'], p['ci_high'], signed)} "
+                f"| {p['verdict']} |"
             )
     if problems:
         lines += ["", f"## Left out ({len(problems)})", "", "| row or pair | reason |", "|---|---|"]
@@ -286,7 +342,7 @@ def summarise_stats(
         return []
     table["avg_ci_low"], table["avg_ci_high"] = math.nan, math.nan
     for _, r in intervals.iterrows():
-        table.loc[r["row"], ["avg_ci_low", "avg_ci_high"]] = [r["ci_low"], r["ci_high"]]
+        table.loc[r["row"], ["avg_ci_low", "avg_ci_high"]] = list(shown_interval(r))
     files = [out / "stats.md", out / "stats.csv", out / "pairwise.csv"]
     files[0].write_text(to_markdown(intervals, pairs, problems, title))
     intervals.drop(columns=["row"]).to_csv(files[1], index=False)
