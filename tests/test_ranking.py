@@ -3,6 +3,7 @@ side, on hand-made runs and replicates whose rankings, rank intervals and Kendal
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +125,21 @@ def test_a_row_left_out_for_other_items_does_not_narrow_the_seeds(tmp_path: Path
     assert [label for label, _ in rows.left_out] == ["q"]
 
 
+def test_rows_are_not_given_up_for_more_seeds(tmp_path: Path) -> None:
+    """a, b, c, d agree on seed 0; on seed 1, c and d were scored on other items: ranking a and b alone on
+    seeds 0, 1 would lose two methods, so all four are ranked on seed 0 (q, other items on seed 0, is out)."""
+    same, other = (
+        {t: [1] * 30 + [0] * 30 for t in ("qa", "code")},
+        {t: [1] * 20 + [0] * 20 for t in ("qa", "code")},
+    )
+    for method in "abcd":
+        scored_run(tmp_path, method, 0, same)
+        scored_run(tmp_path, method, 1, other if method in "cd" else same)
+    scored_run(tmp_path, "q", 0, other)
+    rows = _rows(tmp_path, "a")
+    assert rows.seeds == [0] and sorted(rows.averages) == ["a", "b", "c", "d"]
+
+
 def test_equal_item_counts_tie_whatever_their_rounding() -> None:
     """0 + 40 and 1 + 39 right items of 60 per task: the same average, 0.3333333333333333 and
     0.33333333333333337 in floating point; a rank or a tau must see a tie, not an order."""
@@ -220,7 +236,12 @@ def test_a_study_read_by_name_leaves_its_convergence_check_out(
             scored_run(published, method, 0, hits, config_extra=longer, name=f"check_{method}_s0_00000009")
             sweep = tmp_path / "logs" / "real" / "multiruns" / "2026-12-03_12-33-04_0121ba_check"
             scored_run(sweep, method, 0, hits, config_extra=longer, name=method)
-    _study(tmp_path / "experiments" / "tiny", {"w": 0.9, "x": 0.5, "y": 0.7, "z": 0.1})
+    elsewhere = scored_run(tmp_path / "elsewhere", "y", 0, hits, config_extra=longer, name="7")
+    skipped = tmp_path / "logs" / "real" / "multiruns" / "2026-12-03_14-00-00_1a2b3c_check" / "0"
+    skipped.mkdir(parents=True)  # a check job skipped because its run had finished outside the roots
+    (skipped / "skipped.json").write_text(json.dumps({"status": "skipped", "finished_in": str(elsewhere)}))
+    tiny = _study(tmp_path / "experiments" / "tiny", {"w": 0.9, "x": 0.5, "y": 0.7, "z": 0.1})
+    scored_run(tiny, "w", 0, hits, config_extra=longer, name="check_w_s0_00000009")  # the other side's too
     monkeypatch.setenv("MTPEFT_ROOT", str(tmp_path))
     main(["real", "--no-plots", "--against", "tiny"])
     table = pd.read_csv(tmp_path / "experiments" / "real" / "ranking.csv").set_index("label")

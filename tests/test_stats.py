@@ -25,6 +25,7 @@ from mtpeft.results.stats import (
     paired_cells,
     row_scores,
     seed_interval,
+    shown_interval,
     verdict,
 )
 from tests.results_util import scored_run
@@ -68,6 +69,15 @@ def test_two_seeds_give_a_wide_t_interval_where_the_bootstrap_is_narrow() -> Non
     _, low, high = interval(cells, n_boot=2000, rng=np.random.default_rng(1))
     t_low, t_high = seed_interval(cells)
     assert high - low < 0.12 and (t_low, t_high) == pytest.approx((0.57 - 0.254, 0.57 + 0.254), abs=1e-3)
+
+
+def test_a_table_shows_the_envelope_of_both_intervals_clipped_to_the_score_range() -> None:
+    row = pd.Series({"seeds": 3, "ci_low": 0.30, "ci_high": 0.40, "t_low": 0.32, "t_high": 0.45})
+    assert shown_interval(row) == pytest.approx((0.30, 0.45))  # shared test items: t misses item noise
+    row = pd.Series({"seeds": 3, "ci_low": 0.003, "ci_high": 0.016, "t_low": -0.004, "t_high": 0.023})
+    assert shown_interval(row) == pytest.approx((0.0, 0.023))
+    row = pd.Series({"seeds": 1, "ci_low": 0.30, "ci_high": 0.40, "t_low": np.nan, "t_high": np.nan})
+    assert shown_interval(row) == (0.30, 0.40)
 
 
 def test_estimate_is_mean_over_seeds_of_task_averages() -> None:
@@ -184,6 +194,18 @@ def test_eval_metrics_rows_match_the_computed_metrics(tmp_path: Path) -> None:
 
 
 # -- stats files from runs --------------------------------------------------------------------------
+def test_a_pair_the_bootstrap_calls_is_a_tie_when_the_seeds_disagree(tmp_path: Path) -> None:
+    """x beats y by 6, 30 and 36 items of 300 per task on seeds 0, 1, 2: the bootstrap's interval stays above
+    0 (it cannot draw past seed 0's +2 points), the paired t interval over +2, +10, +12 points does not."""
+    for seed, more in enumerate((6, 30, 36)):
+        scored_run(tmp_path, "y", seed, {t: [1] * 150 + [0] * 150 for t in ("qa", "code")})
+        scored_run(tmp_path, "x", seed, {t: [1] * (150 + more) + [0] * (150 - more) for t in ("qa", "code")})
+    main([str(tmp_path), "--no-plots"])
+    pair = pd.read_csv(tmp_path / "pairwise.csv").iloc[0]
+    assert (pair["a"], pair["b"]) == ("x", "y") and pair["diff"] == pytest.approx(0.08)
+    assert pair["ci_low"] > 0 and pair["t_low"] < 0 < pair["t_high"] and pair["verdict"] == "tie"
+
+
 def test_stats_files_ci_column_and_pairwise_verdicts(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     for seed in range(3):

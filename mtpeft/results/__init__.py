@@ -15,8 +15,8 @@ from the run they point to.
 The pieces: `load` (runs -> flat records; files that are not run records are reported and skipped, runs
 still ``running`` are listed as incomplete), `aggregate` (one row per configuration apart from its seed:
 mean ± std over seeds), `render` (Markdown / LaTeX, best per column in bold), `plots`, and `stats`
-(hierarchical bootstrap CIs over seeds and test items and paired comparisons, from each run's
-``scores.jsonl.gz``). Scores are ``test/<task>/score`` and ``test/avg/score`` in percent; costs are
+(CIs: Student t over seeds and a hierarchical bootstrap over seeds and test items; paired comparisons;
+from each run's ``scores.jsonl.gz``). Scores are ``test/<task>/score`` and ``test/avg/score`` in percent; costs are
 trainable parameters (and % of the base model), wall time (runs resumed from a checkpoint left out: they
 time the resumed process only) and peak memory (the CUDA allocator peak on GPU,
 else the peak resident memory of the process, which in a multirun is the maximum over the jobs so far).

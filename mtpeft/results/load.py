@@ -96,12 +96,14 @@ def _followed(skipped: Path) -> tuple[Path | None, str | None]:
     return None, f"points to {target}, which holds no {RESULTS_FILE} (moved or deleted?)"
 
 
-def result_files(roots: Iterable[Path], problems: list[tuple[str, str]]) -> list[Path]:
-    """Every results.json under ``roots`` plus those that ``skipped.json`` files point to, each once."""
-    paths: list[Path] = []
+def result_files(roots: Iterable[Path], problems: list[tuple[str, str]]) -> list[tuple[Path, Path]]:
+    """Every results.json under ``roots`` plus those that ``skipped.json`` files point to, each once, as
+    ``(file, job directory)``: the directory of the job it stands for (for a skipped job's run, the
+    directory of its ``skipped.json``, which tells the study stage of the job)."""
+    files: list[tuple[Path, Path]] = []
     for root in roots:
-        paths += sorted(Path(root).rglob(RESULTS_FILE))
-    seen = {p.resolve() for p in paths}
+        files += [(path, path.parent) for path in sorted(Path(root).rglob(RESULTS_FILE))]
+    seen = {path.resolve() for path, _ in files}
     for root in roots:
         for skipped in sorted(Path(root).rglob(SKIPPED_FILE)):
             target, problem = _followed(skipped)
@@ -109,16 +111,20 @@ def result_files(roots: Iterable[Path], problems: list[tuple[str, str]]) -> list
                 problems.append((str(skipped), problem))
             elif target.resolve() not in seen:
                 seen.add(target.resolve())
-                paths.append(target)
-    return paths
+                files.append((target, skipped.parent))
+    return files
 
 
-def stage_of(run_dir: Path, roots: Iterable[Path]) -> str | None:
-    """The `mtpeft.study` stage of a run (`mtpeft.study_stages.run_stage`), read below the first of ``roots``
-    that holds it (a skipped job's run may lie elsewhere: then from its own name)."""
-    run_dir = run_dir.resolve()
-    root = next((r.resolve() for r in roots if run_dir.is_relative_to(Path(r).resolve())), run_dir.parent)
-    return run_stage(run_dir, root)
+def stage_of(job_dir: Path, roots: Iterable[Path]) -> str | None:
+    """The `mtpeft.study` stage of a job (`mtpeft.study_stages.run_stage`), read below the first of ``roots``
+    that holds its directory (as given, else both resolved), else from the directory's own name."""
+    for resolve in (False, True):
+        job = job_dir.resolve() if resolve else job_dir
+        for root in roots:
+            root = Path(root).resolve() if resolve else Path(root)
+            if job.is_relative_to(root):
+                return run_stage(job, root)
+    return run_stage(job_dir, job_dir.parent)
 
 
 def base_part(inputs: dict[str, Any] | None) -> dict[str, Any]:
@@ -180,8 +186,8 @@ def load_runs(
     roots = list(roots)
     records, validation_only, evaluations = [], 0, 0
     left_out: dict[str, int] = {}
-    for path in result_files(roots, problems):
-        stage = stage_of(path.parent, roots) if stages_left_out else None
+    for path, job_dir in result_files(roots, problems):
+        stage = stage_of(job_dir, roots) if stages_left_out else None
         if stage in stages_left_out:
             left_out[stage] = left_out.get(stage, 0) + 1
             continue

@@ -2,8 +2,8 @@
 
 Every table gets ``per_task`` (grouped bars with error bars), ``pareto`` (average score vs trainable
 parameters, log scale, with the Pareto front; the frozen base model is a dashed line), ``val_curves``
-(per-task validation score vs step, mean over seeds), and from the bootstrap statistics ``ci`` (rows ordered
-by average score with 95% CI bars) and ``pairwise`` (a better / tie / worse matrix of the paired
+(per-task validation score vs step, mean over seeds), and from the statistics of `mtpeft.results.stats`
+``ci`` (rows ordered by average score with 95% CI bars) and ``pairwise`` (a better / tie / worse matrix of the paired
 differences).
 
 Study-specific plots are declared by the study, not chosen here: `STUDY_PLOTS` maps a plot kind to the
@@ -209,7 +209,7 @@ def declared_plots(name: str, conf_dir: Path) -> list[str]:
 
 def plot_ci(intervals: pd.DataFrame, out: Path) -> list[Path]:
     """plots/ci.{png,pdf}: average test score per row, best first, with the 95% CI the results table shows
-    (`mtpeft.results.stats.shown_interval`: t over seeds, or the item bootstrap for a one-seed row)."""
+    (`mtpeft.results.stats.shown_interval`)."""
     from mtpeft.results.stats import shown_interval
 
     plt = _pyplot()
@@ -222,7 +222,7 @@ def plot_ci(intervals: pd.DataFrame, out: Path) -> list[Path]:
     ax.errorbar(est, list(ys), xerr=err, fmt="o", capsize=3)
     ax.set_yticks(list(ys), data["label"].tolist())
     ax.set_xlabel(
-        "average test score (%), 95% CI (Student t over seeds; one seed: bootstrap over test items)"
+        "average test score (%), 95% CI (t over seeds and bootstrap, envelope; one seed: bootstrap)"
     )
     ax.set_title("Methods ordered by average test score")
     return save_figure(fig, out, "ci")
@@ -250,5 +250,5 @@ def plot_pairwise(pairs: pd.DataFrame, order: Sequence[str], out: Path) -> list[
             ax.text(j, i, text[i][j], ha="center", va="center", fontsize=7)
     ax.set_xticks(range(n), order, rotation=45, ha="right")
     ax.set_yticks(range(n), order)
-    ax.set_title("Row minus column (points): blue better, red worse, grey tie (95% CI contains 0)")
+    ax.set_title("Row minus column (points): blue better, red worse, grey tie (a 95% CI contains 0)")
     return save_figure(fig, out, "pairwise")

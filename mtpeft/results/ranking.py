@@ -127,20 +127,35 @@ def study_rows(
 def _same_items(
     name: str, contestants: list[RowScores], rows: StudyRows
 ) -> tuple[list[RowScores], RowScores]:
-    """(rows, reference): the largest group of ``contestants`` scored on the same test items as each other on
-    the seeds they all have (set in ``rows.seeds``). The seeds are taken again after rows with other items
-    are left out (a left-out row must not narrow the others' seeds), until nothing changes."""
-    same = contestants
-    while True:
-        rows.seeds = sorted(set.intersection(*(set(c.cells) for c in same)), key=str)
-        if not rows.seeds:
-            raise SystemExit(f"{name}: its methods have no seed in common; rank runs of the same seeds")
-        signature = [repr([c.items[s] for s in rows.seeds]) for c in same]
-        ref = max(range(len(same)), key=lambda i: (signature.count(signature[i]), -i))
-        kept = [c for c, sig in zip(same, signature, strict=True) if sig == signature[ref]]
-        if len(kept) == len(same):
-            return same, same[ref]
-        same = kept
+    """(rows, reference): the largest group of ``contestants`` scored on the same test items on the seeds
+    they all have (set in ``rows.seeds``). Once rows with other items are left out, the seeds are widened to
+    those the group has in common if every row of the group still agrees on them (a left-out row must not
+    narrow the others' seeds); rows are never given up for more seeds."""
+    seeds = _common_seeds(name, contestants)
+    same, reference = _largest_group(contestants, seeds)
+    while (wider := _common_seeds(name, same)) != seeds:
+        group, ref = _largest_group(same, wider)
+        if len(group) < len(same):
+            break
+        same, reference, seeds = group, ref, wider
+    rows.seeds = seeds
+    return same, reference
+
+
+def _common_seeds(name: str, contestants: Sequence[RowScores]) -> list[Any]:
+    seeds = sorted(set.intersection(*(set(c.cells) for c in contestants)), key=str)
+    if not seeds:
+        raise SystemExit(f"{name}: its methods have no seed in common; rank runs of the same seeds")
+    return seeds
+
+
+def _largest_group(contestants: list[RowScores], seeds: list[Any]) -> tuple[list[RowScores], RowScores]:
+    """The rows with the most common items signature on ``seeds`` (ties: the first such row's group)."""
+    signature = [repr([c.items[s] for s in seeds]) for c in contestants]
+    ref = max(range(len(contestants)), key=lambda i: (signature.count(signature[i]), -i))
+    return [c for c, sig in zip(contestants, signature, strict=True) if sig == signature[ref]], contestants[
+        ref
+    ]
 
 
 def records_rows(name: str, records: Sequence[dict[str, Any]], stream: str) -> StudyRows:
@@ -152,7 +167,8 @@ def records_rows(name: str, records: Sequence[dict[str, Any]], stream: str) -> S
 TIE_DECIMALS = 9
 """Averages are compared rounded to this many decimals: two rows with the same numbers of right items spread
 over the tasks differently get averages that differ in the last bits (0.4466666666666667 and
-0.44666666666666666), which must tie; distinct averages differ by at least one item over the test set."""
+0.44666666666666666), which must tie; distinct averages of 0/1 scores differ by at least one item over the
+test set, far above 1e-9."""
 
 
 def ranks(values: np.ndarray) -> np.ndarray:

@@ -22,6 +22,11 @@ from mtpeft.results.aggregate import TUNED_PREFIX, best_rows
 from mtpeft.results.load import MISSING
 
 CI_COLUMNS = ("avg_ci_low", "avg_ci_high")
+CI_CAPTION = (
+    "95% CI of avg: the envelope of a Student t interval over the seeds' averages and a bootstrap over seeds "
+    "and test items (one seed: the bootstrap over its test items, which leaves seed noise out; stats.md has "
+    "both). "
+)
 
 
 def score(mean: float, std: float) -> str:
@@ -139,10 +144,7 @@ def to_markdown(
         if tuned_columns(table):
             caption += "Starred columns: values chosen on the validation split by the study's tuning. "
         if has_ci(table):
-            caption += (
-                "95% CI of avg: Student t over the seeds' averages (one seed: bootstrap over its test items, "
-                "which leaves seed noise out); stats.md has the bootstrap over seeds and items too. "
-            )
+            caption += CI_CAPTION
         lines += [
             caption + "; ".join(notes),
             "",
@@ -218,7 +220,11 @@ def to_latex(table: pd.DataFrame, columns: Sequence[str], title: str, split: str
         .apply(lambda _: bold, axis=None)
     )
     body = styler.to_latex(
-        caption=tex_escape(f"{SPLIT_NAMES[split]} score (%), mean ± std over seeds. " + "; ".join(notes)),
+        caption=tex_escape(
+            f"{SPLIT_NAMES[split]} score (%), mean ± std over seeds"
+            + (f". {CI_CAPTION}" if has_ci(table) else ". ")
+            + "; ".join(notes)
+        ),
         position="t",
         position_float="centering",
         hrules=True,

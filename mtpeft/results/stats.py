@@ -10,12 +10,15 @@ only the test items are resampled (the interval then ignores seed noise).
 
 With a few seeds that bootstrap is too narrow: its seed stage cannot reach past the extreme seeds (with 2
 seeds, half the replicates draw one seed twice and sit at that seed's own average), and it has no
-small-sample correction, so it covers the true mean less often than its nominal 95 %. So every row with at least
-two seeds also gets the textbook interval over its seeds: each seed's average is an independent measurement
-(a seed draws its own training data, initialisation and test items), and the Student t interval of their
-mean, ``mean ± t(0.975, S-1) * sd / sqrt(S)``, holds both noises at its nominal level (``t_low``,
-``t_high``; t(0.975, 1) = 12.7: two seeds bound a mean only loosely, and the interval says so). The results
-tables show the t interval where there are two seeds or more, the bootstrap's where there is one.
+small-sample correction, so it covers the true mean less often than its nominal 95 %. So every row with at
+least two seeds also gets the textbook interval over its seeds, the Student t interval of the mean of its
+seeds' averages, ``mean ± t(0.975, S-1) * sd / sqrt(S)`` (``t_low``, ``t_high``; t(0.975, 1) = 12.7: two
+seeds bound a mean only loosely, and the interval says so). Where each seed draws its own test items (the
+generated tasks), each seed's average is an independent measurement of both noises and the t interval
+holds at its nominal level; where every seed is scored on the same test set (data files, hub test splits),
+it holds seed noise only and the bootstrap holds the item noise. So the results tables show, for a row with
+two seeds or more, the envelope of the two intervals (clipped to [0, 1], the range of every score), and the
+bootstrap's for a one-seed row (item noise only).
 
 Paired comparison of rows A and B: on the seeds both have, with the data of one seed the test items are
 the same for every method (checked by index and record digest), so the per-item differences
@@ -118,7 +121,7 @@ def interval(
 def seed_interval(cells: Cells, level: float = LEVEL) -> tuple[float, float]:
     """(low, high): the Student t interval of the mean of the seeds' averages (each the mean over tasks of
     the item means); (nan, nan) with fewer than two seeds."""
-    averages = np.array([np.mean([v.mean() for v in tasks.values()]) for _, tasks in sorted(cells.items())])
+    averages = np.array([np.mean([v.mean() for v in tasks.values()]) for tasks in cells.values()])
     if len(averages) < 2:
         return math.nan, math.nan
     half = student_t.ppf((1 + level) / 2, len(averages) - 1) * averages.std(ddof=1) / math.sqrt(len(averages))
@@ -201,11 +204,14 @@ def _side(low: float, high: float) -> str:
 
 
 def shown_interval(row: pd.Series) -> tuple[float, float]:
-    """The interval a results table shows for a row of ``intervals``: the seed t interval where the row has
-    two seeds or more, else the bootstrap's (item noise only)."""
-    if row["seeds"] >= 2:
-        return row["t_low"], row["t_high"]
-    return row["ci_low"], row["ci_high"]
+    """The interval a results table shows for a row of ``intervals``: with two seeds or more the envelope of
+    the seed t interval and the bootstrap's (the first misses item noise on a test set shared by the seeds,
+    the second is too narrow with few seeds), clipped to [0, 1]; with one seed the bootstrap's (item noise
+    only). A pair's verdict is ``better``/``worse`` exactly when this envelope of its two intervals excludes 0."""
+    low, high = row["ci_low"], row["ci_high"]
+    if row["seeds"] >= 2 and not math.isnan(row["t_low"]):
+        low, high = min(low, row["t_low"]), max(high, row["t_high"])
+    return max(low, 0.0), min(high, 1.0)
 
 
 def compare(
@@ -286,10 +292,10 @@ def to_markdown(
         f"# {title}: confidence intervals and paired comparisons",
         "",
         "Average test score (%) with two 95% CIs: the Student t interval over the seeds' averages (rows with "
-        "two seeds or more; each seed draws its own training data, initialisation and test items) and a "
+        "two seeds or more; it holds item noise too only where each seed draws its own test items) and a "
         f"hierarchical bootstrap (seeds, then test items within each seed, stratified by task; {N_BOOT} "
         "replicates), which is too narrow with few seeds (it cannot reach past the extreme seeds) and with one "
-        "seed holds item noise only. Paired: the difference of two rows on the same seeds and test items; "
+        "seed holds item noise only; results.md shows their envelope. Paired: the difference of two rows on the same seeds and test items; "
         "`better`/`worse` when its bootstrap CI and (two seeds or more) its paired t interval both exclude 0, "
         "else `tie` (no multiple-comparison correction).",
         "",
