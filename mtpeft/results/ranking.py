@@ -153,9 +153,8 @@ def _largest_group(contestants: list[RowScores], seeds: list[Any]) -> tuple[list
     """The rows with the most common items signature on ``seeds`` (ties: the first such row's group)."""
     signature = [repr([c.items[s] for s in seeds]) for c in contestants]
     ref = max(range(len(contestants)), key=lambda i: (signature.count(signature[i]), -i))
-    return [c for c, sig in zip(contestants, signature, strict=True) if sig == signature[ref]], contestants[
-        ref
-    ]
+    group = [c for c, sig in zip(contestants, signature, strict=True) if sig == signature[ref]]
+    return group, contestants[ref]
 
 
 def records_rows(name: str, records: Sequence[dict[str, Any]], stream: str) -> StudyRows:
@@ -166,8 +165,8 @@ def records_rows(name: str, records: Sequence[dict[str, Any]], stream: str) -> S
 
 TIE_DECIMALS = 9
 """Averages are compared rounded to this many decimals: two rows with the same numbers of right items spread
-over the tasks differently get averages that differ in the last bits (0.4466666666666667 and
-0.44666666666666666), which must tie; distinct averages of 0/1 scores differ by at least one item over the
+over the tasks differently get averages that differ in the last bits (0 + 40 and 1 + 39 of 60 per task:
+0.3333333333333333 and 0.33333333333333337), which must tie; distinct averages of 0/1 scores differ by at least one item over the
 test set, far above 1e-9."""
 
 

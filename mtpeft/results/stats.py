@@ -295,8 +295,8 @@ def to_markdown(
         "two seeds or more; it holds item noise too only where each seed draws its own test items) and a "
         f"hierarchical bootstrap (seeds, then test items within each seed, stratified by task; {N_BOOT} "
         "replicates), which is too narrow with few seeds (it cannot reach past the extreme seeds) and with one "
-        "seed holds item noise only; results.md shows their envelope. Paired: the difference of two rows on the same seeds and test items; "
-        "`better`/`worse` when its bootstrap CI and (two seeds or more) its paired t interval both exclude 0, "
+        "seed holds item noise only; results.md shows their envelope. Paired: the difference of two rows on "
+        "the same seeds and test items; `better`/`worse` when its bootstrap CI and (two seeds or more) its paired t interval both exclude 0, "
         "else `tie` (no multiple-comparison correction).",
         "",
         "| rank | row | seeds | avg | 95% CI (t over seeds) | 95% CI (bootstrap) |",
