@@ -57,6 +57,7 @@ from mtpeft.utils.sweep import (
 )
 from mtpeft.utils.tables import parameter_table, print_table, results_table
 from mtpeft.utils.threads import apply_cpu_threads
+from mtpeft.utils.upstream_noise import quiet_upstream_noise
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ def run(cfg: DictConfig, output_dir: str | Path, inputs: dict[str, Any] | None =
     directory and ValueError if it already holds a successful run (results are never replaced).
     """
     preflight(cfg)  # every config error before any model is loaded (mtpeft/preflight.py)
+    quiet_upstream_noise()
     output_dir = Path(output_dir)
     with RunDirLock(output_dir), run_record(cfg, output_dir, inputs=inputs) as job:
         return _train_and_evaluate(cfg, output_dir, job)

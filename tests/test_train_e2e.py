@@ -154,3 +154,27 @@ def test_sampled_evaluation_scores_pass_at_k_over_every_sample(tmp_path: Path) -
     assert results["status"] == "success"
     value = results["metrics"]["test"]["test/code/pass@1"]
     assert 0.0 <= value <= 1.0 and value * 18 == pytest.approx(round(value * 18))  # 6 problems x 3 samples
+
+
+def test_upstream_noise_is_silenced_and_nothing_else(caplog: pytest.LogCaptureFixture) -> None:
+    """Lightning's litlogger tip and torch's LeafSpec FutureWarning (printed by every job) are filtered;
+    other records and warnings of the same sources pass."""
+    import logging
+    import warnings
+
+    from mtpeft.utils.upstream_noise import LIGHTNING_RANK_ZERO, quiet_upstream_noise
+
+    quiet_upstream_noise()
+    quiet_upstream_noise()
+    logger = logging.getLogger(LIGHTNING_RANK_ZERO)
+    assert sum(type(f).__name__ == "_DropLitLoggerTip" for f in logger.filters) == 1
+    with caplog.at_level(logging.INFO, logger=LIGHTNING_RANK_ZERO):
+        logger.info("💡 Tip: For seamless cloud logging and experiment tracking, try installing litlogger")
+        logger.info("GPU available: False, used: False")
+    assert [r.getMessage() for r in caplog.records] == ["GPU available: False, used: False"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_upstream_noise()  # after simplefilter: its filter comes first again
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning, stacklevel=1)
+        warnings.warn("something else is deprecated", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["something else is deprecated"]
