@@ -194,6 +194,18 @@ def test_eval_metrics_rows_match_the_computed_metrics(tmp_path: Path) -> None:
 
 
 # -- stats files from runs --------------------------------------------------------------------------
+def test_a_pair_reads_best_first_on_the_seeds_both_rows_have(tmp_path: Path) -> None:
+    """x has a strong extra seed (ahead over all its seeds) but is behind y on the seed both have."""
+    half = {t: [1] * 30 + [0] * 30 for t in ("qa", "code")}
+    scored_run(tmp_path, "x", 0, {t: [1] * 25 + [0] * 35 for t in ("qa", "code")})
+    scored_run(tmp_path, "x", 1, {t: [1] * 60 for t in ("qa", "code")})
+    scored_run(tmp_path, "y", 0, half)
+    main([str(tmp_path), "--no-plots"])
+    pair = pd.read_csv(tmp_path / "pairwise.csv").iloc[0]
+    assert (pair["a"], pair["b"], pair["seeds"]) == ("y", "x", 1) and pair["diff"] == pytest.approx(5 / 60)
+    assert pair["ci_low"] <= pair["diff"] <= pair["ci_high"]
+
+
 def test_a_pair_the_bootstrap_calls_is_a_tie_when_the_seeds_disagree(tmp_path: Path) -> None:
     """x beats y by 6, 30 and 36 items of 300 per task on seeds 0, 1, 2: the bootstrap's interval stays above
     0 (it cannot draw past seed 0's +2 points), the paired t interval over +2, +10, +12 points does not."""

@@ -224,8 +224,8 @@ def compare(
     """(intervals, pairs, problems): a CI per row and a paired comparison per pair of rows.
 
     ``intervals``: label, row index, estimate, ci_low, ci_high (bootstrap), t_low, t_high (seed t interval),
-    seeds; ``pairs``: a, b, diff, ci_low, ci_high, t_low, t_high, verdict, seeds (A is the row with the
-    higher estimate). Fixed ``seed``: same numbers every time;
+    seeds; ``pairs``: a, b, diff, ci_low, ci_high, t_low, t_high, verdict, seeds (A is the row ahead on the
+    seeds both have, so ``diff >= 0``). Fixed ``seed``: same numbers every time;
     each interval draws from its own generator (`row_generator`), so it depends on its own row's (or pair's) data only,
     not on which other rows the table holds or their order.
     """
@@ -262,10 +262,21 @@ def compare(
                 continue
             est, low, high = interval(diffs, n_boot, rng=row_generator(seed, a.label, b.label))
             t_low, t_high = seed_interval(diffs)
+            first, second = a.label, b.label
+            if est < 0:  # ahead over all its seeds, behind on the shared ones: the pair reads best first
+                first, second, est, low, high, t_low, t_high = (
+                    second,
+                    first,
+                    -est,
+                    -high,
+                    -low,
+                    -t_high,
+                    -t_low,
+                )
             pairs.append(
                 {
-                    "a": a.label,
-                    "b": b.label,
+                    "a": first,
+                    "b": second,
                     "diff": est,
                     "ci_low": low,
                     "ci_high": high,
