@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import yaml
 
@@ -209,16 +208,13 @@ def declared_plots(name: str, conf_dir: Path) -> list[str]:
 
 def plot_ci(intervals: pd.DataFrame, out: Path) -> list[Path]:
     """plots/ci.{png,pdf}: average test score per row, best first, with the 95% CI the results table shows
-    (`mtpeft.results.stats.shown_interval`)."""
-    from mtpeft.results.stats import shown_interval
-
+    (columns ``shown_low``, ``shown_high``: `mtpeft.results.stats.shown_interval`)."""
     plt = _pyplot()
     data = intervals.sort_values("estimate", ascending=True)
     fig, ax = plt.subplots(figsize=(6, 0.35 * len(data) + 1.2))
     ys = range(len(data))
     est = 100 * data["estimate"]
-    bounds = np.array([shown_interval(r) for _, r in data.iterrows()]) * 100
-    err = [est - bounds[:, 0], bounds[:, 1] - est]
+    err = [est - 100 * data["shown_low"], 100 * data["shown_high"] - est]
     ax.errorbar(est, list(ys), xerr=err, fmt="o", capsize=3)
     ax.set_yticks(list(ys), data["label"].tolist())
     ax.set_xlabel(

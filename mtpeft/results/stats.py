@@ -357,9 +357,12 @@ def summarise_stats(
         if problems:
             log.info("no confidence intervals: %s", problems[0][1])
         return []
+    shown = pd.DataFrame(
+        [shown_interval(r) for _, r in intervals.iterrows()], columns=["shown_low", "shown_high"]
+    )
     table["avg_ci_low"], table["avg_ci_high"] = math.nan, math.nan
-    for _, r in intervals.iterrows():
-        table.loc[r["row"], ["avg_ci_low", "avg_ci_high"]] = list(shown_interval(r))
+    for row, (low, high) in zip(intervals["row"], shown.itertuples(index=False), strict=True):
+        table.loc[row, ["avg_ci_low", "avg_ci_high"]] = [low, high]
     files = [out / "stats.md", out / "stats.csv", out / "pairwise.csv"]
     files[0].write_text(to_markdown(intervals, pairs, problems, title))
     intervals.drop(columns=["row"]).to_csv(files[1], index=False)
@@ -368,7 +371,7 @@ def summarise_stats(
         from mtpeft.results.plots import plot_ci, plot_pairwise
 
         order = intervals.sort_values("estimate", ascending=False, kind="stable")["label"].tolist()
-        files += plot_ci(intervals, out / "plots")
+        files += plot_ci(pd.concat([intervals, shown], axis=1), out / "plots")
         if len(pairs):
             files += plot_pairwise(pairs, order, out / "plots")
     return files
