@@ -112,7 +112,7 @@ def study_rows(
     contestants = _contestants(table, tasks, logged, rows)
     if not contestants:
         return rows
-    same, reference = _same_items(name, contestants, rows)
+    same, reference, rows.seeds = _same_items(name, contestants)
     rows.left_out += [
         (c.label, f"scored other test items than {reference.label}") for c in contestants if c not in same
     ]
@@ -124,11 +124,9 @@ def study_rows(
     return rows
 
 
-def _same_items(
-    name: str, contestants: list[RowScores], rows: StudyRows
-) -> tuple[list[RowScores], RowScores]:
-    """(rows, reference): the largest group of ``contestants`` scored on the same test items on the seeds
-    they all have (set in ``rows.seeds``). Once rows with other items are left out, the seeds are widened to
+def _same_items(name: str, contestants: list[RowScores]) -> tuple[list[RowScores], RowScores, list[Any]]:
+    """(rows, reference, seeds): the largest group of ``contestants`` scored on the same test items on the
+    seeds they all have. Once rows with other items are left out, the seeds are widened to
     those the group has in common if every row of the group still agrees on them (a left-out row must not
     narrow the others' seeds); rows are never given up for more seeds."""
     seeds = _common_seeds(name, contestants)
@@ -138,8 +136,7 @@ def _same_items(
         if len(group) < len(same):
             break
         same, reference, seeds = group, ref, wider
-    rows.seeds = seeds
-    return same, reference
+    return same, reference, seeds
 
 
 def _common_seeds(name: str, contestants: Sequence[RowScores]) -> list[Any]:
@@ -166,8 +163,8 @@ def records_rows(name: str, records: Sequence[dict[str, Any]], stream: str) -> S
 TIE_DECIMALS = 9
 """Averages are compared rounded to this many decimals: two rows with the same numbers of right items spread
 over the tasks differently get averages that differ in the last bits (0 + 40 and 1 + 39 of 60 per task:
-0.3333333333333333 and 0.33333333333333337), which must tie; distinct averages of 0/1 scores differ by at least one item over the
-test set, far above 1e-9."""
+0.3333333333333333 and 0.33333333333333337), which must tie; distinct averages of 0/1 scores differ by at
+least one item over the test set, far above 1e-9."""
 
 
 def ranks(values: np.ndarray) -> np.ndarray:

@@ -103,9 +103,14 @@ def joint_bootstrap(
     return total / n_seeds
 
 
+def seed_averages(cells: Cells) -> np.ndarray:
+    """Each seed's average: the mean over tasks of the item means."""
+    return np.array([np.mean([v.mean() for v in tasks.values()]) for tasks in cells.values()])
+
+
 def estimate(cells: Cells) -> float:
     """The statistic on the data itself: mean over seeds of the mean over tasks of the item means."""
-    return float(np.mean([np.mean([v.mean() for v in tasks.values()]) for tasks in cells.values()]))
+    return float(np.mean(seed_averages(cells)))
 
 
 def interval(
@@ -119,9 +124,9 @@ def interval(
 
 
 def seed_interval(cells: Cells, level: float = LEVEL) -> tuple[float, float]:
-    """(low, high): the Student t interval of the mean of the seeds' averages (each the mean over tasks of
-    the item means); (nan, nan) with fewer than two seeds."""
-    averages = np.array([np.mean([v.mean() for v in tasks.values()]) for tasks in cells.values()])
+    """(low, high): the Student t interval of the mean of the seeds' averages (`seed_averages`); (nan, nan)
+    with fewer than two seeds."""
+    averages = seed_averages(cells)
     if len(averages) < 2:
         return math.nan, math.nan
     half = student_t.ppf((1 + level) / 2, len(averages) - 1) * averages.std(ddof=1) / math.sqrt(len(averages))
@@ -207,7 +212,8 @@ def shown_interval(row: pd.Series) -> tuple[float, float]:
     """The interval a results table shows for a row of ``intervals``: with two seeds or more the envelope of
     the seed t interval and the bootstrap's (the first misses item noise on a test set shared by the seeds,
     the second is too narrow with few seeds), clipped to [0, 1]; with one seed the bootstrap's (item noise
-    only). A pair's verdict is ``better``/``worse`` exactly when this envelope of its two intervals excludes 0."""
+    only). A pair's verdict is ``better``/``worse`` exactly when the (unclipped) envelope of its two intervals
+    excludes 0."""
     low, high = row["ci_low"], row["ci_high"]
     if row["seeds"] >= 2 and not math.isnan(row["t_low"]):
         low, high = min(low, row["t_low"]), max(high, row["t_high"])
