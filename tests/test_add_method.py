@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 import mtpeft.methods
 from mtpeft.adapters.registry import METHODS
 from mtpeft.methods import available_methods, get_method, parse_method_config
-from mtpeft.study import compose_study, load_study, sweep_jobs, sweeper_params
+from mtpeft.study.config import compose_study, load_study, sweep_jobs, sweeper_params
 from tests import contract
 from tests.conftest import CONF_DIR, TINY_RUN, compose_train
 from tests.contract import Case

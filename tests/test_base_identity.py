@@ -17,7 +17,7 @@ import mtpeft.models.loader as loader
 from mtpeft.inputs import run_inputs
 from mtpeft.models.identity import base_identity, weight_files_digest
 from mtpeft.models.loader import load_tiny
-from mtpeft.study import check_published_bases
+from mtpeft.study.publish import check_published_bases
 from mtpeft.utils.confighash import job_hash
 from mtpeft.utils.sweep import RESULTS_FILE, find_finished
 from tests.conftest import TINY_RUN, compose_train

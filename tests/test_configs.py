@@ -136,7 +136,7 @@ def test_param_matched_study_sweeps_every_matched_config() -> None:
 
     import yaml
 
-    from mtpeft.study import compose_study, sweep_values
+    from mtpeft.study.config import compose_study, sweep_values
 
     params = compose_study("methods_param_matched").hydra.sweeper.params
     swept = sweep_values("matched", params.matched)

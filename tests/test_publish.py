@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-import mtpeft.study as study_module
+import mtpeft.study.publish as publish_module
+import mtpeft.study.runner as runner_module
 from mtpeft.inputs import run_inputs
 from mtpeft.results import load_runs
-from mtpeft.study import main, publish, published_name
+from mtpeft.study.cli import main
+from mtpeft.study.publish import publish, published_name
 from mtpeft.utils.confighash import config_hash, job_hash
 from mtpeft.utils.sweep import find_finished, finished_roots
 from tests.conftest import TINY_RUN, compose_train
@@ -142,9 +144,9 @@ def test_study_runner_publishes_after_each_sweep(tmp_path: Path, monkeypatch: py
         _fake_run(directory / "0", _config(), ["method=lora", "seed=0"])
         return 0
 
-    monkeypatch.setattr(study_module, "run_sweep", fake_sweep)
-    monkeypatch.setattr(study_module, "summarise", lambda *args, **kwargs: {"files": []})
-    result = study_module.run_study("methods_mix3", ["method=lora", "seed=0"], launcher="basic")
+    monkeypatch.setattr(runner_module, "run_sweep", fake_sweep)
+    monkeypatch.setattr(runner_module, "summarise", lambda *args, **kwargs: {"files": []})
+    result = runner_module.run_study("methods_mix3", ["method=lora", "seed=0"], launcher="basic")
     (sweep,) = sweeps
     assert (
         sweep.name.endswith("_final")
@@ -165,7 +167,7 @@ def test_runs_are_published_while_a_sweep_runs(tmp_path: Path, monkeypatch: pyte
     """A real model's tuning sweep takes hours: a run that finished is published before the sweep ends."""
     monkeypatch.setenv("MTPEFT_ROOT", str(tmp_path))
     monkeypatch.setenv("MTPEFT_CODE_VERSION", CODE_VERSION["MTPEFT_CODE_VERSION"])
-    monkeypatch.setattr(study_module, "PUBLISH_EVERY_S", 0.05)
+    monkeypatch.setattr(publish_module, "PUBLISH_EVERY_S", 0.05)
     published = tmp_path / "experiments" / "methods_mix3" / "runs"
 
     def slow_sweep(command: list[str], directory: Path) -> int:
@@ -176,9 +178,9 @@ def test_runs_are_published_while_a_sweep_runs(tmp_path: Path, monkeypatch: pyte
             time.sleep(0.02)
         return 0
 
-    monkeypatch.setattr(study_module, "run_sweep", slow_sweep)
-    monkeypatch.setattr(study_module, "summarise", lambda *args, **kwargs: {"files": []})
-    result = study_module.run_study("methods_mix3", ["method=lora", "seed=0"], launcher="basic")
+    monkeypatch.setattr(runner_module, "run_sweep", slow_sweep)
+    monkeypatch.setattr(runner_module, "summarise", lambda *args, **kwargs: {"files": []})
+    result = runner_module.run_study("methods_mix3", ["method=lora", "seed=0"], launcher="basic")
     (run,) = result["published"]  # once, though published during and after the sweep
     assert [p.name for p in published.iterdir()] == [run.name]
 

@@ -14,25 +14,11 @@ import pytest
 from omegaconf import OmegaConf
 
 from mtpeft.methods import available_methods
-from mtpeft.study import (
-    Study,
-    Tuner,
-    capacity_table,
-    check_tune,
-    choose,
-    edge_choices,
-    final_commands,
-    hydra_value,
-    launcher_overrides,
-    load_study,
-    main,
-    next_value,
-    split_overrides,
-    steps_to_threshold,
-    tuning_commands,
-    tuning_table,
-    write_tuning,
-)
+from mtpeft.study.capacity import capacity_table, steps_to_threshold
+from mtpeft.study.cli import main
+from mtpeft.study.commands import final_commands, hydra_value, launcher_overrides, tuning_commands
+from mtpeft.study.config import Study, check_tune, load_study, split_overrides
+from mtpeft.study.tuning import Tuner, choose, edge_choices, next_value, tuning_table, write_tuning
 from tests.conftest import CONF_DIR, TINY_RUN, compose_train
 
 GRID = [1.0e-3, 3.0e-3, 1.0e-2]
@@ -116,7 +102,7 @@ def _value(text: str) -> object:
 
 
 class FakeSweeps:
-    """Stands in for `mtpeft.study.run_sweep`: expands a tuning command like Hydra's basic sweeper and, per
+    """Stands in for `mtpeft.study.sweeps.run_sweep`: expands a tuning command like Hydra's basic sweeper and, per
     job, writes a run record whose val score is ``score(method, values)`` into ``<sweep dir>/<i>/``, or,
     like `mtpeft.train` for a job that finished before, a ``skipped.json`` pointing to that run."""
 

@@ -1,4 +1,4 @@
-"""`mtpeft.study_check`: a study's convergence check (``check`` in its experiment config): the section's
+"""`mtpeft.study.check`: a study's convergence check (``check`` in its experiment config): the section's
 validation, the check's sweeps, how many jobs it declares, and its tables and ranking against the final runs
 (hand-made runs; the slow end-to-end study test runs one for real)."""
 
@@ -10,23 +10,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mtpeft.study import (
-    Study,
-    check_commands,
-    declared_jobs,
-    final_commands,
-    load_study,
-    split_overrides,
-    sweep_size,
-    tuning_commands,
-)
-from mtpeft.study_check import (
+from mtpeft.study.check import (
     check_methods,
     check_seeds,
     validate_check,
     validate_check_seeds,
     write_check,
 )
+from mtpeft.study.commands import check_commands, declared_jobs, final_commands, sweep_size, tuning_commands
+from mtpeft.study.config import Study, load_study, split_overrides
 from tests.results_util import scored_run
 
 

@@ -1,4 +1,4 @@
-"""`mtpeft.study_status` (``python -m mtpeft.study <name> --status``): per stage, finished jobs of the
+"""`mtpeft.study.status` (``python -m mtpeft.study <name> --status``): per stage, finished jobs of the
 declared ones, running jobs with their checkpoint's step, interrupted and failed jobs, from a study's logs and
 its published runs, one line per job whatever number of records it left."""
 
@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtpeft.study import Study, declared_jobs, main, study_from_command
-from mtpeft.study_status import (
+from mtpeft.study.cli import main
+from mtpeft.study.commands import declared_jobs
+from mtpeft.study.config import Study, study_from_command
+from mtpeft.study.status import (
     FAILED,
     FINISHED,
     INTERRUPTED,

@@ -1,4 +1,4 @@
-"""`mtpeft.study_sweeps`: a stop signal to the study runner reaches every process of its sweeps (the jobs a
+"""`mtpeft.study.sweeps`: a stop signal to the study runner reaches every process of its sweeps (the jobs a
 launcher started too), no sweep starts after it, a second signal kills, and what finished is published."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-import mtpeft.study as study_module
-from mtpeft.study_sweeps import StudyStopped, SweepGroups, jobs_left, run_sweeps_in_slots
+import mtpeft.study.runner as runner_module
+from mtpeft.study.sweeps import StudyStopped, SweepGroups, jobs_left, run_sweeps_in_slots
 from mtpeft.utils.runlock import LOCK_FILE, RunDirLock
 
 # A sweep whose "job" is a grandchild process holding its run directory, as a joblib launcher's workers are:
@@ -45,7 +45,7 @@ RUNNER = """
 import sys
 import threading
 from pathlib import Path
-from mtpeft.study_sweeps import StudyStopped, run_sweep, stop_on_signals
+from mtpeft.study.sweeps import StudyStopped, run_sweep, stop_on_signals
 sweep = Path(sys.argv[-1]).parent
 with stop_on_signals():
     try:
@@ -116,15 +116,15 @@ def test_runs_finished_before_a_stop_are_published(tmp_path: Path, monkeypatch: 
         _fake_run(directory / "0", _config(), ["method=lora", "seed=0"])
         raise StudyStopped(signal.SIGTERM)
 
-    monkeypatch.setattr(study_module, "run_sweep", stopped_sweep)
+    monkeypatch.setattr(runner_module, "run_sweep", stopped_sweep)
     with pytest.raises(StudyStopped):
-        study_module.run_study("methods_mix3", ["method=lora", "seed=0"], launcher="basic")
+        runner_module.run_study("methods_mix3", ["method=lora", "seed=0"], launcher="basic")
     published = tmp_path / "experiments" / "methods_mix3" / "runs"
     assert [p.name.startswith("final_lora_s0_") for p in published.iterdir()] == [True]
 
 
 def test_exited_processes_nobody_reaped_do_not_keep_a_group_alive() -> None:
-    from mtpeft.study_sweeps import group_alive
+    from mtpeft.study.sweeps import group_alive
 
     process = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
     deadline = time.monotonic() + 60
@@ -137,7 +137,7 @@ def test_exited_processes_nobody_reaped_do_not_keep_a_group_alive() -> None:
 SIGNAL_IN_START = """
 import os, signal, subprocess, sys
 from pathlib import Path
-import mtpeft.study_sweeps as sweeps
+import mtpeft.study.sweeps as sweeps
 real = subprocess.Popen
 def popen_then_signal(*args, **kwargs):  # the signal lands while start() holds its lock
     process = real(*args, **kwargs)

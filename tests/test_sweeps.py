@@ -22,7 +22,14 @@ from omegaconf import OmegaConf
 from mtpeft.inputs import run_inputs
 from mtpeft.methods import available_methods
 from mtpeft.results import main as results_main
-from mtpeft.study import compose_study, load_study, split_overrides, sweep_jobs, sweep_values, sweeper_params
+from mtpeft.study.config import (
+    compose_study,
+    load_study,
+    split_overrides,
+    sweep_jobs,
+    sweep_values,
+    sweeper_params,
+)
 from mtpeft.utils.callbacks import FailOnNonFiniteLoss, TrainingDiverged
 from mtpeft.utils.confighash import config_hash, job_hash, package_digest
 from mtpeft.utils.sweep import SweepReport, find_finished, running_record

@@ -7,8 +7,8 @@ VMs); a model directory can be replaced in place; ``model.dtype: bfloat16_if_nat
 machine and float32 on another. `base_identity` is a digest of the weight files the run loads and the dtype
 it loads them in. `mtpeft.inputs.run_inputs` records it as ``inputs.base``, so it is part of the
 job hash: a run finished on another base is not a finished run of this job, and a study resumed on another
-machine runs again instead of mixing two bases in one table (`mtpeft.study` also refuses to publish into a
-study directory whose runs were made on another base).
+machine runs again instead of mixing two bases in one table (`mtpeft.study.publish.check_published_bases`
+also refuses to publish into a study directory whose runs were made on another base).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ empty cache and replace the shipped entry with it::
     rm -r mtpeft/models/shipped_bases/* && cp -r $MTPEFT_CACHE_DIR/tiny-llama-* mtpeft/models/shipped_bases/
 
 A new shipped base is a new base: every job on it gets a new identity, and published studies made on the old
-one are not extended on it (`mtpeft.study` says so).
+one are not extended on it (`mtpeft.study.publish.check_published_bases` says so).
 """
 
 from __future__ import annotations

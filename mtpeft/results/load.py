@@ -37,7 +37,7 @@ from typing import Any
 import pandas as pd
 
 from mtpeft.record import EVAL, RunRecord, parse_record
-from mtpeft.study_stages import run_stage
+from mtpeft.study.stages import run_stage
 from mtpeft.utils.confighash import hashed_part
 from mtpeft.utils.sweep import RESULTS_FILE, stored_hash
 
@@ -116,7 +116,7 @@ def result_files(roots: Iterable[Path], problems: list[tuple[str, str]]) -> list
 
 
 def stage_of(job_dir: Path, roots: Iterable[Path]) -> str | None:
-    """The `mtpeft.study` stage of a job (`mtpeft.study_stages.run_stage`), read below the first of ``roots``
+    """The `mtpeft.study` stage of a job (`mtpeft.study.stages.run_stage`), read below the first of ``roots``
     that holds its directory (as given, else both resolved), else from the directory's own name."""
     for resolve in (False, True):
         job = job_dir.resolve() if resolve else job_dir

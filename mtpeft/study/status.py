@@ -20,14 +20,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mtpeft.results.load import flatten
-from mtpeft.study_check import check_budget
-from mtpeft.study_stages import STAGES, run_stage
+from mtpeft.study.check import check_budget
+from mtpeft.study.stages import STAGES, run_stage
 from mtpeft.utils.resume import CHECKPOINT_DIR, LAST_CHECKPOINT, load_checkpoint
 from mtpeft.utils.runlock import is_locked
 from mtpeft.utils.sweep import RESULTS_FILE, run_identity, run_records
 
 if TYPE_CHECKING:
-    from mtpeft.study import Study
+    from mtpeft.study.config import Study
 
 FINISHED, RUNNING, INTERRUPTED, FAILED = "finished", "running", "interrupted", "failed"
 STATES = (FINISHED, RUNNING, INTERRUPTED, FAILED)
@@ -180,8 +180,8 @@ def work_left(study: Study, jobs: list[JobState], declared: dict[str, int], n_jo
     parallel jobs. A stage with no finished run yet is timed by all finished runs (`_borrowed_seconds`): a
     lower bound for the final stage, which adds the test split, and a rough one for a check with its own
     ``trainer.max_steps`` (seconds per step x its steps; its validations do not scale so); widening adds
-    runs nobody can count ahead. ``declared``: jobs per stage (`mtpeft.study.declared_jobs`). None when
-    nothing is left."""
+    runs nobody can count ahead. ``declared``: jobs per stage (`mtpeft.study.commands.declared_jobs`). None
+    when nothing is left."""
     finished = [j for j in jobs if j.state == FINISHED]
     parts, total, borrowed, scaled = [], 0.0, [], []
     for stage in STAGES:
@@ -264,6 +264,6 @@ def format_status(study: Study, jobs: list[JobState], declared: dict[str, int], 
 
 
 def study_status(study: Study, declared: dict[str, int], n_jobs: int = 2) -> str:
-    """`format_status` of `study_jobs` (``declared``: jobs per stage, `mtpeft.study.declared_jobs`;
+    """`format_status` of `study_jobs` (``declared``: jobs per stage, `mtpeft.study.commands.declared_jobs`;
     ``n_jobs``: the runner's parallel jobs, for the time left)."""
     return format_status(study, study_jobs(study), declared, n_jobs)

@@ -31,7 +31,7 @@ from mtpeft.results import load_runs, summarise
 from mtpeft.results.ranking import MIN_SHARED, records_rows, study_rows, write_ranking
 
 if TYPE_CHECKING:
-    from mtpeft.study import Study
+    from mtpeft.study.config import Study
 
 log = logging.getLogger(__name__)
 CHECK_KEYS = ("overrides", "seeds", "methods")
@@ -125,7 +125,7 @@ def check_seeds(study: Study) -> list[str]:
 
 def check_budget(study: Study) -> int | None:
     """The optimiser steps ``check.overrides`` give the check's jobs (``trainer.max_steps=N``), else None
-    (`mtpeft.study_status` times the check by it)."""
+    (`mtpeft.study.status` times the check by it)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     overrides = [str(o) for o in (study.check or {}).get("overrides") or []]
