@@ -21,7 +21,10 @@ import mtpeft.study.runner as runner_module
 from mtpeft.inputs import run_inputs
 from mtpeft.results import load_runs
 from mtpeft.study.cli import main
+from mtpeft.study.commands import final_commands, launcher_overrides
+from mtpeft.study.config import study_from_command
 from mtpeft.study.publish import publish, published_name
+from mtpeft.study.unfinished import jobs_to_run
 from mtpeft.utils.confighash import config_hash, job_hash
 from mtpeft.utils.sweep import find_finished, finished_roots
 from tests.conftest import TINY_RUN, compose_train
@@ -222,3 +225,33 @@ def test_sweep_job_with_a_published_record_is_skipped(
     assert not list((tmp_path / "logs").rglob("results.json"))  # nothing ran
     (run,) = load_runs([skipped.parent.parent])  # the sweep directory's table reads the published run
     assert Path(run["path"]).resolve() == published.resolve() and run["scores"]["avg"] == 0.5
+
+
+def test_the_runner_counts_the_jobs_of_a_sweep_that_will_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A final sweep of three seeds whose seed-1 job was published as finished: the runner counts two jobs to
+    run (`jobs_to_run`, which sizes the sweep's share of the cores), hashing each job as the job itself
+    would (the config `python -m mtpeft.train` composes: `test_sweep_job_with_a_published_record_is_skipped`)."""
+    monkeypatch.setenv("MTPEFT_ROOT", str(tmp_path))
+    monkeypatch.setenv("MTPEFT_CODE_VERSION", CODE_VERSION["MTPEFT_CODE_VERSION"])
+    study, parts = study_from_command("methods_mix3_tuned", ["method=lora", "seed=0,1,2", *TINY_RUN])
+    chosen = {"lora": {"optimizer.lr": 0.003}}
+    ((command, _),) = final_commands(
+        study, chosen, [*parts.seeds, *parts.jobs], launcher_overrides("joblib", 2)
+    )
+    assert jobs_to_run(study, command) == 3
+    job = ["method=lora", "seed=1", "optimizer.lr=0.003", "++tuned={optimizer.lr:0.003}"]
+    args = [
+        "experiment=methods_mix3_tuned",
+        "~tune",
+        *job,
+        *TINY_RUN,
+        "run_group=any",
+    ]  # (a multirun's group)
+    config = OmegaConf.to_container(compose_train(args, tmp_path / "composed"), resolve=True)
+    _fake_run(tmp_path / "experiments" / "methods_mix3_tuned" / "runs" / "final_lora_s1", config, job)
+    assert jobs_to_run(study, command) == 2
+    other = {**config, "seed": 7}  # a finished job of another seed counts for nothing
+    _fake_run(tmp_path / "experiments" / "methods_mix3_tuned" / "runs" / "final_lora_s7", other, job)
+    assert jobs_to_run(study, command) == 2

@@ -17,8 +17,9 @@ from mtpeft.methods import available_methods
 from mtpeft.study.capacity import capacity_table, steps_to_threshold
 from mtpeft.study.cli import main
 from mtpeft.study.commands import final_commands, hydra_value, launcher_overrides, tuning_commands
-from mtpeft.study.config import Study, check_tune, load_study, split_overrides
+from mtpeft.study.config import Study, check_tune, load_study, split_overrides, study_from_command
 from mtpeft.study.tuning import Tuner, choose, edge_choices, next_value, tuning_table, write_tuning
+from mtpeft.study.unfinished import jobs_to_run
 from tests.conftest import CONF_DIR, TINY_RUN, compose_train
 
 GRID = [1.0e-3, 3.0e-3, 1.0e-2]
@@ -438,6 +439,15 @@ def test_tuned_study_end_to_end_and_resumed(tmp_path: Path, monkeypatch: pytest.
     table = pd.read_csv(out / "results.csv")
     assert dict(zip(table["method"], table["tuned.optimizer.lr"], strict=True)) == expected
     assert "| lr* |" in (out / "results.md").read_text() and (out / "stats.md").exists()
+
+    # the runner's count of the jobs a sweep still runs (how many cores it is given) agrees with the jobs'
+    # own skip decisions: none of the final sweeps' jobs, and only the new one when a third seed is added
+    for seeds, left in (("seed=0,1", 0), ("seed=0,1,2", 1)):
+        declared = ["method=lora,mtl_lora", "tune.lr=[0.001,0.03]", "debug=limit", *TINY_RUN, seeds]
+        study, parts = study_from_command("methods_mix3_tuned", declared)
+        chosen = {method: {"optimizer.lr": lr} for method, lr in expected.items()}
+        finals = final_commands(study, chosen, [*parts.seeds, *parts.jobs], launcher_overrides("joblib", 2))
+        assert [jobs_to_run(study, command) for command, _ in finals] == [left, left], seeds
 
     # a different validation outcome (edited score), re-run for lora: tuning jobs are skipped, not redone,
     # and the choice follows the written scores. Jobs are skipped only while the package's code is unchanged

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import mtpeft.study.runner as runner_module
-from mtpeft.study.sweeps import StudyStopped, SweepGroups, jobs_left, run_sweeps_in_slots
+from mtpeft.study.sweeps import StudyStopped, Sweep, SweepGroups, jobs_left, run_sweeps_in_slots
 from mtpeft.utils.runlock import LOCK_FILE, RunDirLock
 
 # A sweep whose "job" is a grandchild process holding its run directory, as a joblib launcher's workers are:
@@ -197,6 +197,18 @@ def test_one_job_sweeps_share_the_slots_and_full_sweeps_run_alone(jobs: tuple, s
     assert timeline.most == most, (jobs, slots)
     assert statuses == [0] * len(jobs) and sorted(seen) == [f"s{i}" for i in range(len(jobs))]
     assert timeline.started == [f"s{i}" for i in range(len(jobs))]  # started in their order
+
+
+def test_sweeps_whose_jobs_mostly_finished_before_share_the_slots() -> None:
+    """Three seeds declared, two finished: each sweep runs one job, so two of them run side by side."""
+    timeline = _Timeline()
+    sweeps = [Sweep([], Path(f"s{i}"), 3, to_run) for i, to_run in enumerate((1, 1, 0, 3, None))]
+    assert [sweep.need for sweep in sweeps] == [1, 1, 1, 3, 3]
+    assert run_sweeps_in_slots(sweeps[:3], 2, timeline) == [0, 0, 0]
+    assert timeline.most == 2
+    full = _Timeline()
+    run_sweeps_in_slots(sweeps[3:], 2, full)
+    assert full.most == 1
 
 
 def test_statuses_come_back_in_order_and_a_stop_starts_nothing_more() -> None:

@@ -74,7 +74,9 @@ Hydra's basic (sequential) one. With joblib, a stage's sweeps also run side by s
 ``--n-jobs`` (`mtpeft.study.sweeps.run_sweeps_in_slots`): a check on one seed or one method's widened value
 is a one-job sweep, and two of them share two cores instead of one idling; a sweep gives its slots back
 as its last jobs end (a next sweep that needs only the freed slots starts beside the previous one's last
-job). Other arguments are Hydra overrides given to every job.
+job). A sweep's jobs that finished before (a re-run, a seed added to a study) are not counted
+(`mtpeft.study.unfinished.jobs_to_run` hashes each job as the job itself would): a method's sweep of three
+seeds, two of them done, takes one slot. Other arguments are Hydra overrides given to every job.
 
 Publishing (across sessions and fresh checkouts, where ``logs/`` is empty): after each sweep (and every
 `mtpeft.study.publish.PUBLISH_EVERY_S` seconds while one runs) the runner
@@ -96,7 +98,7 @@ Modules: `mtpeft.study.config` (the study's declaration: its config composed, re
 command line's overrides sorted), `mtpeft.study.commands` (each stage's ``mtpeft.train -m`` commands and
 their job counts), `mtpeft.study.tuning` (choosing, widening a grid at an edge, the grid and Optuna
 searches), `mtpeft.study.capacity` (the capacity probe's tables), `mtpeft.study.publish` (publishing finished
-runs), `mtpeft.study.runner` (the whole study), `mtpeft.study.cli` (the command line, run by
+runs), `mtpeft.study.unfinished` (how many jobs of a sweep will run), `mtpeft.study.runner` (the whole study), `mtpeft.study.cli` (the command line, run by
 ``__main__``), `mtpeft.study.check` (the convergence check), `mtpeft.study.stages` (stage names of sweep
 directories and runs), `mtpeft.study.status` (``--status``) and `mtpeft.study.sweeps` (sweeps as
 subprocesses, stopping them). This package's own module imports none of them: `mtpeft.results.load`

@@ -14,6 +14,8 @@ from typing import Any
 from mtpeft.study.check import check_methods, check_seeds
 from mtpeft.study.config import Study, sweep_jobs
 from mtpeft.study.stages import sweep_dir_name
+from mtpeft.study.sweeps import Sweep
+from mtpeft.study.unfinished import jobs_to_run
 
 log = logging.getLogger(__name__)
 _PLAIN = re.compile(r"^[A-Za-z0-9_.\-+/]+$")
@@ -51,9 +53,15 @@ def sweep_size(study: Study, command: Sequence[str]) -> int:
     return len(sweep_jobs([*own, *overrides]))
 
 
-def with_sizes(study: Study, commands: Sequence[tuple[list[str], Path]]) -> list[tuple[list[str], Path, int]]:
-    """``(command, directory, jobs)`` for `mtpeft.study.sweeps.run_sweeps_in_slots` (`sweep_size`)."""
-    return [(command, directory, sweep_size(study, command)) for command, directory in commands]
+def with_sizes(study: Study, commands: Sequence[tuple[list[str], Path]]) -> list[Sweep]:
+    """The `Sweep` s of ``commands`` for `mtpeft.study.sweeps.run_sweeps_in_slots`: their jobs (`sweep_size`)
+    and, when they run side by side (``launcher=joblib``), those not finished before (`jobs_to_run`)."""
+    sweeps = []
+    for command, directory in commands:
+        side_by_side = "launcher=joblib" in command
+        to_run = jobs_to_run(study, command) if side_by_side else None
+        sweeps.append(Sweep(command, directory, sweep_size(study, command), to_run))
+    return sweeps
 
 
 def declared_jobs(study: Study) -> dict[str, int]:

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import NamedTuple
 
 from mtpeft.utils.runlock import LOCK_FILE, is_locked
 
@@ -223,17 +224,33 @@ def _ended(lock: Path) -> bool:
     return lock.stat().st_size > 0 and not is_locked(lock.parent)
 
 
+class Sweep(NamedTuple):
+    """One sweep for `run_sweeps_in_slots`."""
+
+    command: list[str]
+    directory: Path
+    jobs: int
+    """The jobs it launches."""
+    to_run: int | None = None
+    """Those of them that will run (not finished before: `mtpeft.study.unfinished.jobs_to_run`); None: all."""
+
+    @property
+    def need(self) -> int:
+        """Slots it starts with: one per job that runs, at least one (finished jobs are skipped in seconds)."""
+        return max(1, self.jobs if self.to_run is None else self.to_run)
+
+
 def run_sweeps_in_slots(
-    sweeps: Sequence[tuple[list[str], Path, int]],
+    sweeps: Sequence[Sweep | tuple[list[str], Path, int]],
     slots: int,
     runner: Callable[[list[str], Path], int] = run_sweep,
     after_each: Callable[[Path, int], None] = lambda directory, status: None,
     left: Callable[[Path, int], int] = jobs_left,
     poll_s: float = 5.0,
 ) -> list[int]:
-    """Run ``(command, directory, jobs)`` sweeps in their order, several at once while their jobs fit in
-    ``slots`` parallel jobs (a sweep of ``jobs`` jobs takes ``min(jobs, slots)``: one of 2 jobs fills 2 slots,
-    two sweeps of 1 job share them). Without this, a stage of one-job sweeps (a check on one seed, a widened
+    """Run `Sweep` s (or ``(command, directory, jobs)``) in their order, several at once while their jobs fit
+    in ``slots`` parallel jobs (a sweep takes ``min(need, slots)``: one of 2 jobs fills 2 slots, two sweeps
+    of 1 job share them, and so do two sweeps of 3 jobs of which 2 finished before). Without this, a stage of one-job sweeps (a check on one seed, a widened
     value of one method) would use one core of two. A running sweep gives its slots back as its jobs end
     (``left(directory, jobs)``, `jobs_left`, read every ``poll_s`` seconds while a sweep waits): the last job
     of a 7-job sweep on 2 slots holds one slot, and the next sweep's one job takes the other instead of
@@ -261,13 +278,14 @@ def run_sweeps_in_slots(
 
     def available() -> int:
         for index in tuple(held):
-            _, directory, jobs = sweeps[index]
+            _, directory, jobs, _ = sweeps[index]
             held[index] = min(held[index], left(directory, jobs))
         return slots - sum(held.values())
 
     threads = []
-    for index, (command, directory, jobs) in enumerate(sweeps):
-        need = min(max(1, jobs), slots)
+    sweeps = [Sweep(*sweep) for sweep in sweeps]
+    for index, (command, directory, _, _) in enumerate(sweeps):
+        need = min(sweeps[index].need, slots)
         with free:
             while not (errors or available() >= need):
                 free.wait(poll_s)
