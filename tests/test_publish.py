@@ -21,10 +21,10 @@ import mtpeft.study.runner as runner_module
 from mtpeft.inputs import run_inputs
 from mtpeft.results import load_runs
 from mtpeft.study.cli import main
-from mtpeft.study.commands import final_commands, launcher_overrides
+from mtpeft.study.commands import final_commands, launcher_overrides, sweep_size, with_sizes
 from mtpeft.study.config import study_from_command
 from mtpeft.study.publish import publish, published_name
-from mtpeft.study.unfinished import jobs_to_run
+from mtpeft.study.unfinished import job_configs, jobs_to_run
 from mtpeft.utils.confighash import config_hash, job_hash
 from mtpeft.utils.sweep import find_finished, finished_roots
 from tests.conftest import TINY_RUN, compose_train
@@ -255,3 +255,43 @@ def test_the_runner_counts_the_jobs_of_a_sweep_that_will_run(
     other = {**config, "seed": 7}  # a finished job of another seed counts for nothing
     _fake_run(tmp_path / "experiments" / "methods_mix3_tuned" / "runs" / "final_lora_s7", other, job)
     assert jobs_to_run(study, command) == 2
+    forced, parts = study_from_command(
+        "methods_mix3_tuned", ["method=lora", "seed=0,1,2", *TINY_RUN, "skip_finished=false"]
+    )
+    ((rerun, _),) = final_commands(
+        forced, chosen, [*parts.seeds, *parts.jobs], launcher_overrides("joblib", 2)
+    )
+    assert jobs_to_run(forced, rerun) == 3  # skip_finished=false: the finished one runs again
+
+    # with seeds 0 and 1 finished, the sweep is given one slot, and launches one job at a time
+    args = [a.replace("seed=1", "seed=0") for a in args]
+    seed_0 = OmegaConf.to_container(compose_train(args, tmp_path / "composed"), resolve=True)
+    _fake_run(tmp_path / "experiments" / "methods_mix3_tuned" / "runs" / "final_lora_s0", seed_0, job)
+    (sweep, _) = with_sizes(study, [(command, tmp_path / "a"), (command, tmp_path / "b")], 2)
+    assert (sweep.jobs, sweep.to_run, sweep.need) == (3, 1, 1)
+    assert [a for a in sweep.command if a.startswith("hydra.launcher.n_jobs=")] == ["hydra.launcher.n_jobs=1"]
+    assert [a for a in command if a.startswith("hydra.launcher.n_jobs=")] == ["hydra.launcher.n_jobs=2"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "steps"),
+    [
+        ([], [1200, 2400]),  # the study's sweeper param trainer.max_steps=1200,2400
+        (["trainer.max_steps=7"], [7]),  # replaces it
+        (["++trainer.max_steps=600"], [600, 600]),  # another key for Hydra's sweeper: both stay, ++ last
+        (["++trainer.max_steps=5,6"], [5, 6, 5, 6]),
+    ],
+)
+def test_the_runner_composes_a_sweeps_jobs_in_hydras_order(
+    extra: list[str], steps: list[int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The configs `jobs_to_run` hashes are the jobs' own: the study's sweeper params, then the command's
+    overrides in their order, expanded like Hydra's basic sweeper (one config per job `sweep_size` counts)."""
+    monkeypatch.setenv("MTPEFT_ROOT", str(tmp_path))
+    study, parts = study_from_command("methods_mix3_long", ["method=lora", "seed=0", *extra])
+    ((command, _),) = final_commands(study, {}, [*parts.seeds, *parts.jobs], launcher_overrides("joblib", 2))
+    configs = job_configs(study, command)
+    assert [c["trainer"]["max_steps"] for c in configs] == steps and len(configs) == sweep_size(
+        study, command
+    )
+    assert {(c["method"]["name"], c["seed"]) for c in configs} == {("lora", 0)}

@@ -98,8 +98,8 @@ Modules: `mtpeft.study.config` (the study's declaration: its config composed, re
 command line's overrides sorted), `mtpeft.study.commands` (each stage's ``mtpeft.train -m`` commands and
 their job counts), `mtpeft.study.tuning` (choosing, widening a grid at an edge, the grid and Optuna
 searches), `mtpeft.study.capacity` (the capacity probe's tables), `mtpeft.study.publish` (publishing finished
-runs), `mtpeft.study.unfinished` (how many jobs of a sweep will run), `mtpeft.study.runner` (the whole study), `mtpeft.study.cli` (the command line, run by
-``__main__``), `mtpeft.study.check` (the convergence check), `mtpeft.study.stages` (stage names of sweep
+runs), `mtpeft.study.unfinished` (how many jobs of a sweep will run), `mtpeft.study.runner` (the whole
+study), `mtpeft.study.cli` (the command line, run by ``__main__``), `mtpeft.study.check` (the convergence check), `mtpeft.study.stages` (stage names of sweep
 directories and runs), `mtpeft.study.status` (``--status``) and `mtpeft.study.sweeps` (sweeps as
 subprocesses, stopping them). This package's own module imports none of them: `mtpeft.results.load`
 imports `mtpeft.study.stages`, and `mtpeft.study.check` imports `mtpeft.results`.

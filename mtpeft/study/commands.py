@@ -15,7 +15,7 @@ from mtpeft.study.check import check_methods, check_seeds
 from mtpeft.study.config import Study, sweep_jobs
 from mtpeft.study.stages import sweep_dir_name
 from mtpeft.study.sweeps import Sweep
-from mtpeft.study.unfinished import jobs_to_run
+from mtpeft.study.unfinished import jobs_to_run, with_slots
 
 log = logging.getLogger(__name__)
 _PLAIN = re.compile(r"^[A-Za-z0-9_.\-+/]+$")
@@ -53,14 +53,17 @@ def sweep_size(study: Study, command: Sequence[str]) -> int:
     return len(sweep_jobs([*own, *overrides]))
 
 
-def with_sizes(study: Study, commands: Sequence[tuple[list[str], Path]]) -> list[Sweep]:
-    """The `Sweep` s of ``commands`` for `mtpeft.study.sweeps.run_sweeps_in_slots`: their jobs (`sweep_size`)
-    and, when they run side by side (``launcher=joblib``), those not finished before (`jobs_to_run`)."""
+def with_sizes(study: Study, commands: Sequence[tuple[list[str], Path]], slots: int) -> list[Sweep]:
+    """The `Sweep` s of ``commands`` for `mtpeft.study.sweeps.run_sweeps_in_slots` on ``slots`` parallel jobs:
+    their jobs (`sweep_size`) and, where several sweeps share the slots, those that will run (`jobs_to_run`;
+    a sweep then launches at most that many at once, `with_slots`)."""
     sweeps = []
     for command, directory in commands:
-        side_by_side = "launcher=joblib" in command
-        to_run = jobs_to_run(study, command) if side_by_side else None
-        sweeps.append(Sweep(command, directory, sweep_size(study, command), to_run))
+        jobs = sweep_size(study, command)
+        to_run = jobs_to_run(study, command) if len(commands) > 1 and slots > 1 and jobs > 1 else None
+        if to_run is not None and to_run < slots:
+            command = with_slots(command, max(1, to_run))
+        sweeps.append(Sweep(command, directory, jobs, to_run))
     return sweeps
 
 

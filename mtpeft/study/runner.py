@@ -67,7 +67,7 @@ def run_study(
         checks = check_commands(study, chosen, parts.jobs, launch) if study.check else []
         for commands, directories in ((finals, final_dirs), (checks, check_dirs)):
             directories += [directory for _, directory in commands]
-            run_sweeps_in_slots(with_sizes(study, commands), slots, run_sweep, done)
+            run_sweeps_in_slots(with_sizes(study, commands, slots), slots, run_sweep, done)
     if SWEEPS.stopped is not None:  # a stop during the last sweep, after its jobs were done
         raise StudyStopped(SWEEPS.stopped)
     if study.probe is not None:

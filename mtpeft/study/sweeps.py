@@ -9,7 +9,8 @@ the signal received: the launcher process then exits at once, while each job (Li
 ends at the end of its current training step or evaluation batch, its run staying ``running``, so the next
 ``python -m mtpeft.study <name>`` resumes it from its last periodic checkpoint (``checkpoint_every_n_steps``:
 the steps since then are redone; on SIGINT, joblib would kill its workers mid-step instead). What the clean
-end buys over a kill: the jobs' logs, CSV and wandb files are closed properly and no process is left. The runner waits until no job holds its run directory any more (at most
+end buys over a kill: the jobs' logs, CSV and wandb files are closed properly and no process is left. The
+runner waits until no job holds its run directory any more (at most
 `STOP_WAIT_S`), kills what is left of the group (joblib's idle workers outlive their launcher), starts no
 new sweep (`StudyStopped`) and publishes what finished. A second signal kills the groups at once (the jobs
 lose the same steps, but their log files may be cut mid-line).
@@ -250,8 +251,8 @@ def run_sweeps_in_slots(
 ) -> list[int]:
     """Run `Sweep` s (or ``(command, directory, jobs)``) in their order, several at once while their jobs fit
     in ``slots`` parallel jobs (a sweep takes ``min(need, slots)``: one of 2 jobs fills 2 slots, two sweeps
-    of 1 job share them, and so do two sweeps of 3 jobs of which 2 finished before). Without this, a stage of one-job sweeps (a check on one seed, a widened
-    value of one method) would use one core of two. A running sweep gives its slots back as its jobs end
+    of 1 job share them, and so do two sweeps of 3 jobs of which 2 finished before). Without this, a stage
+    of one-job sweeps (a check on one seed, a widened value of one method) would use one core of two. A running sweep gives its slots back as its jobs end
     (``left(directory, jobs)``, `jobs_left`, read every ``poll_s`` seconds while a sweep waits): the last job
     of a 7-job sweep on 2 slots holds one slot, and the next sweep's one job takes the other instead of
     waiting for it. ``after_each(directory, status)`` runs after each sweep (under a lock). Returns the exit

@@ -317,7 +317,7 @@ class Tuner:
                 self.directories.append(directory)
                 self.after_sweep()
 
-        run_sweeps_in_slots(with_sizes(self.study, commands), self.parallel, self.runner, done)
+        run_sweeps_in_slots(with_sizes(self.study, commands, self.parallel), self.parallel, self.runner, done)
         return [directory for _, directory in commands]
 
     def grid(self) -> Tuning:

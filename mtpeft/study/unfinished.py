@@ -5,9 +5,10 @@ Counted by the jobs a command declares, a sweep whose jobs mostly finished befor
 a re-run after an interruption) would hold both cores of a 2-core machine for the one job it still runs, and
 the next sweep would wait for it. `jobs_to_run` asks the same question each job asks when it starts
 (`mtpeft.train`: compose the job's config, hash it with its inputs, look for a finished run with that hash in
-the study's logs and published runs), in the runner's process and before the sweep starts. It only decides how
-many cores a sweep is given: whether a job runs is still decided by the job itself, so a wrong count costs
-time, never a result.
+the study's logs and published runs), in the runner's process and before the sweep starts. `with_slots` then
+caps the sweep's parallel jobs (``hydra.launcher.n_jobs``) at that count, so a count that is too low (the
+code changed under a long-running runner, say) costs time, never a core shared by two jobs; whether a job
+runs is still decided by the job itself.
 """
 
 from __future__ import annotations
@@ -19,27 +20,29 @@ from omegaconf import OmegaConf, open_dict
 
 from mtpeft.study.config import Study, compose_study, sweep_jobs
 from mtpeft.utils.confighash import job_hash
-from mtpeft.utils.sweep import find_finished, finished_roots
+from mtpeft.utils.sweep import finished_roots, run_records, stored_job_hash
 
 log = logging.getLogger(__name__)
 
 RUNNER_ONLY = ("experiment=", "hydra.", "launcher=")
 """Overrides of a sweep command that do not reach a job's config (or are given by `compose_study`)."""
-ONCE = ("~", "++")
-"""Overrides applied once to every job of a command (deletions, forced additions such as ``++tuned=``)."""
+N_JOBS = "hydra.launcher.n_jobs="
+
+
+def _arguments(command: Sequence[str]) -> list[str]:
+    """The Hydra overrides of a ``python -m mtpeft.train -m`` command."""
+    return list(command)[list(command).index("-m", 3) + 1 :]
 
 
 def job_configs(study: Study, command: Sequence[str]) -> list[dict]:
     """The resolved config of every job of a ``python -m mtpeft.train -m`` command of this runner, as the
-    job's entry point sees it (without the ``hydra`` node; its own directory, run name and group left out,
-    which no hash reads)."""
-    args = list(command)[list(command).index("-m", 3) + 1 :]
-    once = [a for a in args if a.startswith(ONCE)]
-    swept = [a for a in args if not a.startswith((*RUNNER_ONLY, *ONCE))]
+    job's entry point sees it: the study's sweeper params, then the command's overrides in their order, expanded
+    as Hydra's basic sweeper does (`sweep_jobs`: ``~key``, ``++key=a,b`` and later-wins included). Without the
+    ``hydra`` node; its own directory, run name and group are left out, which no hash reads."""
     own = [*study.other_params, f"method={','.join(study.methods)}", f"seed={','.join(study.seeds)}"]
     configs = []
-    for job in sweep_jobs([*own, *swept]):
-        cfg = compose_study(study.name, [*once, *job])
+    for job in sweep_jobs([*own, *(a for a in _arguments(command) if not a.startswith(RUNNER_ONLY))]):
+        cfg = compose_study(study.name, job)
         with open_dict(cfg):
             del cfg.hydra
             cfg.paths.output_dir = "."
@@ -49,14 +52,32 @@ def job_configs(study: Study, command: Sequence[str]) -> list[dict]:
 
 
 def jobs_to_run(study: Study, command: Sequence[str]) -> int | None:
-    """How many jobs of ``command`` have no finished run with their job hash (in the study's logs or
-    published runs); None when that cannot be worked out here (the sweep then counts all its jobs)."""
+    """How many jobs of ``command`` will run: those with ``skip_finished=false`` and those without a finished
+    run of their job hash in the study's logs or published runs. None when that cannot be worked out here."""
     try:
         from mtpeft.inputs import run_inputs  # loads transformers: in the runner's process, once
 
         configs = job_configs(study, command)
-        roots = finished_roots(OmegaConf.create(configs[0])) if configs else []
-        return sum(find_finished(roots, job_hash(config, run_inputs(config))) is None for config in configs)
+        if not configs:
+            return 0
+        finished = {
+            stored_job_hash(record)
+            for root in finished_roots(OmegaConf.create(configs[0]))
+            for _, record in run_records(root)
+            if record.get("status") == "success"
+        }
+        return sum(
+            config.get("skip_finished") is False or job_hash(config, run_inputs(config)) not in finished
+            for config in configs
+        )
     except Exception as err:  # noqa: BLE001 - an estimate: the jobs decide for themselves
         log.warning("could not count the finished jobs of a sweep (%s); counting all its jobs", err)
         return None
+
+
+def with_slots(command: Sequence[str], slots: int) -> list[str]:
+    """``command`` launching at most ``slots`` jobs at once (its ``hydra.launcher.n_jobs``, if it has one)."""
+    arguments = _arguments(command)
+    if not any(a.startswith(N_JOBS) for a in arguments):
+        return list(command)
+    return [a for a in command if not a.startswith(N_JOBS)] + [f"{N_JOBS}{slots}"]
