@@ -252,13 +252,15 @@ def run_sweeps_in_slots(
     """Run `Sweep` s (or ``(command, directory, jobs)``) in their order, several at once while their jobs fit
     in ``slots`` parallel jobs (a sweep takes ``min(need, slots)``: one of 2 jobs fills 2 slots, two sweeps
     of 1 job share them, and so do two sweeps of 3 jobs of which 2 finished before). Without this, a stage
-    of one-job sweeps (a check on one seed, a widened value of one method) would use one core of two. A running sweep gives its slots back as its jobs end
-    (``left(directory, jobs)``, `jobs_left`, read every ``poll_s`` seconds while a sweep waits): the last job
+    of one-job sweeps (a check on one seed, a widened value of one method) would use one core of two. A
+    running sweep gives its slots back as its jobs end (``left(directory, jobs)``, `jobs_left`, read every
+    ``poll_s`` seconds while a sweep waits): the last job
     of a 7-job sweep on 2 slots holds one slot, and the next sweep's one job takes the other instead of
     waiting for it. ``after_each(directory, status)`` runs after each sweep (under a lock). Returns the exit
     statuses in the sweeps' order; a stop (`StudyStopped`) of any sweep is raised once the running ones have
     returned."""
     slots = max(1, slots)
+    sweeps = [Sweep(*sweep) for sweep in sweeps]
     free = threading.Condition()
     held: dict[int, int] = {}
     """Slots each running sweep holds, by index: its size, then fewer as its jobs end."""
@@ -284,7 +286,6 @@ def run_sweeps_in_slots(
         return slots - sum(held.values())
 
     threads = []
-    sweeps = [Sweep(*sweep) for sweep in sweeps]
     for index, (command, directory, _, _) in enumerate(sweeps):
         need = min(sweeps[index].need, slots)
         with free:
