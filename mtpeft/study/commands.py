@@ -15,7 +15,7 @@ from mtpeft.study.check import check_methods, check_seeds
 from mtpeft.study.config import Study, sweep_jobs
 from mtpeft.study.stages import sweep_dir_name
 from mtpeft.study.sweeps import Sweep
-from mtpeft.study.unfinished import jobs_to_run, with_slots
+from mtpeft.study.unfinished import jobs_to_run, study_params, sweep_arguments, with_slots
 
 log = logging.getLogger(__name__)
 _PLAIN = re.compile(r"^[A-Za-z0-9_.\-+/]+$")
@@ -46,11 +46,10 @@ def sweep_size(study: Study, command: Sequence[str]) -> int:
     (`sweep_jobs`)."""
     overrides = [
         text
-        for text in command[list(command).index("-m", 3) + 1 :]
+        for text in sweep_arguments(command)
         if not text.startswith(("experiment=", "~", "hydra.", "launcher=", "++tuned="))
     ]
-    own = [*study.other_params, f"method={','.join(study.methods)}", f"seed={','.join(study.seeds)}"]
-    return len(sweep_jobs([*own, *overrides]))
+    return len(sweep_jobs([*study_params(study), *overrides]))
 
 
 def with_sizes(study: Study, commands: Sequence[tuple[list[str], Path]], slots: int) -> list[Sweep]:

@@ -29,9 +29,14 @@ RUNNER_ONLY = ("experiment=", "hydra.", "launcher=")
 N_JOBS = "hydra.launcher.n_jobs="
 
 
-def _arguments(command: Sequence[str]) -> list[str]:
+def sweep_arguments(command: Sequence[str]) -> list[str]:
     """The Hydra overrides of a ``python -m mtpeft.train -m`` command."""
     return list(command)[list(command).index("-m", 3) + 1 :]
+
+
+def study_params(study: Study) -> list[str]:
+    """The study's sweeper params as overrides, which every sweep's own overrides follow."""
+    return [*study.other_params, f"method={','.join(study.methods)}", f"seed={','.join(study.seeds)}"]
 
 
 def job_configs(study: Study, command: Sequence[str]) -> list[dict]:
@@ -39,9 +44,10 @@ def job_configs(study: Study, command: Sequence[str]) -> list[dict]:
     job's entry point sees it: the study's sweeper params, then the command's overrides in their order, expanded
     as Hydra's basic sweeper does (`sweep_jobs`: ``~key``, ``++key=a,b`` and later-wins included). Without the
     ``hydra`` node; its own directory, run name and group are left out, which no hash reads."""
-    own = [*study.other_params, f"method={','.join(study.methods)}", f"seed={','.join(study.seeds)}"]
     configs = []
-    for job in sweep_jobs([*own, *(a for a in _arguments(command) if not a.startswith(RUNNER_ONLY))]):
+    for job in sweep_jobs(
+        [*study_params(study), *(a for a in sweep_arguments(command) if not a.startswith(RUNNER_ONLY))]
+    ):
         cfg = compose_study(study.name, job)
         with open_dict(cfg):
             del cfg.hydra
@@ -77,7 +83,7 @@ def jobs_to_run(study: Study, command: Sequence[str]) -> int | None:
 
 def with_slots(command: Sequence[str], slots: int) -> list[str]:
     """``command`` launching at most ``slots`` jobs at once (its ``hydra.launcher.n_jobs``, if it has one)."""
-    arguments = _arguments(command)
+    arguments = sweep_arguments(command)
     if not any(a.startswith(N_JOBS) for a in arguments):
         return list(command)
     return [a for a in command if not a.startswith(N_JOBS)] + [f"{N_JOBS}{slots}"]
