@@ -20,7 +20,7 @@ from omegaconf import OmegaConf, open_dict
 
 from mtpeft.study.config import Study, compose_study, sweep_jobs
 from mtpeft.utils.confighash import job_hash
-from mtpeft.utils.sweep import finished_roots, run_records, stored_job_hash
+from mtpeft.utils.sweep import finished_roots, finished_runs
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +66,7 @@ def jobs_to_run(study: Study, command: Sequence[str]) -> int | None:
         configs = job_configs(study, command)
         if not configs:
             return 0
-        finished = {
-            stored_job_hash(record)
-            for root in finished_roots(OmegaConf.create(configs[0]))
-            for _, record in run_records(root)
-            if record.get("status") == "success"
-        }
+        finished = {job for _, job in finished_runs(finished_roots(OmegaConf.create(configs[0])))}
         return sum(
             config.get("skip_finished") is False or job_hash(config, run_inputs(config)) not in finished
             for config in configs

@@ -205,17 +205,23 @@ def finished_roots(cfg: DictConfig) -> list[Path]:
     return roots
 
 
-def find_finished(roots: Path | Iterable[Path], job: str, exclude: Path | None = None) -> Path | None:
-    """The directory of a successful run whose job hash is ``job`` under ``roots`` (one directory or
-    several, searched in order), if any."""
+def finished_runs(roots: Path | Iterable[Path], exclude: Path | None = None) -> Iterator[tuple[Path, str]]:
+    """``(run directory, job hash)`` of every successful run with a job hash under ``roots`` (one directory
+    or several, in order): what a job looks up before it trains (`find_finished`) and what the study runner
+    counts before it sizes a sweep (`mtpeft.study.unfinished.jobs_to_run`)."""
     exclude = exclude.resolve() if exclude is not None else None
     for root in [roots] if isinstance(roots, Path | str) else roots:
         for directory, results in run_records(Path(root)):
             if exclude is not None and directory.resolve() == exclude:
                 continue
-            if results.get("status") == "success" and stored_job_hash(results) == job:
-                return directory
-    return None
+            job = stored_job_hash(results) if results.get("status") == "success" else None
+            if job is not None:
+                yield directory, job
+
+
+def find_finished(roots: Path | Iterable[Path], job: str, exclude: Path | None = None) -> Path | None:
+    """The directory of a successful run whose job hash is ``job`` under ``roots``, if any."""
+    return next((directory for directory, found in finished_runs(roots, exclude) if found == job), None)
 
 
 def find_interrupted(root: Path, job: str, exclude: Path | None = None) -> list[Path]:
