@@ -16,10 +16,17 @@ from omegaconf import OmegaConf
 from mtpeft.methods import available_methods
 from mtpeft.study.capacity import capacity_table, steps_to_threshold
 from mtpeft.study.cli import main
-from mtpeft.study.commands import final_commands, hydra_value, launcher_overrides, tuning_commands
+from mtpeft.study.commands import (
+    final_commands,
+    hydra_value,
+    launcher_overrides,
+    one_sweep_per_seed,
+    sweep_size,
+    tuning_commands,
+)
 from mtpeft.study.config import Study, check_tune, load_study, split_overrides, study_from_command
 from mtpeft.study.tuning import Tuner, choose, edge_choices, next_value, tuning_table, write_tuning
-from mtpeft.study.unfinished import jobs_to_run
+from mtpeft.study.unfinished import job_configs, jobs_to_run
 from tests.conftest import CONF_DIR, TINY_RUN, compose_train
 
 GRID = [1.0e-3, 3.0e-3, 1.0e-2]
@@ -90,6 +97,32 @@ def test_tuning_and_final_commands() -> None:
         final[1][0]
     )
     assert "test=false" not in final[1][0]
+
+
+@pytest.mark.parametrize(
+    ("given", "seeds"), [([], ["0", "1", "2"]), (["seed=0,2"], ["0", "2"]), (["seed=0"], [])]
+)
+def test_final_sweeps_split_one_per_seed(given: list[str], seeds: list[str]) -> None:
+    """Side by side, each seed of a method is its own sweep (so a freed slot takes the next job at once), with
+    the same jobs as the method's sweep over its seeds; a sweep of one seed stays as it is."""
+    study, parts = study_from_command("smollm2_mix", given)
+    chosen = {"lora": {"optimizer.lr": 0.003}}
+    (untuned, (whole, directory)) = final_commands(study, chosen, [*parts.seeds, *parts.jobs], [])
+    split = one_sweep_per_seed(study, [(untuned[0], untuned[1]), (whole, directory)])
+    if not seeds:
+        assert split == [(untuned[0], untuned[1]), (whole, directory)]
+        return
+    lora = split[len(seeds) :]
+    assert [d.name for _, d in lora] == [f"{directory.name}-s{seed}" for seed in seeds]
+    assert all(
+        command[-1] == f"hydra.sweep.dir={d}" and command[-2] == f"seed={seed}"
+        for (command, d), seed in zip(lora, seeds, strict=True)
+    )
+    assert [sweep_size(study, command) for command, _ in split] == [1] * 2 * len(seeds)
+    expected = [(job["method"], job["seed"], job["optimizer"]["lr"]) for job in job_configs(study, whole)]
+    assert [
+        (job["method"], job["seed"], job["optimizer"]["lr"]) for c, _ in lora for job in job_configs(study, c)
+    ] == expected
 
 
 # -- widening the grid at its edges, and the Optuna sampler (fake sweeps, no training) ----------------

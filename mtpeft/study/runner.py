@@ -11,7 +11,13 @@ from typing import Any
 from mtpeft.results import declared_plots, load_runs, summarise
 from mtpeft.study.capacity import capacity_table, write_capacity
 from mtpeft.study.check import write_check
-from mtpeft.study.commands import check_commands, final_commands, launcher_overrides, with_sizes
+from mtpeft.study.commands import (
+    check_commands,
+    final_commands,
+    launcher_overrides,
+    one_sweep_per_seed,
+    with_sizes,
+)
 from mtpeft.study.config import CONF_DIR, study_from_command
 from mtpeft.study.publish import Publisher, check_published_bases
 from mtpeft.study.sweeps import SWEEPS, StudyStopped, run_sweep, run_sweeps_in_slots, stop_on_signals
@@ -65,6 +71,8 @@ def run_study(
 
         finals = final_commands(study, chosen, [*parts.seeds, *parts.jobs], launch)
         checks = check_commands(study, chosen, parts.jobs, launch) if study.check else []
+        if slots > 1:
+            finals, checks = one_sweep_per_seed(study, finals), one_sweep_per_seed(study, checks)
         for commands, directories in ((finals, final_dirs), (checks, check_dirs)):
             directories += [directory for _, directory in commands]
             run_sweeps_in_slots(with_sizes(study, commands, slots), slots, run_sweep, done)
