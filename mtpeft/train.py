@@ -46,6 +46,7 @@ from mtpeft.utils.sweep import (
     find_finished,
     finished_roots,
     is_recorded,
+    looks_up_finished,
     now_iso,
     objective,
     read_results,
@@ -84,8 +85,7 @@ def _job(cfg: DictConfig, output_dir: Path, multirun: bool) -> float:
         config = OmegaConf.to_container(cfg, resolve=True)
         digest = config_hash(config)
         preflight(cfg)  # config errors first: before a run's heavy imports and before a job is looked up
-        skip = cfg.get("skip_finished")
-        if multirun if skip is None else skip:
+        if looks_up_finished(cfg, multirun):
             from mtpeft.inputs import run_inputs  # loads transformers: only where a job is looked up
 
             inputs = run_inputs(config)

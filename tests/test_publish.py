@@ -115,6 +115,29 @@ def test_publish_copies_small_files_once_under_stable_names(
     assert find_finished(published, job_hash(_config(seed=1), run_inputs(_config(seed=1)))) is None
 
 
+def test_a_clash_or_no_published_dir_is_reported_not_raised_past_the_runner(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A published name taken by another run is a `PublishError` (an Exception: the runner's background
+    publisher logs it and goes on, and it cannot replace the exception that stopped a study); ``--publish``
+    says so and exits 1. With ``paths.published_dir=null`` nothing is published: the study loads, and
+    ``--publish`` says why it does nothing."""
+    monkeypatch.setenv("MTPEFT_CODE_VERSION", CODE_VERSION["MTPEFT_CODE_VERSION"])
+    logs, published = tmp_path / "logs" / "smollm2_mix", tmp_path / "experiments" / "smollm2_mix" / "runs"
+    job = _fake_run(logs / "multiruns" / "2026-01-02_03-04-05_ab12cd_tune0" / "0", _config(), ["method=lora"])
+    (published / f"tune_lora_s0_{job[:8]}").mkdir(parents=True)  # hand-made: holds no run
+    with pytest.raises(publish_module.PublishError, match="holds another run"):
+        publish(logs, published)
+    paths = [f"paths.log_dir={tmp_path / 'logs'}", f"paths.published_dir={tmp_path / 'experiments'}"]
+    assert main(["smollm2_mix", "--publish", *paths]) == 1
+    assert "holds another run" in capsys.readouterr().err
+
+    study, _ = study_from_command("smollm2_mix", ["paths.published_dir=null"])
+    assert study.published_dir is None and not publish_module.Publisher(study).enabled
+    assert main(["smollm2_mix", "--publish", "paths.published_dir=null"]) == 2
+    assert "paths.published_dir is empty" in capsys.readouterr().out
+
+
 def test_names_are_deterministic_and_without_bookkeeping(tmp_path: Path) -> None:
     config = _config(method="hycam", seed=2)
     run = tmp_path / "logs" / "multiruns" / "2026-01-02_03-04-05_ab12cd" / "7"  # a plain sweep: no stage

@@ -346,6 +346,9 @@ def test_overrides_are_sorted_by_who_reads_them() -> None:
     parts = split_overrides(["method=lora,hycam", "seed=0,1", "tune.lr=[0.1]", "trainer.max_steps=4"])
     assert parts.methods == ["lora", "hycam"] and parts.seeds == ["seed=0,1"]
     assert parts.runner == ["tune.lr=[0.1]"] and parts.jobs == ["trainer.max_steps=4"]
+    for prefixed in ("++seed=0,1", "+method=lora", "~seed"):  # Hydra would cross them with the study's own
+        with pytest.raises(SystemExit, match="without a prefix"):
+            split_overrides([prefixed])
     assert hydra_value(0.003) == "0.003" and hydra_value("a b") == "'a b'" and hydra_value(True) == "true"
     assert launcher_overrides("basic", 2) == []
     with pytest.MonkeyPatch.context() as patch:  # joblib plugin not installed: the basic launcher

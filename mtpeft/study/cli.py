@@ -11,7 +11,7 @@ from pathlib import Path
 import mtpeft.study as study_package
 from mtpeft.study.commands import declared_jobs, launcher_overrides
 from mtpeft.study.config import compose_study, split_overrides, study_from_command, study_roots
-from mtpeft.study.publish import check_published_bases, publish
+from mtpeft.study.publish import PublishError, check_published_bases, publish
 from mtpeft.study.runner import run_study
 from mtpeft.study.sweeps import StudyStopped
 
@@ -21,11 +21,20 @@ def publish_main(name: str, overrides: Sequence[str]) -> int:
     ``paths.*`` overrides respected) and print where they went."""
     cfg = compose_study(name, split_overrides(overrides).jobs)
     log_root, published = study_roots(cfg)
+    if published is None:
+        print(
+            "nothing to publish: paths.published_dir is empty (give it, e.g. paths.published_dir=experiments)"
+        )
+        return 2
     check_published_bases(name, str(cfg.task_name), published)
     if not log_root.is_dir():
         print(f"nothing to publish: {log_root} does not exist (no run of {name!r} in this checkout)")
         return 0
-    new, before = publish(log_root, published)
+    try:
+        new, before = publish(log_root, published)
+    except PublishError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(f"published {len(new)} new run(s) to {published} ({before} were there already)")
     if new:
         print(f"keep them: git add {published} && git commit -m 'publish {name} runs'")

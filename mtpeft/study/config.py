@@ -150,6 +150,11 @@ def split_overrides(overrides: Sequence[str]) -> Overrides:
     for text in overrides:
         override = _parse(text)
         key = override.key_or_group
+        if key in ("method", "seed") and not text.startswith(f"{key}="):
+            raise SystemExit(
+                f"{text}: the study sweeps {key} itself; give {key}=<values> (e.g. {key}=a,b) without a "
+                "prefix (~, + or ++)"
+            )
         if key == "method":
             result.methods = sweep_values("method", text.split("=", 1)[1])
         elif key == "seed":
@@ -189,11 +194,12 @@ def compose_study(name: str, overrides: Sequence[str] = (), conf_dir: Path = CON
     return cfg
 
 
-def study_roots(cfg: DictConfig) -> tuple[Path, Path]:
+def study_roots(cfg: DictConfig) -> tuple[Path, Path | None]:
     """(where the study's runs are written, where its published runs go): ``<paths.log_dir>/<task_name>``
-    and ``<paths.published_dir>/<task_name>/runs`` (the roots `mtpeft.train` looks in for finished jobs)."""
-    log_root, published = finished_roots(cfg)
-    return log_root.resolve(), published.resolve()
+    and ``<paths.published_dir>/<task_name>/runs`` (the roots `mtpeft.train` looks in for finished jobs);
+    None for the second when ``paths.published_dir`` is empty (nothing is published)."""
+    log_root, *published = finished_roots(cfg)
+    return log_root.resolve(), published[0].resolve() if published else None
 
 
 def load_study(name: str, overrides: Sequence[str] = (), conf_dir: Path = CONF_DIR) -> Study:

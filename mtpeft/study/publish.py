@@ -82,6 +82,10 @@ def _copy_run(run_dir: Path, destination: Path) -> None:
     staging.rename(destination)
 
 
+class PublishError(RuntimeError):
+    """A finished run cannot be published (its published name is taken by another run)."""
+
+
 def publish(log_root: Path, published: Path) -> tuple[list[Path], int]:
     """Copy every successful run under ``log_root`` into ``published/<name>/`` (`published_name`, small
     files only: `PUBLISHED_FILES`), unless a run of the same job is already published there. Returns (the
@@ -103,7 +107,7 @@ def publish(log_root: Path, published: Path) -> tuple[list[Path], int]:
             continue
         name = published_name(run_dir, log_root, results, identity)
         if (published / name).exists():
-            raise SystemExit(
+            raise PublishError(
                 f"cannot publish {run_dir}: {published / name} exists and holds another run "
                 "(a hash-prefix clash or a hand-made directory); move it away and publish again"
             )

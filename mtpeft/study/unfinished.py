@@ -20,7 +20,7 @@ from omegaconf import OmegaConf, open_dict
 
 from mtpeft.study.config import Study, compose_study, sweep_jobs
 from mtpeft.utils.confighash import job_hash
-from mtpeft.utils.sweep import finished_roots, finished_runs
+from mtpeft.utils.sweep import finished_roots, finished_runs, looks_up_finished
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,8 @@ def jobs_to_run(study: Study, command: Sequence[str]) -> int | None:
             return 0
         finished = {job for _, job in finished_runs(finished_roots(OmegaConf.create(configs[0])))}
         return sum(
-            config.get("skip_finished") is False or job_hash(config, run_inputs(config)) not in finished
+            not looks_up_finished(config, multirun=True)
+            or job_hash(config, run_inputs(config)) not in finished
             for config in configs
         )
     except Exception as err:  # noqa: BLE001 - an estimate: the jobs decide for themselves

@@ -205,6 +205,13 @@ def finished_roots(cfg: DictConfig) -> list[Path]:
     return roots
 
 
+def looks_up_finished(config: Mapping[str, Any], multirun: bool) -> bool:
+    """Whether a job skips itself when an identical job finished before: ``skip_finished`` when set, else in
+    sweeps only (`mtpeft.train`; the study runner's count of the jobs to run asks the same)."""
+    skip = config.get("skip_finished")
+    return bool(multirun if skip is None else skip)
+
+
 def finished_runs(roots: Path | Iterable[Path], exclude: Path | None = None) -> Iterator[tuple[Path, str]]:
     """``(run directory, job hash)`` of every successful run with a job hash under ``roots`` (one directory
     or several, in order): what a job looks up before it trains (`find_finished`) and what the study runner
