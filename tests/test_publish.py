@@ -4,12 +4,14 @@ published record has its job hash is skipped (in a fresh checkout, where ``logs/
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -136,6 +138,27 @@ def test_a_clash_or_no_published_dir_is_reported_not_raised_past_the_runner(
     assert study.published_dir is None and not publish_module.Publisher(study).enabled
     assert main(["smollm2_mix", "--publish", "paths.published_dir=null"]) == 2
     assert "paths.published_dir is empty" in capsys.readouterr().out
+
+
+def test_one_publisher_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A publish waits while another process (here: another open of the directory) publishes into the same
+    ``runs/``, instead of deleting its staging directory; then it publishes."""
+    monkeypatch.setenv("MTPEFT_CODE_VERSION", CODE_VERSION["MTPEFT_CODE_VERSION"])
+    logs, published = tmp_path / "logs" / "study", tmp_path / "experiments" / "study" / "runs"
+    _fake_run(logs / "multiruns" / "2026-01-02_03-04-05_ab12cd_tune0" / "0", _config(), ["method=lora"])
+    published.mkdir(parents=True)
+    staging = published / ".tune_lora_s0_other.tmp"  # the other publisher's copy in progress
+    staging.mkdir()
+    other = os.open(published, os.O_RDONLY)
+    fcntl.flock(other, fcntl.LOCK_EX)
+    done: list[tuple[list[Path], int]] = []
+    thread = threading.Thread(target=lambda: done.append(publish(logs, published)))
+    thread.start()
+    thread.join(0.5)
+    assert thread.is_alive() and not done and staging.is_dir()  # waiting: the other copy is left alone
+    os.close(other)
+    thread.join(30)
+    assert [len(new) for new, _ in done] == [1] and not staging.exists()
 
 
 def test_names_are_deterministic_and_without_bookkeeping(tmp_path: Path) -> None:

@@ -4,12 +4,15 @@ directory holds runs of this machine's base model only (`check_published_bases`)
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
+import os
 import re
 import shutil
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +95,24 @@ def publish(log_root: Path, published: Path) -> tuple[list[Path], int]:
     new directories, how many runs were published before). Idempotent: re-publishing copies nothing."""
     log_root, published = Path(log_root).resolve(), Path(published).resolve()
     published.mkdir(parents=True, exist_ok=True)
+    with _one_publisher(published):
+        return _publish(log_root, published)
+
+
+@contextlib.contextmanager
+def _one_publisher(published: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the directory ``published`` itself (waiting for it; no file is left):
+    the runner's periodic publication and a ``--publish`` beside it would otherwise delete each other's
+    staging directories. The kernel drops it when the process dies."""
+    descriptor = os.open(published, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def _publish(log_root: Path, published: Path) -> tuple[list[Path], int]:
     for leftover in published.glob(".*.tmp"):  # from a publish that was killed
         shutil.rmtree(leftover, ignore_errors=True)
     known = {run_identity(results): directory for directory, results in run_records(published)}
