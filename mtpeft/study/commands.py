@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from mtpeft.study.check import check_methods, check_seeds
-from mtpeft.study.config import Study, sweep_jobs, sweep_values
+from mtpeft.study.config import Study, sweep_values
 from mtpeft.study.stages import sweep_dir_name
 from mtpeft.study.sweeps import Sweep
-from mtpeft.study.unfinished import jobs_to_run, study_params, sweep_arguments, with_slots
+from mtpeft.study.unfinished import job_overrides, jobs_to_run, sweep_arguments, with_slots
 
 log = logging.getLogger(__name__)
 _PLAIN = re.compile(r"^[A-Za-z0-9_.\-+/]+$")
@@ -43,15 +43,10 @@ def launcher_overrides(launcher: str, n_jobs: int) -> list[str]:
 
 
 def sweep_size(study: Study, command: Sequence[str]) -> int:
-    """How many jobs a ``mtpeft.train -m`` command of this runner launches: its overrides over the study's
-    sweeper params (its methods, seeds and other swept keys), expanded as Hydra's basic sweeper does
-    (`sweep_jobs`)."""
-    overrides = [
-        text
-        for text in sweep_arguments(command)
-        if not text.startswith(("experiment=", "~", "hydra.", "launcher=", "++tuned="))
-    ]
-    return len(sweep_jobs([*study_params(study), *overrides]))
+    """How many jobs a ``mtpeft.train -m`` command of this runner launches (`job_overrides`: its overrides
+    over the study's sweeper params, its methods, seeds and other swept keys, as Hydra's basic sweeper
+    expands them)."""
+    return len(job_overrides(study, command))
 
 
 def with_sizes(study: Study, commands: Sequence[tuple[list[str], Path]], slots: int) -> list[Sweep]:

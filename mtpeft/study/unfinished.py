@@ -39,15 +39,20 @@ def study_params(study: Study) -> list[str]:
     return [*study.other_params, f"method={','.join(study.methods)}", f"seed={','.join(study.seeds)}"]
 
 
+def job_overrides(study: Study, command: Sequence[str]) -> list[list[str]]:
+    """The overrides of every job of a ``python -m mtpeft.train -m`` command of this runner, in Hydra's order:
+    the study's sweeper params, then the command's overrides, expanded as Hydra's basic sweeper does
+    (`sweep_jobs`: ``~key``, ``++key=a,b`` and later-wins included)."""
+    return sweep_jobs(
+        [*study_params(study), *(a for a in sweep_arguments(command) if not a.startswith(RUNNER_ONLY))]
+    )
+
+
 def job_configs(study: Study, command: Sequence[str]) -> list[dict]:
     """The resolved config of every job of a ``python -m mtpeft.train -m`` command of this runner, as the
-    job's entry point sees it: the study's sweeper params, then the command's overrides in their order, expanded
-    as Hydra's basic sweeper does (`sweep_jobs`: ``~key``, ``++key=a,b`` and later-wins included). Without the
-    ``hydra`` node; its own directory, run name and group are left out, which no hash reads."""
+    job's entry point sees it (`job_overrides`). Without the ``hydra`` node; its own directory, run name and group are left out, which no hash reads."""
     configs = []
-    for job in sweep_jobs(
-        [*study_params(study), *(a for a in sweep_arguments(command) if not a.startswith(RUNNER_ONLY))]
-    ):
+    for job in job_overrides(study, command):
         cfg = compose_study(study.name, job)
         with open_dict(cfg):
             del cfg.hydra
