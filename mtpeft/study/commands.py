@@ -92,7 +92,7 @@ def _jobs(study: Study, commands: list[tuple[list[str], Path]]) -> int:
 
 def sweep_dir(study: Study, stage: str) -> Path:
     """A fresh directory for one stage's sweep: ``<log_dir>/<task_name>/multiruns/<time>_<uid>_<stage>``."""
-    return study.log_dir / study.task_name / "multiruns" / sweep_dir_name(stage)
+    return study.runs_dir / "multiruns" / sweep_dir_name(stage)
 
 
 def train_command(study: Study, overrides: Iterable[str], directory: Path) -> list[str]:

@@ -58,6 +58,17 @@ class Study:
     job_overrides: list[str] = field(default_factory=list)
     """The command line's overrides for every job (`Overrides.jobs`), which its sweeps add last."""
 
+    @property
+    def runs_dir(self) -> Path:
+        """Where the study's jobs write their runs: ``<paths.log_dir>/<task_name>``."""
+        return self.log_dir / self.task_name
+
+    @property
+    def roots(self) -> list[Path]:
+        """Where its runs are found (the roots a job looks in for its finished twin): `runs_dir`, then the
+        published runs when there are any."""
+        return [self.runs_dir, *([self.published_dir] if self.published_dir is not None else [])]
+
     def grid(self, method: str) -> dict[str, list[Any]] | None:
         """The tuning grid of ``method`` (key -> values), or None when it is not tuned."""
         if self.tune is None:

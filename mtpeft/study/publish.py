@@ -182,7 +182,7 @@ def publish_study(study: Study) -> list[Path]:
     """Publish the finished runs of ``study`` (`publish`) and log what was done."""
     if study.published_dir is None:
         return []
-    new, before = publish(study.log_dir / study.task_name, study.published_dir)
+    new, before = publish(study.runs_dir, study.published_dir)
     log.log(
         logging.INFO if new else logging.DEBUG,
         "published %d new run(s) to %s (%d were there already); commit it to keep them",

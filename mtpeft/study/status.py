@@ -135,11 +135,8 @@ def study_jobs(study: Study) -> list[JobState]:
     """Every job of ``study`` found in its logs and published runs, one `JobState` per job (its best
     record: finished over running over interrupted over failed, then the most steps done, then the
     newest), in stage order."""
-    roots = [study.log_dir / study.task_name]
-    if study.published_dir is not None:
-        roots.append(study.published_dir)
     best: dict[str, JobState] = {}
-    for root in roots:
+    for root in study.roots:
         for directory, record in run_records(root):
             job = job_state(study, directory, root, record)
             identity = run_identity(record)
@@ -224,9 +221,7 @@ def _minutes(seconds: Iterable[float | None]) -> str:
 def format_status(study: Study, jobs: list[JobState], declared: dict[str, int], n_jobs: int = 2) -> str:
     """A summary line per stage, the work left (`work_left`) and a table of the jobs that are not
     finished."""
-    lines = [
-        f"study {study.name} (runs: {study.log_dir / study.task_name}, published: {study.published_dir})"
-    ]
+    lines = [f"study {study.name} (runs: {study.runs_dir}, published: {study.published_dir})"]
     for stage in STAGES:
         if (stage == "tune" and study.tune is None) or (stage == "check" and study.check is None):
             continue
