@@ -256,7 +256,7 @@ def run_sweeps_in_slots(
     running sweep gives its slots back as its jobs end (``left(directory, jobs)``, `jobs_left`, read every
     ``poll_s`` seconds while a sweep waits): the last job
     of a 7-job sweep on 2 slots holds one slot, and the next sweep's one job takes the other instead of
-    waiting for it. ``after_each(directory, status)`` runs after each sweep (under a lock). Returns the exit
+    waiting for it. ``after_each(directory, status)`` runs after each sweep, in its thread (it must be thread-safe). Returns the exit
     statuses in the sweeps' order; a stop (`StudyStopped`) of any sweep is raised once the running ones have
     returned."""
     slots = max(1, slots)
@@ -270,8 +270,7 @@ def run_sweeps_in_slots(
     def one(index: int, command: list[str], directory: Path) -> None:
         try:
             statuses[index] = runner(command, directory)
-            with free:
-                after_each(directory, statuses[index])
+            after_each(directory, statuses[index])  # outside the lock: the other sweeps' slots move on
         except BaseException as error:  # noqa: BLE001 - StudyStopped and others: raised by the caller
             errors.append(error)
         finally:
