@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import gzip
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -118,11 +119,13 @@ def test_publish_copies_small_files_once_under_stable_names(
 
 
 def test_a_clash_or_no_published_dir_is_reported_not_raised_past_the_runner(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A published name taken by another run is a `PublishError` (an Exception: the runner's background
-    publisher logs it and goes on, and it cannot replace the exception that stopped a study); ``--publish``
-    says so and exits 1. With ``paths.published_dir=null`` nothing is published: the study loads, and
+    """A published name taken by another run is a `PublishError`: the runner's publisher logs it and the study
+    goes on (it cannot replace the exception that stopped a study either); ``--publish`` says so and exits 1. With ``paths.published_dir=null`` nothing is published: the study loads, and
     ``--publish`` says why it does nothing."""
     monkeypatch.setenv("MTPEFT_CODE_VERSION", CODE_VERSION["MTPEFT_CODE_VERSION"])
     logs, published = tmp_path / "logs" / "smollm2_mix", tmp_path / "experiments" / "smollm2_mix" / "runs"
@@ -133,6 +136,10 @@ def test_a_clash_or_no_published_dir_is_reported_not_raised_past_the_runner(
     paths = [f"paths.log_dir={tmp_path / 'logs'}", f"paths.published_dir={tmp_path / 'experiments'}"]
     assert main(["smollm2_mix", "--publish", *paths]) == 1
     assert "holds another run" in capsys.readouterr().err
+    publisher = publish_module.Publisher(study_from_command("smollm2_mix", paths)[0])
+    with caplog.at_level(logging.ERROR, logger=publish_module.__name__):
+        publisher()  # after a sweep: logged, the study goes on
+    assert "holds another run" in caplog.text and publisher.published == []
 
     study, _ = study_from_command("smollm2_mix", ["paths.published_dir=null"])
     assert study.published_dir is None and not publish_module.Publisher(study).enabled

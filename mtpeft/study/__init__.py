@@ -67,16 +67,19 @@ final and the lowest training loss, from each run's CSV log.
 
 The stages are ordinary ``python -m mtpeft.train -m`` sweeps run as subprocesses (Hydra semantics
 unchanged) with ``skip_finished``: re-running the command resumes, redoing only missing and failed jobs.
-Each stage writes into its own sweep directory under ``<paths.log_dir>/<task_name>/multiruns/``, and the
+Each stage writes into its own sweep directories under ``<paths.log_dir>/<task_name>/multiruns/``, and the
 tables cover exactly the jobs of this invocation (skipped ones are read from the runs they point to).
 Launcher: joblib (``--n-jobs`` parallel jobs, ``cpu_threads=1``) when the plugin is installed, else
 Hydra's basic (sequential) one. With joblib, a stage's sweeps also run side by side while their jobs fit in
 ``--n-jobs`` (`mtpeft.study.sweeps.run_sweeps_in_slots`): a check on one seed or one method's widened value
 is a one-job sweep, and two of them share two cores instead of one idling; a sweep gives its slots back
 as its last jobs end (a next sweep that needs only the freed slots starts beside the previous one's last
-job). A sweep's jobs that finished before (a re-run, a seed added to a study) are not counted
-(`mtpeft.study.unfinished.jobs_to_run` hashes each job as the job itself would): a method's sweep of three
-seeds, two of them done, takes one slot. Other arguments are Hydra overrides given to every job.
+job). The final and check stages then run one sweep per tuned method and seed, and one per seed for the
+untuned methods (`mtpeft.study.commands.one_sweep_per_seed`): a sweep keeps the slots it started with, so one
+sweep of a method's three seeds on two slots would run its third seed beside an idle slot. The jobs that
+finished before (a re-run, a seed added to a study) of a sweep of several jobs (a tuning grid, the untuned
+methods) are not counted (`mtpeft.study.unfinished.jobs_to_run` hashes each job as the job itself would):
+such a sweep with one job left takes one slot. Other arguments are Hydra overrides given to every job.
 
 Publishing (across sessions and fresh checkouts, where ``logs/`` is empty): after each sweep (and every
 `mtpeft.study.publish.PUBLISH_EVERY_S` seconds while one runs) the runner

@@ -66,7 +66,7 @@ class Study:
     @property
     def roots(self) -> list[Path]:
         """Where its runs are found (the roots a job looks in for its finished twin): `runs_dir`, then the
-        published runs when there are any."""
+        published runs when ``published_dir`` is set."""
         return [self.runs_dir, *([self.published_dir] if self.published_dir is not None else [])]
 
     def grid(self, method: str) -> dict[str, list[Any]] | None:

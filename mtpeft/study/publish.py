@@ -212,9 +212,14 @@ class Publisher:
         self._thread: threading.Thread | None = None
 
     def __call__(self) -> None:
+        """Publish what finished; a run whose published name is taken is logged and left in ``logs/`` (the
+        study goes on; move the other directory away and ``--publish``)."""
         if self.enabled:
             with self._lock:
-                self.published += publish_study(self.study)
+                try:
+                    self.published += publish_study(self.study)
+                except PublishError as err:
+                    log.error("%s; the study goes on", err)
 
     def _every_while_running(self) -> None:
         while not self._stop.wait(PUBLISH_EVERY_S):

@@ -1,7 +1,8 @@
 """The stages of a study (`mtpeft.study`) and how a run's directory tells which one it belongs to.
 
 Each stage's sweep writes into ``<log_dir>/<task_name>/multiruns/<time>_<uid>_<stage><suffix>``
-(`sweep_dir_name`: ``tune0``, ``tune-widen1-0``, ``final``, ``final-lora``, ``check-lora``), and a published run's name
+(`sweep_dir_name`: ``tune0``, ``tune-widen1-0``, ``tune-optuna-lora-3-0``, ``final``, ``final-lora``,
+``final-lora-s0`` and ``final-s1`` when split by seed, ``check-lora``), and a published run's name
 starts with its stage (``tune_lora_lr=0.01_s0_3f2a9c1e``), so `run_stage` can read the stage of any run
 from where it lies: the publisher names runs by it and ``--status`` (`mtpeft.study.status`) counts them.
 """

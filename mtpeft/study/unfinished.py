@@ -1,9 +1,10 @@
 """How many jobs of a sweep will run: its jobs minus those whose job hash already has a finished run.
 
 The runner shares the cores among a stage's sweeps by their job counts (`mtpeft.study.sweeps.run_sweeps_in_slots`).
-Counted by the jobs a command declares, a sweep whose jobs mostly finished before (a study given a third seed,
-a re-run after an interruption) would hold both cores of a 2-core machine for the one job it still runs, and
-the next sweep would wait for it. `jobs_to_run` asks the same question each job asks when it starts
+Counted by the jobs a command declares, a sweep of several jobs (a tuning grid, the untuned methods'
+sweep of a seed; the final and check stages otherwise run a sweep per method and seed) whose jobs mostly
+finished before (a re-run after an interruption, a widened grid) would hold both cores of a 2-core machine
+for the one job it still runs, and the next sweep would wait for it. `jobs_to_run` asks the same question each job asks when it starts
 (`mtpeft.train`: compose the job's config, hash it with its inputs, look for a finished run with that hash in
 the study's logs and published runs), in the runner's process and before the sweep starts. `with_slots` then
 caps the sweep's parallel jobs (``hydra.launcher.n_jobs``) at that count, so a count that is too low (the
