@@ -256,8 +256,8 @@ def run_sweeps_in_slots(
     running sweep gives its slots back as its jobs end (``left(directory, jobs)``, `jobs_left`, read every
     ``poll_s`` seconds while a sweep waits): the last job
     of a 7-job sweep on 2 slots holds one slot, and the next sweep's one job takes the other instead of
-    waiting for it. ``after_each(directory, status)`` runs after each sweep, in its thread (it must be thread-safe). Returns the exit
-    statuses in the sweeps' order; a stop (`StudyStopped`) of any sweep is raised once the running ones have
+    waiting for it. ``after_each(directory, status)`` runs after each sweep, in its thread (it must be
+    thread-safe). Returns the exit statuses in the sweeps' order; a stop (`StudyStopped`) of any sweep is raised once the running ones have
     returned."""
     slots = max(1, slots)
     sweeps = [Sweep(*sweep) for sweep in sweeps]
