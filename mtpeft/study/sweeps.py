@@ -254,11 +254,11 @@ def run_sweeps_in_slots(
     of 1 job share them, and so do two sweeps of 3 jobs of which 2 finished before). Without this, a stage
     of one-job sweeps (a check on one seed, a widened value of one method) would use one core of two. A
     running sweep gives its slots back as its jobs end (``left(directory, jobs)``, `jobs_left`, read every
-    ``poll_s`` seconds while a sweep waits): the last job
-    of a 7-job sweep on 2 slots holds one slot, and the next sweep's one job takes the other instead of
-    waiting for it. ``after_each(directory, status)`` runs after each sweep, in its thread (it must be
-    thread-safe). Returns the exit statuses in the sweeps' order; a stop (`StudyStopped`) of any sweep is raised once the running ones have
-    returned."""
+    ``poll_s`` seconds while a sweep waits): the last job of a 7-job sweep on 2 slots holds one slot, and
+    the next sweep's one job takes the other instead of waiting for it; a sweep needing two waits for both
+    (see `mtpeft.study.commands.one_sweep_per_seed`). ``after_each(directory, status)`` runs after each
+    sweep, in its thread (it must be thread-safe). Returns the exit statuses in the sweeps' order; a stop
+    (`StudyStopped`) of any sweep is raised once the running ones have returned."""
     slots = max(1, slots)
     sweeps = [Sweep(*sweep) for sweep in sweeps]
     free = threading.Condition()
