@@ -4,8 +4,8 @@ The runner shares the cores among a stage's sweeps by their job counts (`mtpeft.
 Counted by the jobs a command declares, a sweep of several jobs (a tuning grid, the untuned methods'
 sweep of a seed; the final and check stages otherwise run a sweep per method and seed) whose jobs mostly
 finished before (a re-run after an interruption, a widened grid) would hold both cores of a 2-core machine
-for the one job it still runs, and the next sweep would wait for it. `jobs_to_run` asks the same question each job asks when it starts
-(`mtpeft.train`: compose the job's config, hash it with its inputs, look for a finished run with that hash in
+for the one job it still runs, and the next sweep would wait for it. `jobs_to_run` asks the same question
+each job asks when it starts (`mtpeft.train`: compose the job's config, hash it with its inputs, look for a finished run with that hash in
 the study's logs and published runs), in the runner's process and before the sweep starts. `with_slots` then
 caps the sweep's parallel jobs (``hydra.launcher.n_jobs``) at that count, so a count that is too low (the
 code changed under a long-running runner, say) costs time, never a core shared by two jobs; whether a job
@@ -51,7 +51,8 @@ def job_overrides(study: Study, command: Sequence[str]) -> list[list[str]]:
 
 def job_configs(study: Study, command: Sequence[str]) -> list[dict]:
     """The resolved config of every job of a ``python -m mtpeft.train -m`` command of this runner, as the
-    job's entry point sees it (`job_overrides`). Without the ``hydra`` node; its own directory, run name and group are left out, which no hash reads."""
+    job's entry point sees it (`job_overrides`). Without the ``hydra`` node; its own directory, run name and
+    group are left out, which no hash reads."""
     configs = []
     for job in job_overrides(study, command):
         cfg = compose_study(study.name, job)
