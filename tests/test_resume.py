@@ -81,9 +81,12 @@ def _same_tensors(a: Any, b: Any) -> bool:
     return a == b
 
 
-def test_resume_from_every_checkpoint_equals_the_uninterrupted_run(tmp_path: Path) -> None:
+def test_resume_from_every_checkpoint_equals_the_uninterrupted_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     reference = _run(tmp_path / "plain", "checkpoint_every_n_steps=null")
     snapshots = tmp_path / "snapshots"
+    caplog.clear()
     full = _run(
         tmp_path / "full",
         "checkpoint_every_n_steps=1",
@@ -92,6 +95,7 @@ def test_resume_from_every_checkpoint_equals_the_uninterrupted_run(tmp_path: Pat
         f"+callbacks.snap.into={snapshots}",
     )
     assert full["metrics"] == reference["metrics"]  # checkpointing every step changes nothing
+    assert not [r for r in caplog.records if "weights_only" in r.getMessage()], "a save logged Lightning's default"
     weights, optimiser = _final_state(tmp_path / "full")
     # step 2 validates (its checkpoint is written after the validation), step 3 ends an epoch
     for step in (2, 3):

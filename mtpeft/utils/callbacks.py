@@ -162,7 +162,7 @@ class PeriodicCheckpoint(Checkpoint):
     def _save(self, trainer: L.Trainer) -> None:
         self._saved_step = trainer.global_step
         tmp = self.path.with_name(self.path.name + ".tmp")
-        trainer.save_checkpoint(tmp)
+        trainer.save_checkpoint(tmp, weights_only=False)  # explicit: Lightning logs its default at every save
         if trainer.is_global_zero:
             os.replace(tmp, self.path)
 
