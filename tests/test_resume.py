@@ -95,7 +95,9 @@ def test_resume_from_every_checkpoint_equals_the_uninterrupted_run(
         f"+callbacks.snap.into={snapshots}",
     )
     assert full["metrics"] == reference["metrics"]  # checkpointing every step changes nothing
-    assert not [r for r in caplog.records if "weights_only" in r.getMessage()], "a save logged Lightning's default"
+    assert not [r for r in caplog.records if "weights_only" in r.getMessage()], (
+        "a save logged Lightning's default"
+    )
     weights, optimiser = _final_state(tmp_path / "full")
     # step 2 validates (its checkpoint is written after the validation), step 3 ends an epoch
     for step in (2, 3):
