@@ -405,3 +405,61 @@ def test_length_groups_span_all_ranks_under_ddp(
         mine = lengths[rank::2]  # DistributedSampler(shuffle=False) over the sampler's stream
         for start in range(0, len(mine), 8):
             assert mine[start : start + 8] == sorted(mine[start : start + 8])
+
+
+#: mix3_hard's reasoning knobs: 5-step chains with numbers up to ~1000, whose targets outgrow the registered
+#: budget of 40 tokens under a tokenizer that spells numbers out in small pieces.
+LONG_REASONING = {"train": 4, "val": 20, "test": 20, "steps": 5, "max_start": 50, "max_arg": 20}
+
+
+def _dm_of(tokenizer: PreTrainedTokenizerFast, tasks: dict) -> MultiTaskDataModule:
+    dm = MultiTaskDataModule(tasks, tokenizer, batch_size=8, eval_batch_size=5)
+    dm.setup("fit")
+    return dm
+
+
+def _longest_eval_target(dm: MultiTaskDataModule, task: str) -> int:
+    targets = [dm.template(r)[1] for split in ("val", "test") for r in dm.records(split) if r["task"] == task]
+    return max(len(dm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in targets) + 1
+
+
+def test_budget_is_raised_to_fit_every_eval_target(tokenizer: PreTrainedTokenizerFast) -> None:
+    """Without data.tasks.<t>.max_new_tokens a task's registered budget is a floor, raised so that the
+    model can write out its longest val/test target and EOS."""
+    dm = _dm_of(tokenizer, {"reasoning": LONG_REASONING, "qa": TASKS["qa"]})
+    longest = _longest_eval_target(dm, "reasoning")
+    assert longest > 40, "the test needs targets longer than reasoning's registered budget"
+    assert dm.max_new_tokens_for("reasoning") == longest
+    assert dm.max_new_tokens_for("qa") == 8  # registered budget, its targets fit
+
+
+def test_mix3_budgets_are_the_registered_ones(tokenizer: PreTrainedTokenizerFast) -> None:
+    """mix3's targets fit the registered budgets, so its runs generate exactly as before budgets were
+    raised (their job hashes did not change)."""
+    dm = _dm_of(tokenizer, {t: {"train": 2, "val": 100, "test": 300} for t in ("qa", "code", "reasoning")})
+    assert {t: dm.max_new_tokens_for(t) for t in dm.task_names} == {"code": 32, "qa": 8, "reasoning": 40}
+
+
+def test_a_given_budget_is_kept_and_warns_when_targets_do_not_fit(
+    tokenizer: PreTrainedTokenizerFast, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="mtpeft.data.budgets"):
+        dm = _dm_of(tokenizer, {"reasoning": {**LONG_REASONING, "max_new_tokens": 12}})
+    assert dm.max_new_tokens_for("reasoning") == 12
+    longest = _longest_eval_target(dm, "reasoning")
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "task 'reasoning': " in warning and "need more than max_new_tokens=12 tokens" in warning
+    assert f"set data.tasks.reasoning.max_new_tokens to {longest} or more" in warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mtpeft.data.budgets"):
+        roomy = _dm_of(tokenizer, {"reasoning": {**LONG_REASONING, "max_new_tokens": longest}})
+    assert roomy.max_new_tokens_for("reasoning") == longest and not caplog.records
+
+
+def test_budget_is_checked_with_the_config(tokenizer: PreTrainedTokenizerFast) -> None:
+    with pytest.raises(
+        ValueError, match=r"data\.tasks\.qa\.max_new_tokens=0 is not valid: .*greater than or equal to 1"
+    ):
+        MultiTaskDataModule({"qa": {"train": 1, "max_new_tokens": 0}}, tokenizer)
+    with pytest.raises(RuntimeError, match="call setup"):
+        MultiTaskDataModule(TASKS, tokenizer).max_new_tokens_for("qa")

@@ -26,6 +26,7 @@ from pydantic import BaseModel, Field, Strict
 from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
 
+from mtpeft.data.budgets import BUDGET_KEY, eval_budget, target_lengths, warn_unreachable_targets
 from mtpeft.data.collate import EvalCollator, TrainCollator, padding_fraction
 from mtpeft.data.encode import EncodeStats, Example, encode_records
 from mtpeft.data.records import Record
@@ -180,10 +181,9 @@ class MultiTaskDataModule(LightningDataModule):
         return self.task_spec(task).metrics
 
     def max_new_tokens_for(self, task: str) -> int:
-        """Generation budget of ``task`` at evaluation (derived at ``setup`` for source tasks without one)."""
+        """Generation budget of ``task`` at evaluation (set at ``setup``: `_derive_budgets`)."""
+        self._require_setup()
         budget = self.task_spec(task).max_new_tokens
-        if budget is None:
-            self._require_setup()
         assert budget is not None
         return budget
 
@@ -249,14 +249,30 @@ class MultiTaskDataModule(LightningDataModule):
         return build_splits(name, sizes, self.seed, **knobs)
 
     def _derive_budgets(self, blocks: Mapping[str, Mapping[str, list[Record]]]) -> None:
-        """Give source tasks without ``max_new_tokens`` the longest train target's length (+ EOS, capped)."""
+        """Set every task's generation budget (`eval_budget`): a source task without ``max_new_tokens``
+        gets its longest train target's length (+ EOS, capped); a registered task its
+        ``data.tasks.<name>.max_new_tokens``, else its registered budget raised to fit its longest val/test
+        target. A budget some val/test target does not fit is logged as a warning naming the key to set."""
         table = self._task_table()
         for name, spec in table.items():
-            if isinstance(spec, SourceTask) and spec.max_new_tokens is None:
-                records = blocks[name].get("train") or [r for part in blocks[name].values() for r in part]
-                budget = default_max_new_tokens(records, self.tokenizer, self.template)
+            evaluated = [r for split in ("val", "test") for r in blocks[name].get(split, [])]
+            lengths = target_lengths(evaluated, self.tokenizer, self.template)
+            if isinstance(spec, SourceTask):
+                if spec.max_new_tokens is None:
+                    records = blocks[name].get("train") or [r for part in blocks[name].values() for r in part]
+                    budget = default_max_new_tokens(records, self.tokenizer, self.template)
+                    table[name] = replace(spec, max_new_tokens=budget)
+                    log.info("task %r: max_new_tokens=%d (longest train target + EOS)", name, budget)
+                key = f"max_new_tokens of the data.sources entry of {spec.source}"
+            else:
+                given = self.task_config[name].get(BUDGET_KEY)
+                budget = eval_budget(spec.max_new_tokens, given, lengths)
+                if budget != spec.max_new_tokens:
+                    origin = "data.tasks" if given else "raised to fit the longest val/test target + EOS"
+                    log.info("task %r: max_new_tokens=%d (%s)", name, budget, origin)
                 table[name] = replace(spec, max_new_tokens=budget)
-                log.info("task %r: max_new_tokens=%d (longest train target + EOS)", name, budget)
+                key = f"data.tasks.{name}.{BUDGET_KEY}"
+            warn_unreachable_targets(name, lengths, table[name].max_new_tokens, key)
 
     def _report(self, split: str, stats: Mapping[str, EncodeStats]) -> None:
         """Log split sizes per task and, as a warning per task, every record cut or dropped for length."""
@@ -420,7 +436,8 @@ def _eval_sampler(examples: Sequence[Example]) -> Sampler[int] | None:
 
 
 class TaskSizes(BaseModel):
-    """Split sizes of one generator task (``data.tasks.<name>``); its other keys are the generator's knobs."""
+    """Split sizes and generation budget of one generator task (``data.tasks.<name>``); its other keys are
+    the generator's knobs."""
 
     model_config = CONFIG
 
@@ -430,6 +447,9 @@ class TaskSizes(BaseModel):
     """Validation records."""
     test: NonNegativeInt = 0
     """Test records."""
+    max_new_tokens: PositiveInt | None = None
+    """Generation budget at evaluation (tokens). None: the task's registered budget, raised to the longest
+    val/test target + EOS under this run's tokenizer and template (`eval_budget`)."""
 
 
 def parse_tasks(tasks: Mapping[str, Any] | None, allow_empty: bool = False) -> dict[str, dict[str, Any]]:
@@ -459,9 +479,9 @@ def parse_tasks(tasks: Mapping[str, Any] | None, allow_empty: bool = False) -> d
 
 
 def _sizes_and_knobs(entry: Mapping[str, Any]) -> tuple[dict[str, int], dict[str, Any]]:
-    """Split a task entry into split sizes and generator knobs."""
+    """Split a task entry into split sizes and generator knobs (its ``max_new_tokens`` is neither)."""
     sizes = {k: v for k, v in entry.items() if k in SPLITS}
-    knobs = {k: v for k, v in entry.items() if k not in SPLITS}
+    knobs = {k: v for k, v in entry.items() if k not in SPLITS and k != BUDGET_KEY}
     return sizes, knobs
 
 
