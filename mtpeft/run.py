@@ -35,7 +35,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from mtpeft.inputs import run_inputs
-from mtpeft.methods import build_method, method_options
+from mtpeft.methods import AdaptedModel, build_method, method_options
 from mtpeft.models.loader import adapter_dtype, describe_model, load_base_model
 from mtpeft.module import MultiTaskModule
 from mtpeft.preflight import preflight
@@ -44,7 +44,7 @@ from mtpeft.utils.callbacks import PeriodicCheckpoint, ResumeState
 from mtpeft.utils.confighash import config_hash, job_hash
 from mtpeft.utils.memory import peak_memory_mb, reset_peak_memory, set_malloc_mmap_threshold
 from mtpeft.utils.provenance import provenance
-from mtpeft.utils.resume import CHECKPOINT_DIR, find_resume_checkpoint
+from mtpeft.utils.resume import CHECKPOINT_DIR, find_resume_checkpoint, load_checkpoint
 from mtpeft.utils.runlock import RunDirLock
 from mtpeft.utils.sweep import (
     RESULTS_FILE,
@@ -205,6 +205,8 @@ def _train_and_evaluate(cfg: DictConfig, output_dir: Path, job: Job) -> dict[str
         if cfg.test:
             trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=False)
         if cfg.save_adapter and trainable > 0:
+            if best and not cfg.test:  # trainer.test loaded it otherwise
+                restore_best_adapter(model, best)
             model.save_adapter(output_dir / "adapter")
         for split, metrics in module.last_metrics.items():
             log_task_table(loggers, split, metrics)
@@ -246,6 +248,14 @@ def log_task_table(loggers: list[Any], split: str, metrics: dict[str, float]) ->
     for logger in loggers:
         if hasattr(logger, "log_table") and rows:
             logger.log_table(key=f"{split}/results", columns=["task", "metric", "score"], data=rows)
+
+
+def restore_best_adapter(model: AdaptedModel, checkpoint: str | Path) -> None:
+    """Load the adapter weights of the best validation checkpoint into ``model``, so that a run saves the
+    adapter its record's validation scores belong to (without a test stage, which loads it, the model
+    holds the last step's weights)."""
+    state = load_checkpoint(Path(checkpoint))["state_dict"]
+    model.load_adapter_state_dict({key.removeprefix("model."): value for key, value in state.items()})
 
 
 def _best_checkpoint(trainer: L.Trainer) -> str | None:
