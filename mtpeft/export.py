@@ -363,8 +363,31 @@ def _export(args: argparse.Namespace, out: Path) -> list[Path]:
 
 
 def _results(run_dir: Path) -> dict[str, Any]:
+    """The record of a finished run (``{}`` for a directory without ``results.json``); an unreadable record,
+    or one of a run that is still running or failed, is an error saying what to do: such a run's
+    ``adapter/`` may be partial or not its best checkpoint's, and its record lists the tasks in config
+    order, not in the adapter's task-id order."""
     path = run_dir / "results.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"{path} is unreadable ({err}): the run may have been killed while writing it; re-run its command "
+            "(resume=auto finishes it) or pass another run directory"
+        ) from None
+    status = results.get("status") if isinstance(results, dict) else None
+    if status != "success":
+        detail = {"running": f", pid {results.get('pid')}", "failed": f": {results.get('error')}"}.get(
+            status, ""
+        )
+        raise ValueError(
+            f"{run_dir} is not a finished run: its results.json has status {status!r}{detail}. Pass the "
+            "directory of a run that finished (status 'success'), or finish this one first (re-run its "
+            "command; resume=auto continues from its last checkpoint)"
+        )
+    return results
 
 
 if __name__ == "__main__":
