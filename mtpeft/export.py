@@ -224,6 +224,14 @@ def export_lmeval_task(
     datamodule.setup("test")
     if task not in datamodule.task_names:
         raise ValueError(f"task {task!r} is not in the run's data; its tasks: {datamodule.task_names}")
+    metric = datamodule.metrics_for(task)[0]
+    if metric != LMEVAL_METRIC:
+        raise ValueError(
+            f"task {task!r} is scored by {metric}, and an exported lm-eval task scores {LMEVAL_METRIC} only "
+            f"(its score would not be mtpeft's); export the tasks scored by {LMEVAL_METRIC} "
+            f"({', '.join(lmeval_tasks(datamodule)) or 'none in this run'}) or score {task!r} with "
+            "python -m mtpeft.eval"
+        )
     from mtpeft.metrics.base import golds
 
     out_dir = Path(out_dir)
@@ -240,6 +248,15 @@ def export_lmeval_task(
     path = out_dir / f"{name}.yaml"
     path.write_text(lmeval_task_yaml(lmeval_task_spec(name, data.resolve(), int(budget))))
     return path
+
+
+LMEVAL_METRIC = "exact_match"
+"""The one metric an exported lm-eval task computes (SQuAD-normalised exact match, `LMEVAL_METRIC_SOURCE`)."""
+
+
+def lmeval_tasks(datamodule: Any) -> list[str]:
+    """The run's tasks whose score an exported lm-eval task reproduces: those scored by `LMEVAL_METRIC`."""
+    return [t for t in datamodule.task_names if datamodule.metrics_for(t)[0] == LMEVAL_METRIC]
 
 
 LMEVAL_METRIC_MODULE = "mtpeft_exact_match"
@@ -346,7 +363,8 @@ def _export(args: argparse.Namespace, out: Path) -> list[Path]:
         cfg = read_run_config(args.run_dir)
         _, tokenizer = load_base_model(cfg.model)
         datamodule = build_datamodule(cfg, tokenizer)
-        tasks = args.task or datamodule.task_names
+        datamodule.setup("test")
+        tasks = args.task or _exact_match_tasks(datamodule)
         return [export_lmeval_task(cfg, tokenizer, t, args.split, out / "lmeval", datamodule) for t in tasks]
     run = load_run(args.run_dir)
     tasks = args.task or run.tasks
@@ -358,8 +376,30 @@ def _export(args: argparse.Namespace, out: Path) -> list[Path]:
     else:
         written.append(export_base_and_adapter(run, out))
     if args.lmeval_task:
-        written += [export_lmeval_task(run.cfg, run.tokenizer, t, args.split, out / "lmeval") for t in tasks]
+        datamodule = build_datamodule(run.cfg, run.tokenizer)
+        datamodule.setup("test")
+        chosen = args.task or _exact_match_tasks(datamodule)
+        out_dir = out / "lmeval"
+        written += [
+            export_lmeval_task(run.cfg, run.tokenizer, t, args.split, out_dir, datamodule) for t in chosen
+        ]
     return written
+
+
+def _exact_match_tasks(datamodule: Any) -> list[str]:
+    """`lmeval_tasks`, saying on stderr which tasks it leaves out (none at all is an error)."""
+    chosen = lmeval_tasks(datamodule)
+    skipped = [t for t in datamodule.task_names if t not in chosen]
+    if not chosen:
+        raise ValueError(
+            f"no task of this run is scored by {LMEVAL_METRIC}: nothing to export as an lm-eval task"
+        )
+    if skipped:
+        print(
+            f"mtpeft.export: --lmeval-task skips {', '.join(skipped)} (not scored by {LMEVAL_METRIC})",
+            file=sys.stderr,
+        )
+    return chosen
 
 
 def _results(run_dir: Path) -> dict[str, Any]:

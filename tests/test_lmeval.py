@@ -41,6 +41,19 @@ def lora_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _train("lora", tmp_path_factory.mktemp("lmeval") / "run-lora")
 
 
+def test_only_exact_match_tasks_are_exported(lora_run: Path, tmp_path: Path, capsys) -> None:
+    """An exported task scores exact match, so tasks scored otherwise (mix3's code: pass@1, reasoning:
+    numeric match) are refused when named and left out, saying so, when not."""
+    assert (
+        export_main([str(lora_run), "--lmeval-task", "--task", "reasoning", "--out", str(tmp_path / "r")])
+        == 1
+    )
+    assert "task 'reasoning' is scored by numeric_match" in capsys.readouterr().err
+    assert export_main([str(lora_run), "--lmeval-task", "--out", str(tmp_path / "all")]) == 0
+    assert "skips code, reasoning (not scored by exact_match)" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "all" / "lmeval").glob("*.yaml")) == [f"{TASK}.yaml"]
+
+
 def test_exported_task_holds_the_runs_prompts_and_answers(lora_run: Path, tmp_path: Path) -> None:
     assert export_main([str(lora_run), "--lmeval-task", "--task", "qa", "--out", str(tmp_path)]) == 0
     spec = _read_task_yaml(tmp_path / "lmeval" / f"{TASK}.yaml")
