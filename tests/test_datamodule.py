@@ -463,3 +463,24 @@ def test_budget_is_checked_with_the_config(tokenizer: PreTrainedTokenizerFast) -
         MultiTaskDataModule({"qa": {"train": 1, "max_new_tokens": 0}}, tokenizer)
     with pytest.raises(RuntimeError, match="call setup"):
         MultiTaskDataModule(TASKS, tokenizer).max_new_tokens_for("qa")
+
+
+def test_an_overlong_prompt_keeps_its_end_for_generation(tokenizer: PreTrainedTokenizerFast) -> None:
+    """Generation needs the end of a prompt (the question, the response header): a prompt longer than
+    max_length keeps its BOS and its last tokens, the same whether its text is short or huge."""
+    template = get_template("plain")
+    for words in (60, 200_000):  # the second is far over the character budget of bounded_token_ids
+        record = _record(_words(words, seed=1) + " question : who owns the cat ? answer :", "dave")
+        (example,), _, stats = encode_records([record], [0], tokenizer, template, max_length=24)
+        whole = tokenizer(template(record)[0])["input_ids"]
+        assert len(whole) > 24 and stats.prompts_cut == 1
+        assert example.prompt_ids == [tokenizer.bos_token_id, *whole[-23:]]
+        assert tokenizer.decode(example.prompt_ids).endswith("who owns the cat ? answer :")
+
+
+def test_cut_eval_prompts_are_reported(
+    tokenizer: PreTrainedTokenizerFast, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="mtpeft.data.datamodule"):
+        _dm(tokenizer, max_length=20)
+    assert "prompts are longer than max_length=20 tokens: generation sees their last 20" in caplog.text

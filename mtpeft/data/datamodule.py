@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 import torch
 from lightning import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.trainer.states import TrainerFn
 from pydantic import BaseModel, Field, Strict
 from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
@@ -30,7 +31,7 @@ from mtpeft.data.budgets import BUDGET_KEY, eval_budget, target_lengths, warn_un
 from mtpeft.data.collate import EvalCollator, TrainCollator, padding_fraction
 from mtpeft.data.encode import EncodeStats, Example, encode_records
 from mtpeft.data.records import Record
-from mtpeft.data.sampling import TemperatureSampler
+from mtpeft.data.sampling import RankShard, TemperatureSampler
 from mtpeft.data.sources import SourceTask, default_max_new_tokens, load_sources, parse_sources
 from mtpeft.data.tasks import SPLITS, TaskSpec, build_splits, get_task
 from mtpeft.data.templates import get_template, with_chat_template
@@ -290,6 +291,16 @@ class MultiTaskDataModule(LightningDataModule):
                     task_stats.truncated,
                     task_stats.skipped,
                 )
+            if task_stats.prompts_cut and split != "train":
+                log.warning(
+                    "%s/%s: %d prompts are longer than max_length=%d tokens: generation sees their last %d "
+                    "tokens (their beginning is dropped); raise max_length to keep them whole",
+                    split,
+                    name,
+                    task_stats.prompts_cut,
+                    self.max_length,
+                    self.max_length,
+                )
         counts = {name: s.total - s.skipped for name, s in stats.items()}
         longest = max((s.longest for s in stats.values()), default=0)
         log.info("%s: %s (longest %d tokens)", split, counts, longest)
@@ -341,17 +352,34 @@ class MultiTaskDataModule(LightningDataModule):
         )
 
     def _global_batch_size(self) -> int:
-        """Examples per optimiser step over all DDP ranks: Lightning deals the sampled stream to the ranks
-        in turn (``DistributedSamplerWrapper``), so groups of this many similar lengths give every rank's
-        batch similar lengths."""
+        """Examples per optimiser step over all DDP ranks: the training loader deals the sampled stream to
+        the ranks in turn (`RankShard`), so groups of this many similar lengths give every rank's batch
+        similar lengths."""
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         return self.batch_size * (torch.distributed.get_world_size() if distributed else 1)
 
     def state_dict(self) -> dict[str, Any]:
         """Checkpointed state: the sampler's position so a resumed run sees the same sequence."""
         if self._sampler is not None:
-            return {"sampler": self._sampler.state_dict()}
+            return {"sampler": self._sampler.state_dict(self._consumed())}
         return {"sampler": self._pending_sampler_state} if self._pending_sampler_state else {}
+
+    def _consumed(self) -> int | None:
+        """Samples of the current epoch that training has taken, over all ranks; None outside a fit.
+
+        The sampler's own count is of indices drawn, which runs ahead of training: DataLoader workers
+        prefetch batches, and under DDP each rank draws its own share. Lightning's count of the epoch's
+        batches handed to training (``batch_progress.current.ready``, which a resumed run restores and
+        continues) times the global batch size is what was consumed; it is capped by what was drawn, which
+        it can only exceed between an epoch's ``set_epoch`` and the reset of Lightning's counter.
+        """
+        trainer = getattr(self, "trainer", None)
+        loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+        if loop is None or trainer.state.fn != TrainerFn.FITTING or self._sampler is None:
+            return None
+        batches = loop.batch_progress.current.ready
+        drawn = self._sampler.state_dict()["position"]
+        return min(batches * self._global_batch_size(), drawn)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore ``state_dict`` (applied to the sampler now or when it is built)."""
@@ -365,17 +393,19 @@ class MultiTaskDataModule(LightningDataModule):
 
     # -- dataloaders ----------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
-        """Temperature-sampled, right-padded training batches (``task_ids`` included)."""
+        """Temperature-sampled, right-padded training batches (``task_ids`` included); under DDP each rank
+        gets its `RankShard` of the sampled stream."""
         sampler = self.sampler
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
             sampler.set_epoch(trainer.current_epoch)
         if self.padding_fraction is None:
             self._report_padding(sampler, trainer)
+        world, rank = _world_and_rank()
         return DataLoader(
             self.examples("train"),  # type: ignore[arg-type]
             batch_size=self.batch_size,
-            sampler=sampler,
+            sampler=sampler if world == 1 else RankShard(sampler, world, rank),
             collate_fn=TrainCollator(self.tokenizer.pad_token_id),
             num_workers=self.num_workers,
         )
@@ -433,6 +463,13 @@ def _eval_sampler(examples: Sequence[Example]) -> Sampler[int] | None:
     if world == 1:
         return None
     return UnrepeatedDistributedSampler(examples, num_replicas=world, rank=rank, shuffle=False)
+
+
+def _world_and_rank() -> tuple[int, int]:
+    """``(world size, rank)`` of the initialised process group; ``(1, 0)`` in a single process."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 1, 0
+    return torch.distributed.get_world_size(), torch.distributed.get_rank()
 
 
 class TaskSizes(BaseModel):

@@ -6,7 +6,9 @@ learns to stop. Tokenising the two parts separately guarantees that the training
 the prompt used for generation at evaluation. Labels are -100 on the prompt (answer-only loss, the
 LLM-Adapters / MTL-LoRA convention) unless ``loss_on_prompt`` (HyCAM's full-sequence loss).
 Sequences longer than ``max_length`` are cut on the right (``truncate``) or dropped (``skip``); the
-caller reports how many.
+caller reports how many. The prompt for generation is never cut on the right: one longer than
+``max_length`` keeps its last ``max_length`` tokens (after its BOS, if any), so the model still sees the
+question and the response header that end it (`generation_prompt`).
 
 Tokenising is bounded by a character budget (``bounded_token_ids``): a text longer than
 ``(max_length + CUT_MARGIN) * longest token`` characters is cut to that length first, since no token
@@ -48,7 +50,7 @@ class Example:
     labels: list[int]
     """Same length as ``input_ids``; -100 where no loss is taken."""
     prompt_ids: list[int]
-    """The prompt alone (for generation)."""
+    """The prompt alone (for generation), at most ``max_length`` tokens: a longer one keeps its end."""
     task_id: int
     index: int
     """Position of the record in its split's record list."""
@@ -63,6 +65,8 @@ class EncodeStats:
     skipped: int
     longest: int
     """Exact for texts within the character budget; for a longer (cut) text, the tokens of the cut part."""
+    prompts_cut: int = 0
+    """Prompts longer than ``max_length`` whose generation prompt keeps only their end."""
 
 
 def encode_records(
@@ -91,8 +95,10 @@ def encode_records(
     targets = bounded_token_ids(tokenizer, [t for _, t in rendered], max_length, add_special_tokens=False)
     examples: list[Example] = []
     kept: list[Record] = []
-    truncated = skipped = longest = 0
-    for record, task_id, prompt, target in zip(records, task_ids, prompts, targets, strict=True):
+    truncated = skipped = longest = prompts_cut = 0
+    for record, task_id, prompt, target, (text, _) in zip(
+        records, task_ids, prompts, targets, rendered, strict=True
+    ):
         ids = [*prompt, *target, tokenizer.eos_token_id]
         longest = max(longest, len(ids))
         if len(ids) > max_length:
@@ -101,11 +107,30 @@ def encode_records(
                 continue
             truncated += 1
         labels = list(ids) if loss_on_prompt else [IGNORE_INDEX] * len(prompt) + ids[len(prompt) :]
-        examples.append(
-            Example(ids[:max_length], labels[:max_length], list(prompt[:max_length]), task_id, len(kept))
-        )
+        generation = list(prompt)
+        if len(prompt) > max_length:
+            prompts_cut += 1
+            generation = generation_prompt(tokenizer, text, prompt, max_length)
+        examples.append(Example(ids[:max_length], labels[:max_length], generation, task_id, len(kept)))
         kept.append(record)
-    return examples, kept, EncodeStats(len(records), truncated, skipped, longest)
+    return examples, kept, EncodeStats(len(records), truncated, skipped, longest, prompts_cut)
+
+
+def generation_prompt(
+    tokenizer: PreTrainedTokenizerBase, text: str, prompt: list[int], max_length: int
+) -> list[int]:
+    """The last ``max_length`` tokens of an overlong prompt ``text`` (``prompt``: its first tokens, as
+    `encode_records` tokenised them), after its BOS when it starts with one. A prompt ends with what the
+    model must answer (the question, the response header of its template), which a cut on the right drops.
+    Only the text's last characters are tokenised (the character budget of the module docstring, from
+    the end)."""
+    bos = [prompt[0]] if tokenizer.bos_token_id is not None and prompt[0] == tokenizer.bos_token_id else []
+    keep = max_length - len(bos)
+    budget = (keep + CUT_MARGIN) * max_token_chars(tokenizer)
+    tail = tokenizer(text[-budget:], add_special_tokens=False)["input_ids"]
+    if len(text) > budget and len(tail) < keep + CUT_MARGIN:
+        tail = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return bos + tail[-keep:]
 
 
 def max_token_chars(tokenizer: PreTrainedTokenizerBase) -> int:
