@@ -27,6 +27,7 @@ import torch
 
 from mtpeft.adapters.base import AdaptedModel
 from mtpeft.data.records import Record
+from mtpeft.data.seeding import derive_seed
 from mtpeft.generation import generate_rows
 from mtpeft.losses import model_token_losses, per_task_mean, token_losses
 from mtpeft.metrics.tracker import SCORES_FILE, EvalMetrics, check_metric_names, write_example_scores
@@ -123,6 +124,7 @@ class MultiTaskModule(L.LightningModule):
         top_p: float,
         gradient_checkpointing: bool = False,
         compile_step: bool = False,
+        sampling_seed: int = 0,
     ) -> None:
         """``optimizer``/``scheduler``: partials completed in `configure_optimizers`; the keyword arguments
         come from conf/train.yaml (``warmup_ratio``, ``optimizer.weight_decay``, ``evaluation.*``), which
@@ -139,6 +141,9 @@ class MultiTaskModule(L.LightningModule):
         if num_samples < 1:
             raise ValueError(f"evaluation.num_samples must be >= 1, got {num_samples}")
         self.num_samples = num_samples
+        self.sampling_seed = sampling_seed
+        """Seeds each eval batch's sampling (``num_samples`` > 1) with its split and first record, so that
+        `mtpeft.eval` draws the samples the run drew (same eval batches) whatever the RNG state before."""
         self.temperature = temperature
         self.top_p = top_p
         if gradient_checkpointing:
@@ -154,6 +159,7 @@ class MultiTaskModule(L.LightningModule):
         self._eval_start = 0.0
         self._eval = EvalMetrics("val", {})  # replaced when an eval epoch starts
         self._eval_records: list[Record] = []
+        self._eval_split = "val"
         self.example_rows: dict[str, list[dict[str, Any]]] = {}  # per-example scores: best val, last test
         self._last_rows: list[dict[str, Any]] = []
         self._step_start = 0.0
@@ -294,6 +300,7 @@ class MultiTaskModule(L.LightningModule):
         datamodule = self.trainer.datamodule
         names = {task: datamodule.metrics_for(task) for task in self.task_names}
         self._eval = EvalMetrics(split, names, self.num_samples, self.device)
+        self._eval_split = split
         self._eval_records = datamodule.records(split)
 
     def _eval_step(self, batch: dict[str, torch.Tensor]) -> None:
@@ -326,6 +333,9 @@ class MultiTaskModule(L.LightningModule):
             prompt, mask, task_ids = (t.repeat_interleave(n, dim=0) for t in (prompt, mask, task_ids))
         cuda = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda, enabled=n > 1):  # sampling leaves training's RNG alone
+            if n > 1:
+                first = int(batch["index"][0]) if "index" in batch else 0
+                torch.manual_seed(derive_seed(self.sampling_seed, self._eval_split, first))
             rows = generate_rows(
                 self.model,
                 prompt,

@@ -89,6 +89,7 @@ def build_module(cfg: DictConfig, model: Any, tokenizer: Any) -> MultiTaskModule
         top_p=cfg.evaluation.top_p,
         gradient_checkpointing=cfg.gradient_checkpointing,
         compile_step=bool(cfg.get("compile", False)),
+        sampling_seed=int(cfg.seed),
     )
 
 

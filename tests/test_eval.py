@@ -19,6 +19,7 @@ from mtpeft.bench.config import compose_run
 from mtpeft.eval import TaskIdMap, evaluate
 from mtpeft.export import load_adapted, read_run_config
 from mtpeft.methods import build_method
+from mtpeft.metrics.tracker import SCORES_FILE, read_example_scores
 from mtpeft.models.loader import load_base_model
 from mtpeft.results.load import load_runs
 from mtpeft.run import method_options, run
@@ -112,6 +113,29 @@ def test_eval_of_a_run_reproduces_its_test_metrics(lora_run: tuple[Path, dict], 
     assert (tmp_path / "scores.jsonl.gz").is_file()
     assert load_runs([tmp_path]) == []  # mtpeft.results leaves evaluation records out
     assert len(load_runs([run_dir, tmp_path])) == 1
+
+
+def test_sampled_eval_draws_the_runs_samples(tmp_path: Path) -> None:
+    """With ``evaluation.num_samples`` > 1 each eval batch's sampling is seeded by the run's seed, its split
+    and its first record, so evaluating the saved adapter draws the run's samples (the global RNG state
+    differs: the run sampled after training)."""
+    run_dir = tmp_path / "run"
+    sampling = ["model.pretrain.steps=0", "evaluation.num_samples=2", "evaluation.max_new_tokens=6"]
+    cfg = compose_train(
+        [*TINY_RUN, *sampling, "logger=none", "method=lora", "method.init_weights=false"], run_dir
+    )
+    _save_hydra_config(cfg, run_dir)
+    run(cfg, run_dir)
+    _evaluate([f"adapter={run_dir}"], tmp_path / "eval")
+    by_row = [
+        {
+            (r["task"], r["index"]): r["prediction"]
+            for r in read_example_scores(d / SCORES_FILE)
+            if r["split"] == "test"
+        }
+        for d in (run_dir, tmp_path / "eval")
+    ]
+    assert by_row[0] == by_row[1] and len(by_row[0]) == 18
 
 
 def test_bare_adapter_with_model_and_data_reproduces_too(lora_run: tuple[Path, dict], tmp_path: Path) -> None:
