@@ -45,6 +45,8 @@ from mtpeft.adapters.base import ADAPTER_CONFIG, AdaptedModel, NotMergeableError
 from mtpeft.adapters.registry import load_adapter
 from mtpeft.models.loader import adapter_dtype, load_base_model
 from mtpeft.utils.resolvers import register_resolvers
+from mtpeft.utils.staging import staged_dir
+from mtpeft.utils.sweep import write_json
 
 log = logging.getLogger(__name__)
 EXPORT_INFO = "mtpeft_export.json"
@@ -168,9 +170,10 @@ def export_merged(run: LoadedRun, task: str, out_dir: str | Path) -> Path:
     run.model.check_mergeable()  # before a second copy of the base is loaded
     merged = run.model.merge_into(run.fresh_base(), task_id)
     out_dir = Path(out_dir)
-    merged.save_pretrained(out_dir)
-    run.tokenizer.save_pretrained(out_dir)
-    _write_info(out_dir, run, {"kind": "merged", "task": task, "task_id": task_id})
+    with staged_dir(out_dir) as staging:  # a re-export replaces the directory whole
+        merged.save_pretrained(staging)
+        run.tokenizer.save_pretrained(staging)
+        _write_info(staging, run, {"kind": "merged", "task": task, "task_id": task_id})
     return out_dir
 
 
@@ -181,16 +184,17 @@ def export_base_and_adapter(run: LoadedRun, out_dir: str | Path) -> Path:
     ``AutoPeftModelForCausalLM.from_pretrained(<out>/adapter)`` finds it; the run's own value names its
     cache directory, which exists only on the machine that trained it."""
     out_dir = Path(out_dir)
-    base = run.fresh_base()
-    base.save_pretrained(out_dir / "base")
-    run.tokenizer.save_pretrained(out_dir / "base")
-    shutil.copytree(run.run_dir / "adapter", out_dir / "adapter", dirs_exist_ok=True)
-    peft_config = out_dir / "adapter" / ADAPTER_CONFIG
-    if peft_config.is_file():
-        config = json.loads(peft_config.read_text())
-        if "base_model_name_or_path" in config:
-            config["base_model_name_or_path"] = str((out_dir / "base").resolve())
-            peft_config.write_text(json.dumps(config, indent=2) + "\n")
+    with staged_dir(out_dir / "base") as staging:  # a re-export replaces base/ and adapter/ whole
+        run.fresh_base().save_pretrained(staging)
+        run.tokenizer.save_pretrained(staging)
+    with staged_dir(out_dir / "adapter") as staging:
+        shutil.copytree(run.run_dir / "adapter", staging, dirs_exist_ok=True)
+        peft_config = staging / ADAPTER_CONFIG
+        if peft_config.is_file():
+            config = json.loads(peft_config.read_text())
+            if "base_model_name_or_path" in config:
+                config["base_model_name_or_path"] = str((out_dir / "base").resolve())
+                peft_config.write_text(json.dumps(config, indent=2) + "\n")
     _write_info(out_dir, run, {"kind": "base+adapter"})
     return out_dir
 
@@ -202,7 +206,7 @@ def _write_info(out_dir: Path, run: LoadedRun, extra: dict[str, Any]) -> None:
         "tasks": run.tasks,
         **extra,
     }
-    (out_dir / EXPORT_INFO).write_text(json.dumps(info, indent=2))
+    write_json(out_dir / EXPORT_INFO, info)
 
 
 # -- lm-eval tasks -----------------------------------------------------------------------------------
