@@ -394,11 +394,19 @@ class MultiTaskDataModule(LightningDataModule):
     # -- dataloaders ----------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
         """Temperature-sampled, right-padded training batches (``task_ids`` included); under DDP each rank
-        gets its `RankShard` of the sampled stream."""
+        gets its `RankShard` of the sampled stream.
+
+        The sampler is set to the trainer's epoch; a run resumed from a checkpoint saved after an epoch's
+        last batch (every sample of the epoch consumed) starts the next one. Lightning moves its epoch on
+        only after building the loader, whose workers start drawing at once (``num_workers > 0``): they
+        would draw the finished epoch's nothing and the next epoch would be skipped.
+        """
         sampler = self.sampler
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
             sampler.set_epoch(trainer.current_epoch)
+            if sampler.resume_position == len(sampler):
+                sampler.set_epoch(trainer.current_epoch + 1)
         if self.padding_fraction is None:
             self._report_padding(sampler, trainer)
         world, rank = _world_and_rank()
@@ -512,6 +520,9 @@ def parse_tasks(tasks: Mapping[str, Any] | None, allow_empty: bool = False) -> d
             )
         sizes = {k: v for k, v in entry.items() if k not in spec.knobs}
         parse(TaskSizes, sizes, f"data.tasks.{name}", extra_keys=spec.knobs)
+        if spec.config is not None:
+            knobs = {k: v for k, v in entry.items() if k in spec.knobs}
+            parse(spec.config, knobs, f"data.tasks.{name}", extra_keys=TaskSizes.model_fields)
     return table
 
 

@@ -8,6 +8,13 @@ depends only on ``(seed, epoch)``: each epoch mixes differently (LLaMA-Factory #
 repeats it, and ``state_dict`` records the position inside the epoch so a resumed run continues the
 same sequence. Global indices address the concatenated dataset (task blocks in the given order).
 
+The position to save is the number of samples training has consumed, which is not always the number
+drawn: a DataLoader with workers draws batches ahead, and DDP ranks draw their shares separately. The
+sampler counts draws (exact for a single-process loop that trains on each index as it is drawn);
+``state_dict(consumed=...)`` takes the count from whoever knows better (the datamodule passes the
+trainer's count of batches trained on). Under DDP, `RankShard` deals the epoch's stream to the ranks in
+turn, as ``DistributedSampler(shuffle=False)`` would, and resumes every rank at the saved global position.
+
 Length grouping (optional, ``lengths`` given): the epoch's stream is cut into pools of
 ``pool_batches * batch_size`` consecutive draws; each pool is sorted by length (stable) and cut into
 batches, and the full batches of the epoch are shuffled with a generator of their own (the partial batch,
@@ -24,7 +31,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler, Sampler
 
 from mtpeft.data.seeding import derive_seed
 
@@ -92,12 +99,27 @@ class TemperatureSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.num_samples
 
+    @property
+    def resume_position(self) -> int:
+        """Where the next pass over the epoch starts: the position ``load_state_dict`` restored, until a
+        pass begins; 0 otherwise."""
+        return self._resume
+
     def __iter__(self) -> Iterator[int]:
+        return self._walk(0, 1, self.num_samples)
+
+    def _walk(self, offset: int, step: int, end: int) -> Iterator[int]:
+        """The epoch's indices at positions ``start + offset``, ``+ step``, ... below ``end``, where
+        ``start`` is the resume position (once, after ``load_state_dict``; else 0).
+
+        Positions past the epoch wrap to its beginning (`RankShard`'s padding). All ``step`` readers are
+        taken to draw in lock-step, so each draw moves the position (samples drawn in the epoch) by ``step``.
+        """
         _, _, indices = self._epoch_plan()
         start, self._resume = self._resume, 0
-        for i in range(start, self.num_samples):
-            self._position = i + 1
-            yield int(indices[i])
+        for i in range(start + offset, end, step):
+            self._position = min(self.num_samples, i - offset + step)
+            yield int(indices[i % self.num_samples])
 
     def epoch_indices(self) -> list[int]:
         """The current epoch's global indices in order (the position in the epoch does not move)."""
@@ -109,12 +131,22 @@ class TemperatureSampler(Sampler[int]):
         counts = torch.bincount(tasks, minlength=len(self.task_names)).tolist()
         return dict(zip(self.task_names, counts, strict=True))
 
-    def state_dict(self) -> dict[str, Any]:
-        """Seed, epoch, position in the epoch and the settings the sequence depends on."""
+    def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
+        """Seed, epoch, position in the epoch and the settings the sequence depends on.
+
+        The position is ``consumed``, the samples of this epoch that training has taken, where the caller
+        knows it (module docstring: draws run ahead of training with DataLoader workers or under DDP); by
+        default the samples drawn so far.
+        """
+        if consumed is not None and not (isinstance(consumed, int) and 0 <= consumed <= self.num_samples):
+            raise ValueError(
+                f"TemperatureSampler.state_dict: consumed must be an int in [0, {self.num_samples}], "
+                f"got {consumed!r}"
+            )
         return {
             "seed": self.seed,
             "epoch": self.epoch,
-            "position": self._position,
+            "position": self._position if consumed is None else consumed,
             "temperature": self.temperature,
             "num_samples": self.num_samples,
             "task_sizes": dict(zip(self.task_names, self.task_sizes, strict=True)),
@@ -171,6 +203,32 @@ class TemperatureSampler(Sampler[int]):
             tasks, indices = tasks[order], indices[order]
         self._plan = (self.epoch, tasks, indices)
         return self._plan
+
+
+class RankShard(DistributedSampler):
+    """One DDP rank's share of a `TemperatureSampler`'s epoch: positions ``rank``, ``rank + world``, ...
+    of its global stream, padded by wrapping to the same count on every rank (as ``DistributedSampler``
+    with ``shuffle=False`` deals a dataset).
+
+    A resumed epoch starts every rank at the saved global position (a multiple of ``world`` times the batch
+    size when the datamodule saved it), so each rank continues its own share where it stopped. Being a
+    ``DistributedSampler``, Lightning uses it as it is; it would otherwise wrap the sampler in its
+    ``DistributedSamplerWrapper``, which shuffles the stream before dealing it (breaking length groups) and
+    lists the whole epoch at its start, leaving the sampler no way to resume. ``set_epoch`` reaches the
+    wrapped sampler.
+    """
+
+    def __init__(self, sampler: TemperatureSampler, num_replicas: int, rank: int) -> None:
+        super().__init__(sampler, num_replicas=num_replicas, rank=rank, shuffle=False)  # type: ignore[arg-type]
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[int]:
+        return self.sampler._walk(self.rank, self.num_replicas, self.total_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch of this shard and of the wrapped sampler."""
+        super().set_epoch(epoch)
+        self.sampler.set_epoch(epoch)
 
 
 def group_by_length(
