@@ -484,3 +484,24 @@ def test_cut_eval_prompts_are_reported(
     with caplog.at_level(logging.WARNING, logger="mtpeft.data.datamodule"):
         _dm(tokenizer, max_length=20)
     assert "prompts are longer than max_length=20 tokens: generation sees their last 20" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("knob", "message"),
+    [
+        ({"qa": {"train": 1, "hop2": "abc"}}, r"data\.tasks\.qa\.hop2='abc' is not valid: .*valid number"),
+        (
+            {"reasoning": {"train": 1, "max_start": 2.5}},
+            r"data\.tasks\.reasoning\.max_start=2\.5 is not valid",
+        ),
+        ({"code": {"train": 1, "ops": "add"}}, r"data\.tasks\.code\.ops='add' is not valid: .*valid tuple"),
+        ({"qa": {"train": 1, "n_facts": 40}}, r"data\.tasks\.qa: QAConfig\.n_facts=40 must be in 1\.\.12"),
+    ],
+)
+def test_knob_values_are_checked_with_the_config(
+    tokenizer: PreTrainedTokenizerFast, knob: dict, message: str
+) -> None:
+    """A generator knob's type and range are checked when the config is parsed (before any model loads),
+    with an error naming ``data.tasks.<task>.<knob>``."""
+    with pytest.raises(ValueError, match=message):
+        MultiTaskDataModule(knob, tokenizer)

@@ -26,6 +26,7 @@ from mtpeft.data.records import Record
 from mtpeft.data.seeding import derive_seed
 from mtpeft.data.synthetic import code, qa, reasoning
 from mtpeft.utils.registry import Registry
+from mtpeft.utils.schema import parse
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 """Split names in build (and de-duplication) order."""
@@ -53,6 +54,9 @@ class TaskSpec:
     """Keyword knobs ``build`` accepts (e.g. ``n_facts``, ``conflict``)."""
     description: str = ""
     """One line for listings and docs."""
+    config: type | None = None
+    """The dataclass the knobs build (a generator's ``QAConfig``...): the config is checked against it
+    (types, ranges) when it is parsed, before any model is loaded; None: names only."""
 
     def __post_init__(self) -> None:
         if not self.metrics:
@@ -123,7 +127,7 @@ def generator_task(
     knobs = tuple(f.name for f in dataclasses.fields(config_cls))
 
     def build(sizes: Mapping[str, int], seed: int, kw: Mapping[str, Any]) -> dict[str, list[Record]]:
-        cfg = config_cls(**kw)
+        cfg = parse(config_cls, kw, f"data.tasks.{name}")  # as parse_tasks checked it ("3" -> 3)
         seen: set[str] = set()
         splits: dict[str, list[Record]] = {}
         for split in SPLITS:
@@ -136,7 +140,7 @@ def generator_task(
             splits[split] = records
         return splits
 
-    return TaskSpec(name, metrics, max_new_tokens, build, knobs, description)
+    return TaskSpec(name, metrics, max_new_tokens, build, knobs, description, config_cls)
 
 
 def _unseen(
