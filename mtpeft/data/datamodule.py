@@ -5,8 +5,8 @@ Tasks come from two places that can be mixed: ``tasks`` (procedural generators r
 ``mtpeft.data.sources``). The datamodule keeps its own task table (name -> metrics, generation budget);
 source tasks never enter the global registry. Task ids are the positions of the task names in sorted order. Training draws from the concatenated
 train sets with a ``TemperatureSampler`` (re-seeded per epoch, state saved in checkpoints through
-``state_dict``/``load_state_dict``), grouped by length by default so that batches carry little padding
-(the share is logged once as ``data/padding_fraction``). Evaluation visits ``records(split)`` task by task in
+``state_dict``/``load_state_dict``), optionally grouped by length (``group_by_length=true``) so that
+batches carry little padding (the share is logged once as ``data/padding_fraction``). Evaluation visits ``records(split)`` task by task in
 task-id order, each task's prompts shortest first (less left padding), and every batch carries ``index``
 into that list plus left-padded prompts for generation. Nothing is dropped silently: truncated or skipped
 over-length records are logged.
