@@ -410,3 +410,16 @@ def test_hycam5_trains_on_local_files(tmp_path: Path) -> None:
     assert results["status"] == "success" and results["template"] == "alpaca"
     assert sorted(results["tasks"]) == ["auto_cot", "code_alpaca", "dolly", "icliniq", "webgpt"]
     assert {f"test/{t}/bleu" for t in results["tasks"]} <= results["metrics"]["test"].keys()
+
+
+def test_task_name_avg_is_reserved(tmp_path: Path) -> None:
+    """``<split>/avg/score`` is the macro average: a task named avg would have its score overwritten."""
+    path = str(write_jsonl(tmp_path / "a.jsonl", alpaca_rows(9)))
+    with pytest.raises(ValueError, match=r"data\.sources\.x\.task: task name 'avg' is reserved"):
+        parse_sources({"x": {"files": [path], "task": "avg"}})
+    with pytest.raises(ValueError, match=r"data\.sources\.x\.files\[0\]\.task: task name 'avg' is reserved"):
+        parse_sources({"x": {"files": [{"path": path, "task": " avg "}]}})
+    rows = [{**row, "task": "avg"} for row in alpaca_rows(9)]
+    bad = str(write_jsonl(tmp_path / "t.jsonl", rows))
+    with pytest.raises(ValueError, match=r"t\.jsonl line 1: field 'task': task name 'avg' is reserved"):
+        _load([bad])

@@ -25,8 +25,8 @@ from tests.conftest import TINY_RUN, compose_train, make_tiny_base
 
 REPO = Path(__file__).resolve().parent.parent
 TASKS = ["code", "qa", "reasoning"]  # task ids are positions in sorted order
-MERGEABLE = ["lora", "multilora", "mtl_lora", "poly", "cpoly"]
-NOT_MERGEABLE = ["hycam", "moe_lora", "peml"]
+MERGEABLE = ["lora", "multilora", "mtl_lora", "poly", "cpoly", "moe_lora/moelora"]
+NOT_MERGEABLE = ["hycam", "moe_lora", "peml"]  # moe_lora: the default token routers (gate_input=token)
 #: Overrides giving each method a non-trivial update (identity-at-init methods would merge to the base).
 NON_IDENTITY = {
     "lora": ["method.init_weights=false"],
@@ -36,6 +36,7 @@ NON_IDENTITY = {
     "cpoly": ["method.init_weights=false", "method.n_splits=2"],
     "hycam": ["method.init_weights=false"],
     "moe_lora": [],
+    "moe_lora/moelora": [],
     "peml": [],
 }
 
@@ -81,11 +82,13 @@ def test_merged_model_gives_the_adapted_logits_of_its_task(method: str, tmp_path
             torch.testing.assert_close(got, expected, rtol=0.0, atol=1e-5)
             assert (got - base_logits).abs().max() > 1e-3  # the merged update is not nothing
     info = json.loads((out / "merged-qa" / EXPORT_INFO).read_text())
-    assert info["task"] == "qa" and info["task_id"] == 1 and info["method"] == method
+    assert (
+        info["task"] == "qa" and info["task_id"] == 1 and info["method"] == method.split("/")[0]
+    )  # a preset records its method
     assert AutoTokenizer.from_pretrained(out / "merged-qa")("a b")["input_ids"]
 
 
-@pytest.mark.parametrize("method", ["mtl_lora", "cpoly"])
+@pytest.mark.parametrize("method", ["mtl_lora", "cpoly", "moe_lora/moelora"])
 def test_task_conditioned_merges_differ_per_task(method: str, tmp_path: Path) -> None:
     run_dir, _ = make_run(method, tmp_path)
     out = tmp_path / "out"
@@ -193,3 +196,59 @@ def test_every_method_merges_exactly_or_refuses(method: str) -> None:
             expected = model(input_ids=ids, task_ids=torch.full((2,), task_id)).logits
             torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=0.0, atol=1e-5)
     assert method in MERGEABLE and model.mergeable
+
+
+def _perturbed(method: str, options: dict, num_tasks: int = 2) -> torch.nn.Module:
+    """``method`` on the tiny base, every trainable parameter moved off its init (a non-trivial update)."""
+    model = build_method(method, options, make_tiny_base(), num_tasks=num_tasks).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn_like(param))
+    return model
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"gate_input": "task"},  # a MOELoRA-style variant: task gate, top-2 of 4, renormalised
+        {"gate_input": "task", "top_k": 4, "expert_rank": "r/E", "expert_init": "normal"},  # MOELoRA
+    ],
+    ids=["task-gate-top2", "moelora"],
+)
+def test_moe_lora_task_gate_merges_to_its_logits_per_task(options: dict) -> None:
+    """The task gate's update ``s Σ_e g_e(t) B_e A_e`` depends on the task alone: W0 + ΔW_t gives the
+    adapted logits of task t, and the tasks' merged models differ."""
+    model = _perturbed("moe_lora", options, num_tasks=3)
+    assert model.mergeable
+    model.check_mergeable()
+    ids = _inputs() % 128
+    logits = []
+    for task_id in range(3):
+        merged = model.merge_into(make_tiny_base(), task_id).eval()
+        with torch.no_grad():
+            expected = model(input_ids=ids, task_ids=torch.full((2,), task_id)).logits
+            logits.append(merged(input_ids=ids).logits)
+        torch.testing.assert_close(logits[-1], expected, rtol=0.0, atol=1e-5)
+    assert not torch.allclose(logits[0], logits[1], atol=1e-4)
+
+
+def test_moe_lora_token_routers_are_refused_naming_the_gate() -> None:
+    model = _perturbed("moe_lora", {})  # gate_input=token (the default)
+    assert not model.mergeable
+    for refuse in (model.check_mergeable, lambda: model.merged_weight_deltas(0)):
+        with pytest.raises(NotMergeableError, match=r"'moe_lora' cannot be merged.*gate_input=token"):
+            refuse()
+
+
+def test_bf16_merge_rounds_the_sum_once() -> None:
+    """A bf16 weight becomes round(W0 + ΔW), not round(W0 + round(ΔW)) (ΔW computed in fp32)."""
+    model = _perturbed("lora", {"r": 4, "init_weights": False})
+    deltas = model.merged_weight_deltas(0)
+    base = make_tiny_base().to(torch.bfloat16)
+    before = {name: base.get_submodule(name).weight.detach().clone() for name in deltas}
+    model.merge_into(base, 0)
+    for name, delta in deltas.items():
+        expected = (before[name].float() + delta.float()).to(torch.bfloat16)
+        assert torch.equal(base.get_submodule(name).weight, expected), name

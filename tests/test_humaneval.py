@@ -35,6 +35,29 @@ def test_pass_at_1_metric_on_a_mix(problems: list[dict]) -> None:
 
 def test_splits_are_evaluation_only() -> None:
     splits = build_splits("humaneval", {"val": 10}, seed=0)
-    assert len(splits["val"]) == 10 and len(splits["test"]) == 164 and splits["train"] == []
+    assert len(splits["val"]) == 10 and len(splits["test"]) == 154 and splits["train"] == []
     with pytest.raises(ValueError, match="evaluation-only.*data.tasks.humaneval.train=0"):
         build_splits("humaneval", {"train": 5}, seed=0)
+
+
+def _ids(records: list[dict]) -> set[str]:
+    return {r["meta"]["task_id"] for r in records}
+
+
+def test_val_and_test_never_share_a_problem(problems: list[dict]) -> None:
+    """Checkpoint selection on val must not see test problems: val the last n, test the first n."""
+    splits = build_splits("humaneval", {"val": 20, "test": 144}, seed=0)
+    assert not _ids(splits["val"]) & _ids(splits["test"])
+    assert _ids(splits["val"]) | _ids(splits["test"]) == _ids(problems)
+    assert splits["test"] == problems[:144] and splits["val"] == problems[144:]
+    default = build_splits("humaneval", {"val": 20}, seed=0)  # test: every problem not in val
+    assert default["test"] == splits["test"] and default["val"] == splits["val"]
+    assert build_splits("humaneval", {"val": 5, "test": 30}, seed=0)["test"] == problems[:30]
+    with pytest.raises(
+        ValueError, match=r"humaneval\.val=20 \+ data\.tasks\.humaneval\.test=164 = 184 > 164"
+    ):
+        build_splits("humaneval", {"val": 20, "test": 164}, seed=0)
+    with pytest.raises(ValueError, match=r"data\.tasks\.humaneval\.test<=144"):
+        build_splits("humaneval", {"val": 20, "test": 145}, seed=0)
+    with pytest.raises(ValueError, match=r"data\.tasks\.humaneval\.val=200: HumanEval has 164 problems"):
+        build_splits("humaneval", {"val": 200}, seed=0)

@@ -170,3 +170,21 @@ def test_a_sandbox_that_cannot_start_is_an_error() -> None:
     broken = PassAtOne(python="/bin/false")
     with pytest.raises(RuntimeError, match="did not start"):
         broken.score(["return 1"], [_code([[[], 1]], args=())])
+
+
+def test_a_task_named_avg_is_refused_before_it_overwrites_the_average() -> None:
+    """Any path that names a task ``avg`` (e.g. a file stem) stops before training, not after the first
+    evaluation has logged the average over that task's score."""
+    from mtpeft.data.sources.config import RESERVED_TASK_NAMES
+    from mtpeft.metrics.tracker import AVG_TASK, EvalMetrics, check_metric_names
+
+    assert AVG_TASK in RESERVED_TASK_NAMES
+    with pytest.raises(ValueError, match=r"task is named 'avg', which is reserved: <split>/avg/score"):
+        check_metric_names({"avg": ["exact_match"], "qa": ["exact_match"]}, 1)
+    with pytest.raises(ValueError, match="reserved"):
+        EvalMetrics("val", {"avg": ["exact_match"], "qa": ["exact_match"]})
+    metrics = EvalMetrics("val", {"qa": ["exact_match"], "average": ["exact_match"]})
+    metrics.update("qa", [["a"]], [_qa("a")], [0])
+    metrics.update("average", [["a"]], [make_record("average", "q", "b", "b")], [0])
+    out = metrics.compute()
+    assert out["val/qa/score"] == 1.0 and out["val/average/score"] == 0.0 and out["val/avg/score"] == 0.5

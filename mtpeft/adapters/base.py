@@ -10,9 +10,10 @@ An adapted model
 * saves and reloads its adapter state (safetensors + JSON config) to identical logits; a method may write
   a standard format instead (LoRA writes a plain peft directory) by overriding ``save_adapter_weights`` /
   ``load_adapter_weights``;
-* knows, when its update is a per-task weight delta (LoRA, MultiLoRA, MTL-LoRA, Poly, C-Poly), the
-  delta ``ΔW_t`` of every adapted linear (``merged_weight_deltas``), so a task's adapter can be merged
-  into a standalone model (`merge_into`); input-dependent methods raise `NotMergeableError`;
+* knows, when its update is a per-task weight delta (LoRA, MultiLoRA, MTL-LoRA, Poly, C-Poly, MoE-LoRA
+  with the task gate), the delta ``ΔW_t`` of every adapted linear (``merged_weight_deltas``), so a task's
+  adapter can be merged into a standalone model (`merge_into`); input-dependent methods raise
+  `NotMergeableError`;
 * knows its trainable-parameter count from the closed-form formula of docs/methods.md
   (``expected_trainable_parameters``), which the contract tests compare with the real count.
 
@@ -350,7 +351,8 @@ class AdaptedModel(nn.Module):
 
     @property
     def mergeable(self) -> bool:
-        """Whether the method implements `merged_weight_deltas` (its update is a per-task weight delta)."""
+        """Whether the method implements `merged_weight_deltas` (its update is a per-task weight delta); a
+        method that merges only in some configurations overrides it."""
         return type(self).merged_weight_deltas is not AdaptedModel.merged_weight_deltas
 
     def check_mergeable(self) -> None:
@@ -358,11 +360,17 @@ class AdaptedModel(nn.Module):
         if not self.mergeable:
             raise self._not_mergeable()
 
+    @property
+    def not_mergeable_reason(self) -> str:
+        """Why `merged_weight_deltas` refuses (the clause after "cannot be merged into the base weights:");
+        a method that merges only in some configurations names the configuration."""
+        return "its update depends on the input (routing, modulation or prompts), not only on the task"
+
     def _not_mergeable(self) -> NotMergeableError:
         return NotMergeableError(
-            f"method {self.method_name!r} cannot be merged into the base weights: its update depends on "
-            "the input (routing, modulation or prompts), not only on the task. Evaluate it with the "
-            "adapter instead (python -m mtpeft.lmeval --model mtpeft --model_args run=<run dir>,task=<t>)"
+            f"method {self.method_name!r} cannot be merged into the base weights: "
+            f"{self.not_mergeable_reason}. Evaluate it with the adapter instead (python -m mtpeft.lmeval "
+            "--model mtpeft --model_args run=<run dir>,task=<t>)"
         )
 
     def check_task_id(self, task_id: int) -> int:
@@ -379,8 +387,9 @@ class AdaptedModel(nn.Module):
         """Add task ``task_id``'s weight deltas to a plain copy of the base model (in place) and return it.
 
         ``base_model`` must be a fresh, unadapted model of the same architecture (e.g. loaded again
-        with `mtpeft.models.loader.load_base_model`); each delta is computed in the adapter's dtype and
-        cast to the weight's dtype.
+        with `mtpeft.models.loader.load_base_model`); each delta is computed in the adapter's dtype, added
+        to the weight in fp32 (or in the wider of the two dtypes) and the sum rounded once to the weight's
+        dtype: a bf16 weight becomes ``round_bf16(W0 + ΔW)``, not ``round_bf16(W0 + round_bf16(ΔW))``.
         """
         was_training = self.training
         self.eval()
@@ -394,7 +403,9 @@ class AdaptedModel(nn.Module):
                 raise ValueError(
                     f"{name}: delta of shape {tuple(delta.shape)} for weight {tuple(weight.shape)}"
                 )
-            weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
+            wide = torch.promote_types(torch.promote_types(weight.dtype, delta.dtype), torch.float32)
+            total = weight.to(wide) + delta.to(device=weight.device, dtype=wide)
+            weight.copy_(total.to(weight.dtype))  # one rounding, of the sum
         return base_model
 
 

@@ -7,7 +7,9 @@ so under DDP each value covers every process's examples. Keys (STYLE.md 8):
 * ``<split>/<task>/<metric>`` for every metric of the task (``metric.name``: the configured name, except
   that ``evaluate:`` paths are shortened to their last part), ``<split>/<task>/score`` (its first metric),
   ``<split>/<task>/loss`` (token-weighted mean LM loss), for each task with at least one example;
-* ``<split>/avg/score``: the mean of the tasks' scores (0.0 when no task was evaluated).
+* ``<split>/avg/score``: the mean of the tasks' scores (0.0 when no task was evaluated). The task name
+  ``avg`` (`AVG_TASK`) is therefore reserved: `check_metric_names` rejects a task of that name, before
+  training, whatever gave the name (a source's ``task``, a record's ``task`` field, a file stem, a key).
 
 With ``num_samples`` > 1, metrics with ``uses_samples`` (pass@k) score all samples of a prompt and every
 other metric scores the first. Under DDP every example is scored on exactly one rank: the datamodule's
@@ -41,10 +43,21 @@ from mtpeft.metrics import get_metric, samples_needed
 from mtpeft.metrics.base import PerExampleMetric, TextMetric
 from mtpeft.metrics.external import EvaluateMetric
 
+AVG_TASK = "avg"
+"""The task slot of the macro average (``<split>/avg/score``): no task may have this name
+(`mtpeft.data.sources.config.RESERVED_TASK_NAMES` rejects it where sources name their tasks)."""
+
 
 def check_metric_names(metric_names: Mapping[str, Sequence[str]], num_samples: int) -> None:
-    """Every task has metrics, each a known name computable from ``num_samples`` completions per prompt
-    (``evaluate:`` metrics are loaded here, so a missing one fails before training)."""
+    """No task is named ``avg`` and every task has metrics, each a known name computable from
+    ``num_samples`` completions per prompt (``evaluate:`` metrics are loaded here, so a missing one fails
+    before training)."""
+    if AVG_TASK in metric_names:
+        raise ValueError(
+            f"a task is named {AVG_TASK!r}, which is reserved: <split>/{AVG_TASK}/score is the mean of the "
+            f"tasks' scores and would overwrite that task's score; rename the task (a source's task: "
+            "<name>, the records' task field, or the file name it was taken from)"
+        )
     for task, names in metric_names.items():
         if not names:
             raise ValueError(f"task {task!r} has no metrics; give it at least one (its score)")
@@ -150,7 +163,7 @@ class EvalMetrics:
                 if not math.isnan(loss):
                     out[f"{self.split}/{task}/loss"] = loss
                 scores.append(score)
-        out[f"{self.split}/avg/score"] = sum(scores) / len(scores) if scores else 0.0
+        out[f"{self.split}/{AVG_TASK}/score"] = sum(scores) / len(scores) if scores else 0.0
         return out
 
 

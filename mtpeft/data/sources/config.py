@@ -50,21 +50,38 @@ HYCAM_SPLIT_SEED = 2333
 SplitName = Literal["train", "val", "test"]
 
 
+RESERVED_TASK_NAMES: tuple[str, ...] = ("avg",)
+"""Names no task may have: ``<split>/avg/score`` is the macro average over the tasks
+(`mtpeft.metrics.tracker.AVG_TASK`), so a task named ``avg`` would have its score overwritten."""
+
+
+def _reserved(name: str) -> str:
+    return (
+        f"task name {name!r} is reserved (<split>/{name}/score is the mean of the tasks' scores and would "
+        "overwrite this task's score); give the task another name"
+    )
+
+
 def check_task_name(name: Any, where: str = "task") -> str:
-    """A task name must be a non-empty string without ``/`` (it becomes part of metric keys)."""
+    """A task name must be a non-empty string without ``/`` (it becomes part of metric keys), and not
+    a reserved one (``avg``)."""
     if not isinstance(name, str) or not name.strip() or "/" in name:
         raise ValueError(f"{where}: task name must be a non-empty string without '/', got {name!r}")
+    if name.strip() in RESERVED_TASK_NAMES:
+        raise ValueError(f"{where}: {_reserved(name.strip())}")
     return name.strip()
 
 
 def _task_name(name: str) -> str:
     if not name.strip() or "/" in name:
         raise ValueError(f"a task name must be a non-empty string without '/', got {name!r}")
+    if name.strip() in RESERVED_TASK_NAMES:
+        raise ValueError(_reserved(name.strip()))
     return name.strip()
 
 
 TaskName = Annotated[Str, AfterValidator(_task_name)]
-"""A non-empty task name without ``/`` (surrounding spaces dropped)."""
+"""A non-empty task name without ``/`` (surrounding spaces dropped), not a reserved one (``avg``)."""
 NonEmptyStr = Annotated[Str, Field(min_length=1)]
 
 

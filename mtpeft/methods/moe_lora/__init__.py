@@ -19,7 +19,9 @@ perfect balance; ``f_i`` share of routed slots, ``P_i`` mean router probability)
 ``g = softmax(W_G Emb(t))`` (then task ids are required and there is no balance loss). MOELoRA itself is
 that gate, dense (``top_k = num_experts``), with the rank split (``expert_rank: r/E``) and expert A's drawn
 from N(0, 0.01) (``expert_init: normal``): the preset ``method=moe_lora/moelora``. Other combinations with
-the task gate are MOELoRA-style variants, and building one logs a warning saying so.
+the task gate are MOELoRA-style variants, and building one logs a warning saying so. With the task gate the
+update depends on the task alone, so it merges per task (``merged_weight_deltas``: ``ΔW_t = (alpha / r)
+Σ_{i∈S(t)} g_i(t) B_i A_i``, ``python -m mtpeft.export --merge``); the token routers cannot be merged.
 
 Dispatch (``dispatch``, same sum either way): ``sparse`` sorts the (token, slot) pairs by expert, runs
 each expert's A/B on its own tokens only (on CPU two grouped GEMMs per layer, whatever E) and scatter-adds

@@ -64,14 +64,34 @@ class MoELoRALinear(LowRankLinear):
             probs = logits_t.softmax(dim=0).T
             weights, selected = probs.topk(self.top_k, dim=-1)
             self.record = RouterRecord(logits_t.T, selected=selected, probs=probs)
-        else:
-            task_ids = require_task_ids(task_ids, "moe_lora with gate_input=task")
-            weights, selected = self._task_gate[0](task_ids).topk(self.top_k, dim=-1)
-            per_row = flat.shape[0] // task_ids.shape[0]
-            weights, selected = weights.repeat_interleave(per_row, 0), selected.repeat_interleave(per_row, 0)
+            if self.top_k < self.num_experts:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+            return weights, selected
+        task_ids = require_task_ids(task_ids, "moe_lora with gate_input=task")
+        weights, selected = self.task_weights(task_ids)
+        per_row = flat.shape[0] // task_ids.shape[0]
+        return weights.repeat_interleave(per_row, 0), selected.repeat_interleave(per_row, 0)
+
+    def task_weights(self, task_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The task gate's (weights [B, k] fp32, renormalised over the chosen experts; expert ids [B, k])
+        for ``task_ids`` [B]: they depend on the task alone."""
+        weights, selected = self._task_gate[0](task_ids).topk(self.top_k, dim=-1)
         if self.top_k < self.num_experts:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights, selected
+
+    def delta_weight(self, task_id: int) -> torch.Tensor:
+        """``ΔW_t = (alpha / r) Σ_{e∈S(t)} g_e B_e A_e`` [d_out, d_in] for task ``task_id`` (task gate only):
+        the matrix the forward applies to every token of that task, so ``W0 + ΔW_t`` is the merged linear."""
+        if self.router is not None:
+            raise TypeError("a token-routed MoE-LoRA linear has no per-task weight delta (gate_input=token)")
+        gate = self._task_gate[0]
+        weights, selected = self.task_weights(torch.tensor([task_id], device=gate.proj.weight.device))
+        probs = weights.new_zeros(self.num_experts).scatter_(0, selected[0], weights[0])  # expert order
+        e, r, d_in = self.lora_A.shape
+        a = self.lora_A.reshape(e * r, d_in)
+        b = self.lora_B.permute(1, 0, 2).reshape(self.out_features, e * r)
+        return (b * probs.repeat_interleave(r).to(b.device, b.dtype)) @ a * self.scaling
 
     def delta(self, x: torch.Tensor, task_ids: torch.Tensor | None) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)

@@ -75,6 +75,26 @@ class MoELoRA(AdaptedModel):
         self._attention_mask = None  # decoding steps see one token per row: no padding to mask
         return super().generate(*args, **kwargs)
 
+    # -- merging ------------------------------------------------------------------------------------------
+    @property
+    def mergeable(self) -> bool:
+        """Only with the task gate: its expert weights depend on the task alone (MOELoRA merges per task)."""
+        return self.config.gate_input == "task"
+
+    @property
+    def not_mergeable_reason(self) -> str:
+        return (
+            "with gate_input=token its routers choose and weight the experts per token from the hidden "
+            "state, so the update depends on the input, not only on the task (only the task gate, "
+            "gate_input=task as in method=moe_lora/moelora, merges per task)"
+        )
+
+    def merged_weight_deltas(self, task_id: int) -> dict[str, torch.Tensor]:
+        """Task gate: ``(alpha / r) Σ_{e∈S(t)} g_e(t) B_e A_e`` of every adapted linear; token routers raise."""
+        if not self.mergeable:
+            raise self._not_mergeable()
+        return {name: layer.delta_weight(task_id) for name, layer in self.adapted.items()}
+
     def task_conditioned_modules(self) -> list[nn.Module]:
         return list(self.adapted.values()) if self.task_gate is not None else []
 
