@@ -293,3 +293,28 @@ def test_write_record_never_replaces_success(tmp_path: Path) -> None:
     assert write_record(tmp_path, {"status": "failed"}) == tmp_path / POST_SUCCESS_FAILURE_FILE
     assert json.loads((tmp_path / "results.json").read_text())["status"] == "success"
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporary files
+
+
+# -- DataLoader workers --------------------------------------------------------------------------------
+def test_resume_with_dataloader_workers_equals_the_uninterrupted_run(tmp_path: Path) -> None:
+    """A worker draws batches ahead of training; a run resumed from its periodic checkpoints (mid-epoch
+    after a validation, and at an epoch's end) still ends exactly like the uninterrupted run."""
+    workers = ["data.num_workers=1", "checkpoint_every_n_steps=1"]
+    snapshots = tmp_path / "snapshots"
+    full = _run(
+        tmp_path / "full",
+        *workers,
+        "+callbacks.snap._target_=tests.test_resume.SnapshotLast",
+        f"+callbacks.snap.last={tmp_path / 'full' / 'checkpoints' / 'last.ckpt'}",
+        f"+callbacks.snap.into={snapshots}",
+    )
+    weights, optimiser = _final_state(tmp_path / "full")
+    for step, trained in ((2, 16), (3, 24)):  # 24 training records, 3 batches of 8 per epoch
+        saved = torch.load(snapshots / f"at{step}.ckpt", weights_only=False)["MultiTaskDataModule"]["sampler"]
+        assert saved["position"] == trained, f"step {step}: the worker had drawn ahead"
+        out = tmp_path / f"from{step}"
+        resumed = _run(out, *workers, f"resume={snapshots / f'at{step}.ckpt'}")
+        assert resumed["metrics"] == full["metrics"], f"resumed from step {step}"
+        resumed_weights, resumed_optimiser = _final_state(out)
+        assert _same_tensors(resumed_weights, weights), f"weights differ after resuming from step {step}"
+        assert _same_tensors(resumed_optimiser, optimiser), f"optimiser differs (step {step})"
