@@ -9,8 +9,8 @@ run's ``model`` config (`mtpeft.models.loader.load_base_model`), the method from
     one standalone Hugging Face model per task, ``<out>/merged-<task>/`` (``save_pretrained`` of the base
     with ``W0 + ΔW_t`` in every adapted linear, plus the tokenizer). Its logits equal the adapted model's
     for that task (eval mode). Only methods whose update is a per-task weight delta can be merged (LoRA,
-    MultiLoRA, MTL-LoRA, Poly, C-Poly); input-dependent ones (HyCAM, MoE-LoRA, PEML) stop with a clear
-    error and exit status 2, the method's own ``merged_weight_deltas`` says why.
+    MultiLoRA, MTL-LoRA, Poly, C-Poly, MoE-LoRA with ``gate_input: task``); input-dependent ones (HyCAM,
+    MoE-LoRA with token routers, PEML) stop with a clear error and exit status 2 saying why.
 ``--lmeval-task``
     an lm-evaluation-harness task per task, ``<out>/lmeval/mtpeft_<task>_<split>.{yaml,jsonl}``: the
     ``--split`` records with the prompt rendered exactly as mtpeft renders it (template, chat template),
