@@ -145,15 +145,18 @@ def _rank_loader(
     return _as_lightning_prepares_it(dm.train_dataloader(), world, rank)
 
 
+@pytest.mark.parametrize("world", [1, 2])
 @pytest.mark.parametrize("grouped", [False, True])
 def test_ddp_ranks_resume_at_the_consumed_position(
     tokenizer: PreTrainedTokenizerFast,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
     grouped: bool,
+    world: int,
 ) -> None:
-    """Two simulated ranks, each with its own datamodule: they train on 2 batches (having drawn 3), a
-    checkpoint is saved, and each rank's resumed loader yields exactly its remaining batches."""
-    world, trained = 2, 2
+    """Simulated ranks (also one: DDP on one device, which Lightning wraps all the same), each with its
+    own datamodule: they train on 2 batches (having drawn 3), a checkpoint is saved, and each rank's
+    resumed loader yields exactly its remaining batches."""
+    trained = 2
     settings = {**SETTINGS, "group_by_length": grouped}
     full, saved, dealt = [], [], []
     for rank in range(world):

@@ -409,11 +409,13 @@ class MultiTaskDataModule(LightningDataModule):
                 sampler.set_epoch(trainer.current_epoch + 1)
         if self.padding_fraction is None:
             self._report_padding(sampler, trainer)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         world, rank = _world_and_rank()
         return DataLoader(
             self.examples("train"),  # type: ignore[arg-type]
             batch_size=self.batch_size,
-            sampler=sampler if world == 1 else RankShard(sampler, world, rank),
+            # also for one process: Lightning wraps any other sampler under DDP (shuffling the stream)
+            sampler=RankShard(sampler, world, rank) if distributed else sampler,
             collate_fn=TrainCollator(self.tokenizer.pad_token_id),
             num_workers=self.num_workers,
         )
