@@ -12,7 +12,8 @@ run's ``model`` config (`mtpeft.models.loader.load_base_model`), the method from
     MultiLoRA, MTL-LoRA, Poly, C-Poly, MoE-LoRA with ``gate_input: task``); input-dependent ones (HyCAM,
     MoE-LoRA with token routers, PEML) stop with a clear error and exit status 2 saying why.
 ``--lmeval-task``
-    an lm-evaluation-harness task per task, ``<out>/lmeval/mtpeft_<task>_<split>.{yaml,jsonl}``: the
+    an lm-evaluation-harness task per task that mtpeft scores by exact match (naming another is an error:
+    lm-eval would not compute its score), ``<out>/lmeval/mtpeft_<task>_<split>.{yaml,jsonl}``: the
     ``--split`` records with the prompt rendered exactly as mtpeft renders it (template, chat template),
     generated greedily with the task's generation budget and scored by mtpeft's own ``exact_match`` (SQuAD
     normalisation; the function lies beside the tasks in ``mtpeft_exact_match.py``, as lm-eval's
@@ -22,8 +23,9 @@ neither
     (a copy of the adapter): for ``method=lora`` that pair is all plain transformers + peft need
     (``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)``).
 
-``--task`` names a task (repeatable); without it every task of the run is exported. ``--out`` defaults
-to ``<run dir>/export``.
+``--task`` names a task (repeatable); without it every task of the run is exported (for ``--lmeval-task``
+every exact-match task, saying which it skips). ``--out`` defaults to ``<run dir>/export``. Every task named
+is checked before anything is written; only finished runs are exported.
 """
 
 from __future__ import annotations
@@ -226,16 +228,7 @@ def export_lmeval_task(
     """
     datamodule = datamodule or build_datamodule(cfg, tokenizer)
     datamodule.setup("test")
-    if task not in datamodule.task_names:
-        raise ValueError(f"task {task!r} is not in the run's data; its tasks: {datamodule.task_names}")
-    metric = datamodule.metrics_for(task)[0]
-    if metric != LMEVAL_METRIC:
-        raise ValueError(
-            f"task {task!r} is scored by {metric}, and an exported lm-eval task scores {LMEVAL_METRIC} only "
-            f"(its score would not be mtpeft's); export the tasks scored by {LMEVAL_METRIC} "
-            f"({', '.join(lmeval_tasks(datamodule)) or 'none in this run'}) or score {task!r} with "
-            "python -m mtpeft.eval"
-        )
+    check_lmeval_task(datamodule, task)
     from mtpeft.metrics.base import golds
 
     out_dir = Path(out_dir)
@@ -256,6 +249,20 @@ def export_lmeval_task(
 
 LMEVAL_METRIC = "exact_match"
 """The one metric an exported lm-eval task computes (SQuAD-normalised exact match, `LMEVAL_METRIC_SOURCE`)."""
+
+
+def check_lmeval_task(datamodule: Any, task: str) -> None:
+    """An error unless ``task`` is one of the run's tasks and scored by `LMEVAL_METRIC`."""
+    if task not in datamodule.task_names:
+        raise ValueError(f"task {task!r} is not in the run's data; its tasks: {datamodule.task_names}")
+    metric = datamodule.metrics_for(task)[0]
+    if metric != LMEVAL_METRIC:
+        raise ValueError(
+            f"task {task!r} is scored by {metric}, and an exported lm-eval task scores {LMEVAL_METRIC} only "
+            f"(its score would not be mtpeft's); export the tasks scored by {LMEVAL_METRIC} "
+            f"({', '.join(lmeval_tasks(datamodule)) or 'none in this run'}) or score {task!r} with "
+            "python -m mtpeft.eval"
+        )
 
 
 def lmeval_tasks(datamodule: Any) -> list[str]:
@@ -336,9 +343,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "run_dir", type=Path, help="run directory (.hydra/config.yaml, results.json, adapter/)"
     )
-    parser.add_argument("--task", action="append", help="task to export (repeatable; default: every task)")
+    parser.add_argument(
+        "--task",
+        action="append",
+        help="task to export (repeatable; default: every task, for --lmeval-task every exact-match task)",
+    )
     parser.add_argument("--merge", action="store_true", help="write one merged standalone model per task")
-    parser.add_argument("--lmeval-task", action="store_true", help="write lm-eval task YAML + JSONL per task")
+    parser.add_argument(
+        "--lmeval-task", action="store_true", help="write lm-eval task YAML + JSONL per exact-match task"
+    )
     parser.add_argument("--split", default="test", choices=("val", "test"), help="records for --lmeval-task")
     parser.add_argument("--out", type=Path, help="output directory (default: <run dir>/export)")
     return parser.parse_args(argv)
@@ -369,20 +382,25 @@ def _export(args: argparse.Namespace, out: Path) -> list[Path]:
         datamodule = build_datamodule(cfg, tokenizer)
         datamodule.setup("test")
         tasks = args.task or _exact_match_tasks(datamodule)
+        for task in tasks:
+            check_lmeval_task(datamodule, task)  # every task before anything is written
         return [export_lmeval_task(cfg, tokenizer, t, args.split, out / "lmeval", datamodule) for t in tasks]
     run = load_run(args.run_dir)
     tasks = args.task or run.tasks
     for task in tasks:
         run.task_id(task)  # unknown names fail before anything is written
+    if args.lmeval_task:  # and so do tasks an lm-eval task cannot score
+        datamodule = build_datamodule(run.cfg, run.tokenizer)
+        datamodule.setup("test")
+        chosen = args.task or _exact_match_tasks(datamodule)
+        for task in chosen:
+            check_lmeval_task(datamodule, task)
     written: list[Path] = []
     if args.merge:
         written += [export_merged(run, t, out / f"merged-{t}") for t in tasks]
     else:
         written.append(export_base_and_adapter(run, out))
     if args.lmeval_task:
-        datamodule = build_datamodule(run.cfg, run.tokenizer)
-        datamodule.setup("test")
-        chosen = args.task or _exact_match_tasks(datamodule)
         out_dir = out / "lmeval"
         written += [
             export_lmeval_task(run.cfg, run.tokenizer, t, args.split, out_dir, datamodule) for t in chosen
@@ -396,7 +414,8 @@ def _exact_match_tasks(datamodule: Any) -> list[str]:
     skipped = [t for t in datamodule.task_names if t not in chosen]
     if not chosen:
         raise ValueError(
-            f"no task of this run is scored by {LMEVAL_METRIC}: nothing to export as an lm-eval task"
+            f"no task of this run is scored by {LMEVAL_METRIC}: nothing to export as an lm-eval task; score "
+            "its tasks with python -m mtpeft.eval instead"
         )
     if skipped:
         print(

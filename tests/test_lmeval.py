@@ -49,6 +49,12 @@ def test_only_exact_match_tasks_are_exported(lora_run: Path, tmp_path: Path, cap
         == 1
     )
     assert "task 'reasoning' is scored by numeric_match" in capsys.readouterr().err
+    merged = tmp_path / "m"
+    assert (
+        export_main([str(lora_run), "--merge", "--lmeval-task", "--task", "reasoning", "--out", str(merged)])
+        == 1
+    )
+    assert "is scored by numeric_match" in capsys.readouterr().err and not merged.exists()  # nothing written
     assert export_main([str(lora_run), "--lmeval-task", "--out", str(tmp_path / "all")]) == 0
     assert "skips code, reasoning (not scored by exact_match)" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "all" / "lmeval").glob("*.yaml")) == [f"{TASK}.yaml"]

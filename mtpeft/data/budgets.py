@@ -3,10 +3,10 @@
 Generation stops at EOS or after ``max_new_tokens`` tokens. A budget shorter than a val/test target caps
 that record's score whatever the model learns: a reasoning chain cut before its ``#### N`` line scores as
 a wrong answer. How many tokens a target takes depends on the tokenizer (SmolLM2's splits numbers into
-single digits: mix3_hard's longest reasoning target is 74 tokens there, 47 under the tiny model's), so a
-registered task's fixed budget is only a floor: without ``data.tasks.<name>.max_new_tokens`` it is raised
-to the longest val/test target + EOS (`eval_budget`), and a budget a target does not fit is logged as a
-warning naming the key to set (`warn_unreachable_targets`).
+single digits: mix3_hard's longest reasoning target is 74-78 tokens there over seeds 0-2, 47 under the tiny
+model's), so a registered task's fixed budget is only a floor: without ``data.tasks.<name>.max_new_tokens``
+it is raised to the longest val/test target + EOS (`eval_budget`), and a budget a target does not fit is
+logged as a warning naming the key to set (`warn_unreachable_targets`).
 """
 
 from __future__ import annotations

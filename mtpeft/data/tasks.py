@@ -47,7 +47,9 @@ class TaskSpec:
     metrics: tuple[str, ...]
     """Names of the metrics in ``mtpeft.metrics`` that score generations; the first is the task's score."""
     max_new_tokens: int
-    """Generation budget at evaluation (tokens), enough for the longest target plus EOS."""
+    """Generation budget at evaluation (tokens): a floor, raised at setup to the longest val/test target +
+    EOS under the run's tokenizer unless ``data.tasks.<name>.max_new_tokens`` sets it
+    (`mtpeft.data.budgets.eval_budget`)."""
     build: SplitBuilder
     """Builds the splits; see ``build_splits``."""
     knobs: tuple[str, ...] = ()
