@@ -514,3 +514,19 @@ def test_knob_values_are_checked_with_the_config(
     with an error naming ``data.tasks.<task>.<knob>``."""
     with pytest.raises(ValueError, match=message):
         MultiTaskDataModule(knob, tokenizer)
+
+
+def test_task_caps_and_weights_reach_the_sampler(tokenizer: PreTrainedTokenizerFast) -> None:
+    dm = _dm(tokenizer, task_caps={"reasoning": 10}, task_weights={"code": 3.0})
+    sizes = {"reasoning": min(30, 10), "qa": 20, "code": 3.0 * 10}
+    assert dm.sampler.probabilities() == pytest.approx({k: v / sum(sizes.values()) for k, v in sizes.items()})
+    with pytest.raises(
+        ValueError, match=r"data\.task_weights: 'cooking' is not a task of this mixture; tasks: code"
+    ):
+        MultiTaskDataModule(TASKS, tokenizer, task_weights={"cooking": 2.0})
+    with pytest.raises(ValueError, match=r"data\.task_caps\.qa=0 is not valid"):
+        MultiTaskDataModule(TASKS, tokenizer, task_caps={"qa": 0})
+    eval_only = _dm_of(tokenizer, {**TASKS, "qa": {"val": 5, "test": 5}})
+    eval_only.mixing["task_weights"] = {"qa": 2.0}
+    with pytest.raises(ValueError, match="'qa' has no training records"):
+        eval_only.train_dataloader()

@@ -104,3 +104,46 @@ def test_invalid_sizes_error() -> None:
         TemperatureSampler({"big": 3, "mid": 0})
     with pytest.raises(ValueError, match="num_samples"):
         TemperatureSampler(SIZES, num_samples=0)
+
+
+def test_caps_and_weights_shape_the_mixture() -> None:
+    """``p_i ∝ w_i min(n_i, K_i)^(1/T)``: a cap counts a big task as K examples (T5's limit), a weight
+    scales a task's share; neither given is plain temperature sampling."""
+    capped = TemperatureSampler(SIZES, caps={"big": 150}).probabilities()
+    assert capped == pytest.approx({"big": 150 / 350, "mid": 150 / 350, "small": 50 / 350})
+    weighted = TemperatureSampler(SIZES, temperature=1000.0, weights={"small": 2.0}).probabilities()
+    assert weighted == pytest.approx({"big": 0.25, "mid": 0.25, "small": 0.5}, abs=0.01)
+    both = TemperatureSampler(SIZES, temperature=2.0, caps={"big": 100}, weights={"mid": 0.5}).probabilities()
+    raw = {"big": 100**0.5, "mid": 0.5 * 150**0.5, "small": 50**0.5}
+    assert both == pytest.approx({k: v / sum(raw.values()) for k, v in raw.items()})
+    sampler = TemperatureSampler(SIZES, num_samples=20_000, seed=1, caps={"big": 150})
+    counts = sampler.realised_counts()
+    assert counts["big"] / 20_000 == pytest.approx(150 / 350, abs=0.02)
+    assert (
+        TemperatureSampler(SIZES, caps={"big": 5000}).probabilities()
+        == TemperatureSampler(SIZES).probabilities()
+    )
+
+
+def test_mixing_is_part_of_the_saved_state() -> None:
+    state = TemperatureSampler(SIZES, weights={"small": 2.0}).state_dict()
+    with pytest.raises(ValueError, match="saved mixing=.*data.task_weights"):
+        TemperatureSampler(SIZES).load_state_dict(state)
+    TemperatureSampler(SIZES, weights={"small": 2.0}).load_state_dict(state)
+    plain = TemperatureSampler(SIZES).state_dict()
+    del plain["mixing"]  # a checkpoint from before caps and weights
+    TemperatureSampler(SIZES).load_state_dict(plain)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"caps": {"huge": 10}}, "caps name 'huge', which are not tasks"),
+        ({"caps": {"big": 1.5}}, r"caps\['big'\] must be a positive int"),
+        ({"weights": {"big": 0}}, r"weights\['big'\] must be a positive float"),
+        ({"weights": {"big": float("inf")}}, r"weights\['big'\] must be a positive float"),
+    ],
+)
+def test_invalid_caps_and_weights_error(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TemperatureSampler(SIZES, **kwargs)

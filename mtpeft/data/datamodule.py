@@ -80,6 +80,9 @@ class MultiTaskDataModule(LightningDataModule):
             ``group_pool_batches`` batches of the temperature-sampled stream are sorted by length and the
             batches shuffled (``mtpeft.data.sampling``); same examples per epoch, less padding.
         group_pool_batches: batches per sorting pool (more: less padding, batches less mixed in task).
+        task_caps: task -> K: the task counts as at most K examples in the sampling probabilities (T5's
+            limit on examples-proportional mixing), ``p_i ∝ w_i min(n_i, K_i)^(1/T)``.
+        task_weights: task -> w: scales the task's sampling probability (``mtpeft.data.sampling``).
     """
 
     @checked_arguments("data")
@@ -101,10 +104,15 @@ class MultiTaskDataModule(LightningDataModule):
         chat_template: Bool = False,
         group_by_length: Bool = False,
         group_pool_batches: PositiveInt = 8,
+        task_caps: dict[str, PositiveInt] | None = None,
+        task_weights: dict[str, PositiveFloat] | None = None,
     ) -> None:
         super().__init__()
         self.source_configs = parse_sources(sources)
         self.task_config = parse_tasks(tasks, allow_empty=bool(self.source_configs))
+        self.mixing = {"task_caps": dict(task_caps or {}), "task_weights": dict(task_weights or {})}
+        if not self.source_configs:  # the tasks are known now: a wrong name fails before any model loads
+            self._check_mixing(list(self.task_config))
         _check_tokenizer(tokenizer)
         self.group_by_length = group_by_length
         self.group_pool_batches = group_pool_batches
@@ -207,6 +215,7 @@ class MultiTaskDataModule(LightningDataModule):
         """Build (or load) and tokenise all splits of all tasks (once; later calls are no-ops)."""
         if self._examples:
             return
+        self._check_mixing(self.task_names)
         blocks = {name: self._task_splits(name) for name in self.task_names}
         self._derive_budgets(blocks)
         for split in SPLITS:
@@ -248,6 +257,16 @@ class MultiTaskDataModule(LightningDataModule):
             return dict(spec.splits)
         sizes, knobs = _sizes_and_knobs(self.task_config[name])
         return build_splits(name, sizes, self.seed, **knobs)
+
+    def _check_mixing(self, tasks: list[str]) -> None:
+        """``data.task_caps`` and ``data.task_weights`` name tasks of this mixture."""
+        for key, values in self.mixing.items():
+            unknown = sorted(set(values) - set(tasks))
+            if unknown:
+                raise ConfigError(
+                    f"data.{key}: {', '.join(map(repr, unknown))} is not a task of this mixture; tasks: "
+                    f"{', '.join(sorted(tasks))}"
+                )
 
     def _derive_budgets(self, blocks: Mapping[str, Mapping[str, list[Record]]]) -> None:
         """Set every task's generation budget (`eval_budget`): a source task without ``max_new_tokens``
@@ -339,8 +358,16 @@ class MultiTaskDataModule(LightningDataModule):
         sizes = {name: n for name, n in sizes.items() if n > 0}  # eval-only tasks have no train block
         if not sizes:
             raise ValueError("no task has training records; give at least one task a train size > 0")
+        caps, weights = self.mixing["task_caps"], self.mixing["task_weights"]
+        untrained = sorted((set(caps) | set(weights)) - set(sizes))
+        if untrained:
+            raise ConfigError(
+                f"data.task_caps / data.task_weights: {', '.join(map(repr, untrained))} has no training "
+                "records (an evaluation-only task is never sampled): remove it there"
+            )
+        mixing = {"caps": caps or None, "weights": weights or None}
         if not self.group_by_length:
-            return TemperatureSampler(sizes, self.temperature, self.samples_per_epoch, self.seed)
+            return TemperatureSampler(sizes, self.temperature, self.samples_per_epoch, self.seed, **mixing)
         return TemperatureSampler(
             sizes,
             self.temperature,
@@ -349,6 +376,7 @@ class MultiTaskDataModule(LightningDataModule):
             lengths=[len(e.input_ids) for e in self.examples("train")],
             batch_size=self._global_batch_size(),
             pool_batches=self.group_pool_batches,
+            **mixing,
         )
 
     def _global_batch_size(self) -> int:

@@ -1,7 +1,10 @@
 """Temperature sampling over a concatenation of task datasets, re-seeded per epoch and resumable.
 
 With task sizes ``n_i`` the probability of drawing task ``i`` is ``p_i ∝ n_i^(1/T)``: ``T = 1`` samples
-proportionally to size, large ``T`` approaches uniform over tasks (the MT-DNN / T5 mixing rule). An
+proportionally to size, large ``T`` approaches uniform over tasks (the MT-DNN / T5 mixing rule). Two
+optional per-task settings refine it: a cap ``K_i`` counts a task as at most ``K_i`` examples (T5's
+"examples-proportional mixing with an artificial limit", so one huge task cannot swamp the mixture), and
+a weight ``w_i`` scales its share: ``p_i ∝ w_i * min(n_i, K_i)^(1/T)``. An
 epoch draws the task of every sample from ``p``, then walks a fresh permutation of that task's
 examples (wrapping around when a small task is drawn more than ``n_i`` times). The epoch's plan
 depends only on ``(seed, epoch)``: each epoch mixes differently (LLaMA-Factory #10672), a rerun
@@ -53,8 +56,12 @@ class TemperatureSampler(Sampler[int]):
         lengths: Sequence[int] | None = None,
         batch_size: int = 1,
         pool_batches: int = 8,
+        caps: Mapping[str, int] | None = None,
+        weights: Mapping[str, float] | None = None,
     ) -> None:
         _check_sizes(task_sizes)
+        self.caps = _per_task("caps", caps, task_sizes, int)
+        self.weights = _per_task("weights", weights, task_sizes, float)
         if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0):
             raise ValueError(
                 f"TemperatureSampler: temperature must be a finite number > 0 (1 = proportional, "
@@ -82,8 +89,13 @@ class TemperatureSampler(Sampler[int]):
         self._plan: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     def probabilities(self) -> dict[str, float]:
-        """Task sampling probabilities ``p_i = n_i^(1/T) / sum_j n_j^(1/T)``."""
-        logits = [math.log(n) / self.temperature for n in self.task_sizes]
+        """Task sampling probabilities ``p_i = w_i min(n_i, K_i)^(1/T) / sum_j w_j min(n_j, K_j)^(1/T)``
+        (``w = 1`` and ``K = n`` for a task without a weight or a cap)."""
+        logits = [
+            math.log(min(n, self.caps.get(name, n))) / self.temperature
+            + math.log(self.weights.get(name, 1.0))
+            for name, n in zip(self.task_names, self.task_sizes, strict=True)
+        ]
         top = max(logits)
         weights = [math.exp(x - top) for x in logits]
         total = sum(weights)
@@ -151,6 +163,7 @@ class TemperatureSampler(Sampler[int]):
             "num_samples": self.num_samples,
             "task_sizes": dict(zip(self.task_names, self.task_sizes, strict=True)),
             "length_grouping": self._grouping(),
+            "mixing": {"caps": self.caps, "weights": self.weights} if self.caps or self.weights else None,
         }
 
     def _grouping(self) -> dict[str, int] | None:
@@ -166,14 +179,14 @@ class TemperatureSampler(Sampler[int]):
         sequence could not be reproduced and a ValueError names the mismatch.
         """
         current = self.state_dict()
-        for key in ("temperature", "num_samples", "task_sizes", "length_grouping"):
-            saved = state.get(key)  # checkpoints from before length grouping have no such key
+        for key in ("temperature", "num_samples", "task_sizes", "length_grouping", "mixing"):
+            saved = state.get(key)  # checkpoints from before grouping (or mixing) have no such key
             if saved != current[key]:
                 raise ValueError(
                     f"TemperatureSampler.load_state_dict: saved {key}={saved!r} differs from this "
                     f"sampler's {current[key]!r}; build the data with the settings of the saved run "
                     "(data.temperature, data.samples_per_epoch, data.batch_size, data.group_by_length, "
-                    "data.group_pool_batches)"
+                    "data.group_pool_batches, data.task_caps, data.task_weights)"
                 )
         self.seed = int(state["seed"])
         self.epoch = int(state["epoch"])
@@ -275,3 +288,29 @@ def _check_sizes(task_sizes: Mapping[str, int]) -> None:
             raise ValueError(
                 f"TemperatureSampler: task {name!r} has size {size!r}; every task needs >= 1 example"
             )
+
+
+def _per_task(
+    name: str, values: Mapping[str, Any] | None, task_sizes: Mapping[str, int], kind: type
+) -> dict[str, Any]:
+    """``values`` (task -> cap or weight) as a plain dict after checking that every task is one of
+    ``task_sizes`` and every value a positive number (caps: an int)."""
+    values = dict(values or {})
+    unknown = sorted(set(values) - set(task_sizes))
+    if unknown:
+        raise ValueError(
+            f"TemperatureSampler: {name} name {', '.join(map(repr, unknown))}, which are not tasks with training "
+            f"records; tasks: {', '.join(task_sizes)}"
+        )
+    for task, value in values.items():
+        valid = (
+            isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and value > 0
+        )
+        if not valid or (kind is int and not isinstance(value, int)):
+            raise ValueError(
+                f"TemperatureSampler: {name}[{task!r}] must be a positive {kind.__name__}, got {value!r}"
+            )
+    return {task: kind(value) for task, value in values.items()}
