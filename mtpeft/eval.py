@@ -344,10 +344,26 @@ def evaluate(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         raise ValueError("adapter is required: adapter=<run dir> (logs/train/runs/<run>) or an adapter dir")
     source = adapter_source(cfg.adapter)
     cfg = eval_config(cfg, source, group_choices(cfg))
+    warn_on_other_precision(cfg, source)
     preflight_eval(cfg)
     output_dir = Path(output_dir)
     with RunDirLock(output_dir), run_record(cfg, output_dir, kind=EVAL) as job:
         return _evaluate(cfg, source, output_dir, job)
+
+
+def warn_on_other_precision(cfg: DictConfig, source: AdapterSource) -> None:
+    """A warning when this evaluation's ``trainer.precision`` is not the one the run trained and tested
+    with (the trainer comes from conf/eval.yaml, not from the run): the scores then differ from the run's."""
+    ran = OmegaConf.select(source.run_config, "trainer.precision") if source.run_config is not None else None
+    now = OmegaConf.select(cfg, "trainer.precision")
+    if ran is not None and str(ran) != str(now):
+        log.warning(
+            "trainer.precision=%s, but the run used %s: scores will differ from the run's; pass "
+            "trainer.precision=%s (or the run's trainer preset, e.g. trainer=gpu) to reproduce them",
+            now,
+            ran,
+            ran,
+        )
 
 
 def _evaluate(cfg: DictConfig, source: AdapterSource, output_dir: Path, job: Job) -> dict[str, Any]:

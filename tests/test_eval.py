@@ -5,6 +5,7 @@ task-conditioned method refuses untrained tasks, and a bare adapter without mode
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -220,3 +221,18 @@ def test_cli_writes_an_eval_run_dir(tmp_path: Path) -> None:
     assert results["kind"] == "eval" and results["split"] == "val" and results["method"] == "mtl_lora"
     assert set(results["metrics"]) == {"val"} and "val/avg/score" in results["metrics"]["val"]
     assert (path.parent / ".hydra" / "config.yaml").is_file()
+
+
+def test_an_eval_in_another_precision_than_the_run_warns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The trainer comes from conf/eval.yaml, not from the run: a precision other than the run's is said."""
+    source = mtpeft_eval.adapter_source(fake_run("lora", ["code", "qa", "reasoning"], tmp_path))
+    assert source.run_config is not None and source.run_config.trainer.precision == "32-true"
+    with caplog.at_level(logging.WARNING, logger="mtpeft.eval"):
+        mtpeft_eval.warn_on_other_precision(OmegaConf.create({"trainer": {"precision": "32-true"}}), source)
+        assert not caplog.records
+        mtpeft_eval.warn_on_other_precision(
+            OmegaConf.create({"trainer": {"precision": "bf16-mixed"}}), source
+        )
+    assert "trainer.precision=bf16-mixed, but the run used 32-true" in caplog.text
