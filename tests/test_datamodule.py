@@ -492,7 +492,10 @@ def test_cut_eval_prompts_are_reported(
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="mtpeft.data.datamodule"):
         _dm(tokenizer, max_length=20)
-    assert "prompts are longer than max_length=20 tokens: generation sees their last 20" in caplog.text
+    assert (
+        "prompts are longer than max_length=20 tokens: generation sees their BOS and last tokens, 20 in all"
+        in caplog.text
+    )
 
 
 @pytest.mark.parametrize(

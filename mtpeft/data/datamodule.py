@@ -111,7 +111,7 @@ class MultiTaskDataModule(LightningDataModule):
         self.source_configs = parse_sources(sources)
         self.task_config = parse_tasks(tasks, allow_empty=bool(self.source_configs))
         self.mixing = {"task_caps": dict(task_caps or {}), "task_weights": dict(task_weights or {})}
-        if not self.source_configs:  # the tasks are known now: a wrong name fails before any model loads
+        if not self.source_configs:  # the tasks are known now: a wrong name fails before any data is built
             self._check_mixing(list(self.task_config))
         _check_tokenizer(tokenizer)
         self.group_by_length = group_by_length
@@ -312,8 +312,8 @@ class MultiTaskDataModule(LightningDataModule):
                 )
             if task_stats.prompts_cut and split != "train":
                 log.warning(
-                    "%s/%s: %d prompts are longer than max_length=%d tokens: generation sees their last %d "
-                    "tokens (their beginning is dropped); raise max_length to keep them whole",
+                    "%s/%s: %d prompts are longer than max_length=%d tokens: generation sees their BOS and last "
+                    "tokens, %d in all (their beginning is dropped); raise max_length to keep them whole",
                     split,
                     name,
                     task_stats.prompts_cut,

@@ -7,8 +7,8 @@ the prompt used for generation at evaluation. Labels are -100 on the prompt (ans
 LLM-Adapters / MTL-LoRA convention) unless ``loss_on_prompt`` (HyCAM's full-sequence loss).
 Sequences longer than ``max_length`` are cut on the right (``truncate``) or dropped (``skip``); the
 caller reports how many. The prompt for generation is never cut on the right: one longer than
-``max_length`` keeps its last ``max_length`` tokens (after its BOS, if any), so the model still sees the
-question and the response header that end it (`generation_prompt`).
+``max_length`` keeps its BOS (if any) and its last tokens, ``max_length`` in all, so the model still sees
+the question and the response header that end it (`generation_prompt`).
 
 Tokenising is bounded by a character budget (``bounded_token_ids``): a text longer than
 ``(max_length + CUT_MARGIN) * longest token`` characters is cut to that length first, since no token
@@ -119,8 +119,8 @@ def encode_records(
 def generation_prompt(
     tokenizer: PreTrainedTokenizerBase, text: str, prompt: list[int], max_length: int
 ) -> list[int]:
-    """The last ``max_length`` tokens of an overlong prompt ``text`` (``prompt``: its first tokens, as
-    `encode_records` tokenised them), after its BOS when it starts with one. A prompt ends with what the
+    """An overlong prompt ``text`` cut to ``max_length`` tokens from the left: its BOS (when ``prompt``, its
+    first tokens as `encode_records` tokenised them, starts with one) and its last tokens. A prompt ends with what the
     model must answer (the question, the response header of its template), which a cut on the right drops.
     Only the text's last characters are tokenised (the character budget of the module docstring, from
     the end)."""
