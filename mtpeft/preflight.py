@@ -291,14 +291,17 @@ def check_model(cfg: DictConfig) -> None:
 # -- data -----------------------------------------------------------------------------------------
 def check_data(data: DictConfig, test: bool) -> None:
     """Generator tasks, source entries and data files; val (and test when ``test``) will have records."""
-    from mtpeft.data.datamodule import parse_tasks
+    from mtpeft.data.datamodule import check_mixing_names, parse_tasks
     from mtpeft.data.sources.files import read_rows
     from mtpeft.data.sources.load import source_splits
 
     _check_data_arguments(data)
+    tasks = parse_tasks(data.get("tasks"), allow_empty=True)
+    if not data.get("sources"):  # every task is known: data.task_caps / data.task_weights must name them
+        check_mixing_names(data, list(tasks))
     # split -> the settings that leave it empty, or None once some task fills it
     empty_by: dict[str, list[str] | None] = {"val": [], "test": []}
-    for name, entry in parse_tasks(data.get("tasks"), allow_empty=True).items():
+    for name, entry in tasks.items():
         for split in empty_by:
             _note(
                 empty_by, split, entry.get(split, 0) > 0, f"data.tasks.{name}.{split}={entry.get(split, 0)}"

@@ -124,6 +124,11 @@ def test_keys_that_configs_add_or_read_are_allowed(tmp_path: Path) -> None:
         ("model.pretrain.steps=-1", r"model\.pretrain\.steps=-1 is not valid"),
         ("+model.pretrain.step=1", r"unknown key model\.pretrain\.step: .*valid keys: batch_size"),
         ("+method.prompt=1", r"unknown key method\.prompt: 'prompt' is not an option of method"),
+        (
+            "+data.task_weights={qaa: 2}",
+            r"data\.task_weights: 'qaa' is not a task of this mixture; tasks: code",
+        ),
+        ("+data.task_caps={qa: 0}", r"data\.task_caps\.qa=0 is not valid"),
     ],
 )
 def test_bad_settings_name_the_key(override: str, message: str, tmp_path: Path, no_model: None) -> None:

@@ -259,14 +259,7 @@ class MultiTaskDataModule(LightningDataModule):
         return build_splits(name, sizes, self.seed, **knobs)
 
     def _check_mixing(self, tasks: list[str]) -> None:
-        """``data.task_caps`` and ``data.task_weights`` name tasks of this mixture."""
-        for key, values in self.mixing.items():
-            unknown = sorted(set(values) - set(tasks))
-            if unknown:
-                raise ConfigError(
-                    f"data.{key}: {', '.join(map(repr, unknown))} is not a task of this mixture; tasks: "
-                    f"{', '.join(sorted(tasks))}"
-                )
+        check_mixing_names(self.mixing, tasks)
 
     def _derive_budgets(self, blocks: Mapping[str, Mapping[str, list[Record]]]) -> None:
         """Set every task's generation budget (`eval_budget`): a source task without ``max_new_tokens``
@@ -554,6 +547,17 @@ def parse_tasks(tasks: Mapping[str, Any] | None, allow_empty: bool = False) -> d
             knobs = {k: v for k, v in entry.items() if k in spec.knobs}
             parse(spec.config, knobs, f"data.tasks.{name}", extra_keys=TaskSizes.model_fields)
     return table
+
+
+def check_mixing_names(mixing: Mapping[str, Any], tasks: Sequence[str]) -> None:
+    """``mixing`` (``{"task_caps": {...}, "task_weights": {...}}``, from ``data``) names tasks of ``tasks``."""
+    for key in ("task_caps", "task_weights"):
+        unknown = sorted(set(mixing.get(key) or {}) - set(tasks))
+        if unknown:
+            raise ConfigError(
+                f"data.{key}: {', '.join(map(repr, unknown))} is not a task of this mixture; tasks: "
+                f"{', '.join(sorted(tasks))}"
+            )
 
 
 def _sizes_and_knobs(entry: Mapping[str, Any]) -> tuple[dict[str, int], dict[str, Any]]:
