@@ -161,3 +161,19 @@ def lora_twin(adapted: dict, arch: str, num_tasks: int, a_index: int | None = 0,
 def qwen2_5_0_5b_shape_on_meta() -> transformers.PreTrainedModel:
     """A Qwen2.5-0.5B-shaped model on the meta device (shapes only), for docs/methods.md section 11 counts."""
     return decoder("qwen2", device="meta", **QWEN2_5_0_5B_SHAPE)
+
+
+def bare_trainer(root: Path, **kwargs: object) -> object:
+    """A Lightning ``Trainer`` that only trains: no logger, checkpoints, progress bar, summary or validation
+    (``kwargs``: the budget, e.g. ``max_steps``)."""
+    import lightning
+
+    settings = {
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "limit_val_batches": 0,
+        "default_root_dir": root,
+    }
+    return lightning.Trainer(**{**settings, **kwargs})

@@ -18,6 +18,7 @@ from mtpeft.data.encode import IGNORE_INDEX, encode_records, max_token_chars
 from mtpeft.data.synthetic.primitives import tokenizer_corpus
 from mtpeft.data.templates import get_template
 from mtpeft.models.shipped import SHIPPED_DIR
+from tests.conftest import bare_trainer
 
 REPO = Path(__file__).resolve().parent.parent
 TASKS = {
@@ -337,15 +338,7 @@ def test_lightning_reseeds_each_epoch_and_checkpoints_the_sampler(
 
     dm = MultiTaskDataModule(TASKS, tokenizer, batch_size=16)
     probe = Probe()
-    trainer = lightning.Trainer(
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    )
+    trainer = bare_trainer(tmp_path, max_epochs=2)
     trainer.fit(probe, datamodule=dm)
     assert sorted(set(probe.epochs)) == [(0, 0), (1, 1)]
     trainer.save_checkpoint(tmp_path / "last.ckpt")

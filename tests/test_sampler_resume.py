@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerFast
 
 from mtpeft.data.datamodule import MultiTaskDataModule
 from mtpeft.data.sampling import RankShard, TemperatureSampler
+from tests.conftest import bare_trainer
 from tests.test_datamodule import TASKS, tokenizer  # noqa: F401  (the tokenizer fixture)
 
 BATCH = 4
@@ -51,16 +52,7 @@ class Recorder(L.LightningModule):
 
 
 def _fit(dm: MultiTaskDataModule, module: Recorder, root: Path, steps: int, ckpt: Path | None = None) -> None:
-    trainer = L.Trainer(
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir=root,
-    )
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+    bare_trainer(root, max_steps=steps).fit(module, datamodule=dm, ckpt_path=ckpt)
 
 
 def test_workers_save_the_consumed_position_and_resume_where_training_stopped(
