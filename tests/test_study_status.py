@@ -5,6 +5,7 @@ its published runs, one line per job whatever number of records it left."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -95,7 +96,7 @@ def test_every_job_once_in_its_best_state(tmp_path: Path) -> None:
     assert "re-run `python -m mtpeft.study s` to resume" in text
     # left: tune 1 failed + 2/3 of lora 3e-3 + 1/2 of hycam 1e-3 = 2.17 x 1800 s; final 5 x 2400 s
     assert (
-        "left: about 4.4 h of runs (tune 2.2, final 5.0 runs x their stage's median wall time), 2.2 h at 2 "
+        "left: about 4.4 h of runs (tune 2.2, final 5.0 runs x the median wall time of their stage's 4 newest runs), 2.2 h at 2 "
         "parallel jobs\n"  # no widening note: a final job exists, so tuning is over
     ) in text
     after = {(j.stage, j.method, j.values): (j.state, j.step) for j in study_jobs(study)}  # lock released
@@ -183,7 +184,10 @@ def test_work_left_scales_a_check_by_its_budget(tmp_path: Path) -> None:
             )
     # every tune and final job finished; the check's one job: 1800 s x 360 / 120 steps = 1.5 h
     text = format_status(study, study_jobs(study), declared_jobs(study))
-    assert "left: about 1.5 h of runs (check 1.0 runs x their stage's median wall time)" in text
+    assert (
+        "left: about 1.5 h of runs (check 1.0 runs x the median wall time of their stage's 4 newest runs)"
+        in text
+    )
     assert "check timed by the other stages' seconds per step x its trainer.max_steps: rough" in text
     study.check = {"overrides": ["trainer.val_check_interval=30"], "seeds": [0], "methods": ["lora"]}
     text = format_status(study, study_jobs(study), declared_jobs(study))
@@ -211,10 +215,32 @@ def test_runs_that_trained_nothing_do_not_time_their_stage(tmp_path: Path) -> No
         )
     _write(published / "final_lora_0", "lora", 2e-3, "success", wall_time_s=900.0, resumed_from="x/last.ckpt")
     text = format_status(study, study_jobs(study), declared_jobs(study))
-    assert "left: about 1.5 h of runs (final 3.0 runs x their stage's median wall time)" in text  # 3 x 1800 s
+    assert (
+        "left: about 1.5 h of runs (final 3.0 runs x the median wall time of their stage's 4 newest runs)"
+        in text
+    )  # 3 x 1800 s
     assert "final timed by the other stages' runs: a lower bound" in text
     _write(
         published / "final_lora_1", "lora", 2e-3, "success", seed=1, wall_time_s=3600.0, trainable_params=9
     )
     text = format_status(study, study_jobs(study), declared_jobs(study))
     assert "left: about 2.0 h of runs (final 2.0 runs" in text  # hycam's two seeds x 3600 s
+
+
+def test_the_newest_runs_time_a_stage(tmp_path: Path) -> None:
+    """A study spans machines: six old tuning runs of 3600 s, then four of 1800 s on this (faster) machine;
+    the four newest time what is left, not the median of all ten."""
+    study = _study(tmp_path)
+    published = study.published_dir
+    lrs = [1e-4, 2e-4, 3e-4, 5e-4, 7e-4, 1e-3, 2e-3, 3e-3, 5e-3, 7e-3]
+    for i, lr in enumerate(lrs):
+        run = _write(
+            published / f"tune_lora_{lr}", "lora", lr, "success", wall_time_s=3600.0 if i < 6 else 1800.0
+        )
+        os.utime(run / "results.json", (1_000_000 + i, 1_000_000 + i))  # written in this order
+    jobs = study_jobs(study)
+    text = format_status(study, jobs, {"tune": 10, "final": 2, "check": 0})
+    assert (
+        "left: about 1.0 h of runs (final 2.0 runs x the median wall time of their stage's 4 newest runs)"
+        in text
+    )

@@ -148,6 +148,18 @@ def study_jobs(study: Study) -> list[JobState]:
     return sorted(best.values(), key=lambda j: (STAGES.index(j.stage), j.method, j.values, str(j.seed)))
 
 
+RECENT_RUNS = 4
+"""How many of the newest finished runs time a stage: a study runs across sessions on machines up to 2x
+apart in speed (and some runs shared the cores with test suites), and the newest runs are the likeliest to
+be this machine's."""
+
+
+def _recent_seconds(jobs: Iterable[JobState]) -> list[float]:
+    """Wall times of the `RECENT_RUNS` newest finished runs of ``jobs`` that time their stage."""
+    timed = sorted((j for j in jobs if j.state == FINISHED and j.wall_time_s), key=lambda j: j.updated)
+    return [j.wall_time_s for j in timed[-RECENT_RUNS:] if j.wall_time_s]
+
+
 def _median(seconds: Iterable[float | None]) -> float | None:
     values = [s for s in seconds if s is not None]
     return statistics.median(values) if values else None
@@ -162,19 +174,23 @@ def _part_left(job: JobState) -> float:
 
 def _borrowed_seconds(study: Study, stage: str, finished: list[JobState]) -> tuple[float | None, bool]:
     """(seconds per run, scaled) for a stage with no finished run: the check with a ``trainer.max_steps``
-    of its own is timed by the finished runs' median seconds per optimiser step times its steps (scaled);
-    any other stage by their median wall time."""
+    of its own is timed by the `RECENT_RUNS` newest finished runs' median seconds per optimiser step times
+    its steps (scaled); any other stage by their median wall time."""
     steps = check_budget(study) if stage == "check" else None
-    per_step = _median(j.wall_time_s / j.max_steps for j in finished if j.wall_time_s and j.max_steps)
+    timed = sorted((j for j in finished if j.wall_time_s and j.max_steps), key=lambda j: j.updated)
+    per_step = _median(
+        j.wall_time_s / j.max_steps for j in timed[-RECENT_RUNS:] if j.wall_time_s and j.max_steps
+    )
     if steps and per_step:
         return per_step * steps, True
-    return _median(j.wall_time_s for j in finished), False
+    return _median(_recent_seconds(finished)), False
 
 
 def work_left(study: Study, jobs: list[JobState], declared: dict[str, int], n_jobs: int = 2) -> str | None:
     """One line: the runs left per stage (a running or interrupted job counts for the part of its budget it
-    has not done) times the median wall time of the stage's finished runs, in hours, and over ``n_jobs``
-    parallel jobs. A stage with no finished run yet is timed by all finished runs (`_borrowed_seconds`): a
+    has not done) times the median wall time of the stage's `RECENT_RUNS` newest finished runs, in hours, and
+    over ``n_jobs`` parallel jobs. A stage with no finished run yet is timed by the newest finished runs of
+    the others (`_borrowed_seconds`): a
     lower bound for the final stage, which adds the test split, and a rough one for a check with its own
     ``trainer.max_steps`` (seconds per step x its steps; its validations do not scale so); widening adds
     runs nobody can count ahead. ``declared``: jobs per stage (`mtpeft.study.commands.declared_jobs`). None
@@ -190,7 +206,7 @@ def work_left(study: Study, jobs: list[JobState], declared: dict[str, int], n_jo
         runs = fresh + redo + sum(_part_left(j) for j in partial)
         if runs <= 0:
             continue
-        median = _median(j.wall_time_s for j in of_stage if j.state == FINISHED)
+        median = _median(_recent_seconds(of_stage))
         if median is None:
             median, by_steps = _borrowed_seconds(study, stage, finished)
             if median is None:
@@ -208,7 +224,8 @@ def work_left(study: Study, jobs: list[JobState], declared: dict[str, int], n_jo
     if study.tune is not None and study.sampler == "grid" and study.widen and not tuning_over:
         notes.append("widening may add tuning runs")
     return (
-        f"left: about {total / 3600:.1f} h of runs ({', '.join(parts)} runs x their stage's median wall time),"
+        f"left: about {total / 3600:.1f} h of runs ({', '.join(parts)} runs x the median wall time of their "
+        f"stage's {RECENT_RUNS} newest runs),"
         f" {total / 3600 / max(1, n_jobs):.1f} h at {n_jobs} parallel jobs" + "".join(f"; {n}" for n in notes)
     )
 
