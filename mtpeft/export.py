@@ -379,22 +379,14 @@ def _export(args: argparse.Namespace, out: Path) -> list[Path]:
     if args.lmeval_task and not args.merge:
         cfg = read_run_config(args.run_dir)
         _, tokenizer = load_base_model(cfg.model)
-        datamodule = build_datamodule(cfg, tokenizer)
-        datamodule.setup("test")
-        tasks = args.task or _exact_match_tasks(datamodule)
-        for task in tasks:
-            check_lmeval_task(datamodule, task)  # every task before anything is written
+        datamodule, tasks = _lmeval_choice(cfg, tokenizer, args.task)
         return [export_lmeval_task(cfg, tokenizer, t, args.split, out / "lmeval", datamodule) for t in tasks]
     run = load_run(args.run_dir)
     tasks = args.task or run.tasks
     for task in tasks:
         run.task_id(task)  # unknown names fail before anything is written
     if args.lmeval_task:  # and so do tasks an lm-eval task cannot score
-        datamodule = build_datamodule(run.cfg, run.tokenizer)
-        datamodule.setup("test")
-        chosen = args.task or _exact_match_tasks(datamodule)
-        for task in chosen:
-            check_lmeval_task(datamodule, task)
+        datamodule, chosen = _lmeval_choice(run.cfg, run.tokenizer, args.task)
     written: list[Path] = []
     if args.merge:
         written += [export_merged(run, t, out / f"merged-{t}") for t in tasks]
@@ -406,6 +398,17 @@ def _export(args: argparse.Namespace, out: Path) -> list[Path]:
             export_lmeval_task(run.cfg, run.tokenizer, t, args.split, out_dir, datamodule) for t in chosen
         ]
     return written
+
+
+def _lmeval_choice(cfg: DictConfig, tokenizer: Any, asked: list[str] | None) -> tuple[Any, list[str]]:
+    """The run's datamodule (set up) and the tasks ``--lmeval-task`` exports: ``asked``, else every
+    exact-match task; each checked (`check_lmeval_task`) before anything is written."""
+    datamodule = build_datamodule(cfg, tokenizer)
+    datamodule.setup("test")
+    tasks = asked or _exact_match_tasks(datamodule)
+    for task in tasks:
+        check_lmeval_task(datamodule, task)
+    return datamodule, tasks
 
 
 def _exact_match_tasks(datamodule: Any) -> list[str]:

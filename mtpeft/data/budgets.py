@@ -17,10 +17,12 @@ from collections.abc import Sequence
 from transformers import PreTrainedTokenizerBase
 
 from mtpeft.data.records import Record
-from mtpeft.data.sources import MAX_NEW_TOKENS_CAP
 from mtpeft.data.templates import Template
 
 log = logging.getLogger(__name__)
+
+MAX_NEW_TOKENS_CAP = 512
+"""Upper bound of a derived generation budget (set ``max_new_tokens`` to go beyond)."""
 
 BUDGET_KEY = "max_new_tokens"
 """The key of a task entry (``data.tasks.<name>.max_new_tokens``) that sets its budget."""

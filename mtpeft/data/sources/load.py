@@ -17,6 +17,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from mtpeft.data.budgets import MAX_NEW_TOKENS_CAP, target_lengths
 from mtpeft.data.records import Record
 from mtpeft.data.sources.config import SPLIT_NAMES, SourceConfig, check_task_name
 from mtpeft.data.sources.files import read_rows
@@ -26,9 +27,6 @@ from mtpeft.data.sources.splits import drop_seen_prompts, ratio_split, requested
 from mtpeft.data.templates import Template
 
 log = logging.getLogger(__name__)
-
-MAX_NEW_TOKENS_CAP = 512
-"""Upper bound of the derived generation budget (set a source's ``max_new_tokens`` to go beyond)."""
 
 
 @dataclass(frozen=True)
@@ -185,8 +183,4 @@ def default_max_new_tokens(
     cap: int = MAX_NEW_TOKENS_CAP,
 ) -> int:
     """Tokens of the longest rendered target in ``records`` plus one for EOS, at most ``cap``."""
-    targets = [template(r)[1] for r in records]
-    if not targets:
-        return 1
-    lengths = [len(ids) for ids in tokenizer(targets, add_special_tokens=False)["input_ids"]]
-    return min(max(lengths) + 1, cap)
+    return min(max(target_lengths(records, tokenizer, template), default=1), cap)
