@@ -112,7 +112,7 @@ class MultiTaskDataModule(LightningDataModule):
         self.task_config = parse_tasks(tasks, allow_empty=bool(self.source_configs))
         self.mixing = {"task_caps": dict(task_caps or {}), "task_weights": dict(task_weights or {})}
         if not self.source_configs:  # the tasks are known now: a wrong name fails before any data is built
-            self._check_mixing(list(self.task_config))
+            check_mixing_names(self.mixing, list(self.task_config))
         _check_tokenizer(tokenizer)
         self.group_by_length = group_by_length
         self.group_pool_batches = group_pool_batches
@@ -215,7 +215,7 @@ class MultiTaskDataModule(LightningDataModule):
         """Build (or load) and tokenise all splits of all tasks (once; later calls are no-ops)."""
         if self._examples:
             return
-        self._check_mixing(self.task_names)
+        check_mixing_names(self.mixing, self.task_names)
         blocks = {name: self._task_splits(name) for name in self.task_names}
         self._derive_budgets(blocks)
         for split in SPLITS:
@@ -257,9 +257,6 @@ class MultiTaskDataModule(LightningDataModule):
             return dict(spec.splits)
         sizes, knobs = _sizes_and_knobs(self.task_config[name])
         return build_splits(name, sizes, self.seed, **knobs)
-
-    def _check_mixing(self, tasks: list[str]) -> None:
-        check_mixing_names(self.mixing, tasks)
 
     def _derive_budgets(self, blocks: Mapping[str, Mapping[str, list[Record]]]) -> None:
         """Set every task's generation budget (`eval_budget`): a source task without ``max_new_tokens``
